@@ -1,0 +1,182 @@
+"""Datasets as in-memory arrays: read, relabel, split and describe them.
+
+`load_dataset(config)` is the one entry point. Images stay uint8 on the host; they are
+converted, resized, augmented and normalised on the device (see `augment.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+from cnn_jax.data.sources import RawData, read_source
+from cnn_jax.errors import ConfigError, DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    val: Split | None
+    test: Split
+    class_names: list[str]
+    mean: np.ndarray  # (C,) float32, in [0, 1] pixel units
+    std: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
+
+
+def _class_index(names: Sequence[str], c: str | int) -> int:
+    if isinstance(c, (int, np.integer)) and 0 <= c < len(names):
+        return int(c)
+    if str(c) in names:
+        return list(names).index(str(c))
+    raise ConfigError(f'unknown class {c!r}; the dataset has classes: {", ".join(names)}')
+
+
+def relabel(raw: RawData, table: np.ndarray, names: list[str]) -> RawData:
+    """Maps labels through `table` (old -> new, -1 drops the example)."""
+
+    def apply(images, labels):
+        new = table[labels]
+        keep = new >= 0
+        return images[keep], new[keep].astype(np.int32)
+
+    tx, ty = apply(raw.train_images, raw.train_labels)
+    vx, vy = apply(raw.test_images, raw.test_labels)
+    return RawData(tx, ty, vx, vy, names)
+
+
+def select_classes(raw: RawData, classes: Sequence[str | int]) -> RawData:
+    """Keeps `classes` (names or indices), relabelled 0..k-1 in the given order."""
+    table = np.full(len(raw.class_names), -1, np.int64)
+    for new, c in enumerate(classes):
+        table[_class_index(raw.class_names, c)] = new
+    return relabel(raw, table, [raw.class_names[_class_index(raw.class_names, c)] for c in classes])
+
+
+def merge_classes(
+    raw: RawData, groups: Sequence[Sequence[str | int]], names: Sequence[str] | None = None
+) -> RawData:
+    """Merges labels: group g's old labels all become label g. Every label must be placed."""
+    table = np.full(len(raw.class_names), -1, np.int64)
+    for g, members in enumerate(groups):
+        for c in members:
+            i = _class_index(raw.class_names, c)
+            if table[i] >= 0:
+                raise ConfigError(f'label_groups: class {c!r} is in groups {table[i]} and {g}')
+            table[i] = g
+    missing = [raw.class_names[i] for i in np.flatnonzero(table < 0)]
+    if missing:
+        raise ConfigError(f'label_groups leaves classes {missing} in no group')
+    if names is not None and len(names) != len(groups):
+        raise ConfigError(f'label_group_names has {len(names)} names for {len(groups)} groups')
+    names = list(names) if names else [
+        '+'.join(raw.class_names[_class_index(raw.class_names, c)] for c in m) for m in groups
+    ]
+    return relabel(raw, table, names)
+
+
+def one_vs_rest(raw: RawData, positive: str | int) -> RawData:
+    """Label 1 for `positive`, 0 for every other class."""
+    i = _class_index(raw.class_names, positive)
+    table = np.zeros(len(raw.class_names), np.int64)
+    table[i] = 1
+    return relabel(raw, table, [f'not {raw.class_names[i]}', raw.class_names[i]])
+
+
+def validation_split(
+    images: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> tuple[Split, Split | None]:
+    """A deterministic random split of train into (train, val)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f'val_fraction must be in [0, 1), got {fraction}')
+    n_val = int(round(fraction * len(labels)))
+    if n_val == 0:
+        return Split(images, labels), None
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return Split(images[train], labels[train]), Split(images[val], labels[val])
+
+
+def channel_stats(images: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in [0, 1] units for normalisation `mode`."""
+    c = images.shape[-1]
+    if mode == 'dataset':
+        # float64 sums over a strided sample keep this cheap on large sets.
+        sample = images[:: max(1, len(images) // 10000)].astype(np.float64) / 255.0
+        mean = sample.mean(axis=(0, 1, 2))
+        std = np.maximum(sample.std(axis=(0, 1, 2)), 1e-3)
+    elif mode == 'imagenet':
+        if c != 3:
+            raise ConfigError(f'normalize=imagenet needs 3-channel images, got {c} channel(s)')
+        mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+    elif mode == 'none':
+        mean, std = np.zeros(c), np.ones(c)
+    else:
+        raise ConfigError(f"unknown normalize {mode!r}; known: 'dataset', 'imagenet', 'none'")
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+    """Reads config.dataset and applies the class options, split and subsampling."""
+    raw = read_source(
+        config.dataset,
+        data_dir=config.get('data_dir'),
+        manual_dir=config.get('manual_dir'),
+        cache_dir=config.get('cache_dir'),
+        image_size=config.get('image_size'),
+    )
+    options = [k for k in ('classes', 'label_groups', 'one_vs_rest') if config.get(k)]
+    if len(options) > 1:
+        raise ConfigError(f'choose one of classes, label_groups, one_vs_rest; got {options}')
+    if config.get('classes'):
+        raw = select_classes(raw, config.classes)
+    elif config.get('label_groups'):
+        raw = merge_classes(raw, config.label_groups, config.get('label_group_names'))
+    elif config.get('one_vs_rest'):
+        raw = one_vs_rest(raw, config.one_vs_rest)
+    if len(raw.train_labels) == 0 or len(raw.test_labels) == 0:
+        raise DataError(f'{config.dataset}: no training or test examples left after selection')
+    train, val = validation_split(
+        raw.train_images, raw.train_labels, config.get('val_fraction', 0.0),
+        config.get('data_seed', 0),
+    )
+    if config.get('max_train_examples'):
+        n = config.max_train_examples
+        keep = np.sort(np.random.default_rng(config.get('data_seed', 0) + 1).permutation(len(train))[:n])
+        train = train.take(keep)
+    mean, std = channel_stats(train.images, config.get('normalize', 'dataset'))
+    return Dataset(
+        name=config.dataset,
+        train=train,
+        val=val,
+        test=Split(raw.test_images, raw.test_labels),
+        class_names=list(raw.class_names),
+        mean=mean,
+        std=std,
+    )

@@ -1,0 +1,340 @@
+"""Readers that turn a `config.dataset` string into uint8 NHWC arrays on the host.
+
+Four kinds of source, chosen by the string:
+- 'digits': scikit-learn's bundled 8x8 digits (no download, no TensorFlow);
+- 'idx:DIR': MNIST-format IDX files (e.g. Fashion-MNIST from the Debian package);
+- 'folder:DIR' (or 'folder:ARCHIVE.tar.gz'): DIR/{train,test}/<class>/*.jpg|png, read with
+  TFDS's ImageFolder;
+- any other name: a TFDS dataset.
+TensorFlow and TFDS are imported only by the last two.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pathlib
+import struct
+import tarfile
+from typing import NamedTuple
+
+import numpy as np
+
+from cnn_jax.errors import DataError
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+OFFLINE_HINT = (
+    'Offline, use one of: --config.dataset=digits (bundled with scikit-learn); '
+    '--config.dataset=idx:DIR (MNIST-format IDX files, e.g. '
+    'idx:/usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist); '
+    '--config.dataset=folder:DIR with DIR/{train,test}/<class>/*.jpg (e.g. '
+    'folder:../shared/data/cifar10-jpeg.tar.gz); or prepare the TFDS dataset elsewhere and '
+    'pass --config.data_dir (and --config.manual_dir for manual downloads).'
+)
+
+
+class RawData(NamedTuple):
+    """Train and test arrays as read, before any split or label change."""
+
+    train_images: np.ndarray  # (N, H, W, C) uint8
+    train_labels: np.ndarray  # (N,) int32
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: list[str]
+
+
+def read_source(
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    cache_dir: str | None = None,
+    image_size: int | None = None,
+) -> RawData:
+    """Reads `dataset` (see the module docstring) and checks its labels."""
+    if dataset == 'digits':
+        raw = read_digits()
+    elif dataset.startswith('idx:'):
+        raw = read_idx(dataset[4:])
+    elif dataset.startswith('folder:'):
+        raw = read_folder(dataset[7:], cache_dir=cache_dir, image_size=image_size)
+    elif ':' in dataset or '/' in dataset:
+        raise DataError(
+            f'unknown dataset {dataset!r}: known kinds are digits, idx:DIR, folder:DIR and '
+            'TFDS names such as cifar10, mnist, fashion_mnist'
+        )
+    else:
+        raw = read_tfds(dataset, data_dir=data_dir, manual_dir=manual_dir)
+    for split, labels in (('train', raw.train_labels), ('test', raw.test_labels)):
+        check_labels(labels, len(raw.class_names), f'{dataset} ({split})')
+    return raw
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Raises DataError naming the first label outside [0, num_classes)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(
+            f'{where}: label {int(labels[i])} at index {i} is outside the class range '
+            f'0..{num_classes - 1} ({bad.size} such labels)'
+        )
+
+
+# --- digits ---------------------------------------------------------------------------
+
+
+def read_digits(test_fraction: float = 0.2) -> RawData:
+    """scikit-learn's 1,797 8x8 digits, split once with a fixed seed (20% test)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # Pixel values are 0..16; scale to the usual 0..255 byte range.
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = d.target.astype(np.int32)
+    perm = np.random.default_rng(0).permutation(len(labels))
+    n_test = int(round(test_fraction * len(labels)))
+    test, train = perm[:n_test], perm[n_test:]
+    names = [str(i) for i in range(10)]
+    return RawData(images[train], labels[train], images[test], labels[test], names)
+
+
+# --- IDX --------------------------------------------------------------------------------
+
+IDX_FILES = {
+    'train_images': 'train-images-idx3-ubyte',
+    'train_labels': 'train-labels-idx1-ubyte',
+    'test_images': 't10k-images-idx3-ubyte',
+    'test_labels': 't10k-labels-idx1-ubyte',
+}
+
+
+def _open_maybe_gz(path: pathlib.Path):
+    return gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')
+
+
+def read_idx_file(path: str | os.PathLike) -> np.ndarray:
+    """Reads one IDX file (optionally gzipped) into an array of its declared shape."""
+    path = pathlib.Path(path)
+    try:
+        with _open_maybe_gz(path) as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f'cannot read IDX file {path}: {e}') from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f'{path} is not an IDX file (bad magic number)')
+    dtype_code, ndim = data[2], data[3]
+    dtypes = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
+    if dtype_code not in dtypes:
+        raise DataError(f'{path}: unknown IDX data type 0x{dtype_code:02x}')
+    shape = struct.unpack(f'>{ndim}I', data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataError(
+            f'{path}: header declares shape {shape} ({int(np.prod(shape))} values) but the '
+            f'file holds {body.size}'
+        )
+    return body.reshape(shape)
+
+
+def read_idx(directory: str) -> RawData:
+    """MNIST-format IDX files in `directory`; optional classes.txt names the classes."""
+    root = pathlib.Path(directory).expanduser()
+    if not root.is_dir():
+        raise DataError(f'IDX directory {root} does not exist. {OFFLINE_HINT}')
+    arrays = {}
+    for key, stem in IDX_FILES.items():
+        candidates = [root / stem, root / (stem + '.gz')]
+        found = [p for p in candidates if p.exists()]
+        if not found:
+            raise DataError(f'{root}: missing {stem} (or {stem}.gz)')
+        arrays[key] = read_idx_file(found[0])
+    for split in ('train', 'test'):
+        images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f'{root}: {split} images {images.shape} and labels {labels.shape} do not match '
+                '(expected (N, H, W) and (N,))'
+            )
+    names_file = root / 'classes.txt'
+    if names_file.exists():
+        names = [n.strip() for n in names_file.read_text().splitlines() if n.strip()]
+    else:
+        names = [str(i) for i in range(10)]
+    return RawData(
+        arrays['train_images'].astype(np.uint8)[..., None],
+        arrays['train_labels'].astype(np.int32),
+        arrays['test_images'].astype(np.uint8)[..., None],
+        arrays['test_labels'].astype(np.int32),
+        names,
+    )
+
+
+# --- image folder -----------------------------------------------------------------------
+
+
+def default_cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get('CNN_JAX_CACHE', '~/.cache/cnn_jax')).expanduser()
+
+
+def _extract_archive(archive: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
+    """Extracts a .tar(.gz) once into the cache; returns the folder with train/ and test/."""
+    stat = archive.stat()
+    key = hashlib.sha1(f'{archive.resolve()}:{stat.st_size}:{stat.st_mtime}'.encode())
+    target = cache_dir / f'extracted-{key.hexdigest()[:12]}'
+    if not (target / '.complete').exists():
+        print(f'Extracting {archive} to {target} (once) ...', flush=True)
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(target, filter='data')
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f'cannot extract {archive}: {e}') from None
+        (target / '.complete').touch()
+    if (target / 'train').is_dir():
+        return target
+    subdirs = [p for p in target.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / 'train').is_dir():
+        return subdirs[0]
+    return target  # check_folder() explains what is missing.
+
+
+def check_folder(root: pathlib.Path) -> list[str]:
+    """Checks the layout root/{train,test}/<class>/<images>; returns the class names."""
+    if not root.exists():
+        raise DataError(f'image folder {root} does not exist. {OFFLINE_HINT}')
+    classes = None
+    for split in ('train', 'test'):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(
+                f'image folder {root} has no {split}/ sub-folder; expected '
+                f'{root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg'
+            )
+        names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        if not names:
+            raise DataError(f'{split_dir} is empty: expected one sub-folder per class')
+        for name in names:
+            if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (split_dir / name).iterdir()):
+                raise DataError(
+                    f'class folder {split_dir / name} has no images '
+                    f'({", ".join(IMAGE_EXTENSIONS)})'
+                )
+        if classes is not None and names != classes:
+            raise DataError(
+                f'{root}: train/ and test/ have different class folders: {classes} vs {names}'
+            )
+        classes = names
+    return classes
+
+
+def _find_unreadable_image(split_dir: pathlib.Path) -> str:
+    """Names the first file PIL cannot decode (used only after TensorFlow failed)."""
+    from PIL import Image
+
+    for path in sorted(split_dir.rglob('*')):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except Exception as e:  # noqa: BLE001 - any decoder failure names the file.
+                return f'{path}: {e}'
+    return 'no single file could be blamed'
+
+
+def _to_rgb_array(images: list[np.ndarray], image_size: int | None, where: str) -> np.ndarray:
+    shapes = {im.shape for im in images}
+    if len(shapes) == 1:
+        return np.stack(images)
+    if image_size is None:
+        examples = ', '.join(str(s[:2]) for s in list(shapes)[:3])
+        raise DataError(
+            f'{where}: images have different sizes ({examples}, ...); set '
+            '--config.image_size to resize them to one square size'
+        )
+    from PIL import Image
+
+    return np.stack([
+        np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
+        for im in images
+    ])
+
+
+def read_folder(
+    path: str, *, cache_dir: str | None = None, image_size: int | None = None
+) -> RawData:
+    """An image folder (or a .tar.gz of one), decoded once and cached as .npz."""
+    cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root = pathlib.Path(path).expanduser()
+    if root.is_file() and (root.name.endswith(('.tar.gz', '.tgz', '.tar'))):
+        root = _extract_archive(root, cache)
+    class_names = check_folder(root)
+    files = sorted(str(p) for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS)
+    newest = max(os.stat(f).st_mtime for f in files)
+    key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{newest}:{image_size}'.encode())
+    cached = cache / f'folder-{key.hexdigest()[:12]}.npz'
+    if cached.exists():
+        with np.load(cached) as z:
+            return RawData(
+                z['train_images'], z['train_labels'], z['test_images'], z['test_labels'],
+                list(z['class_names']),
+            )
+    arrays = {}
+    import tensorflow_datasets as tfds
+
+    builder = tfds.ImageFolder(str(root))
+    for split in ('train', 'test'):
+        images, labels = [], []
+        try:
+            ds = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True)
+            for image, label in tfds.as_numpy(ds):
+                images.append(image)
+                labels.append(label)
+        except Exception as e:  # TF decode errors do not name the file: find it.
+            culprit = _find_unreadable_image(root / split)
+            raise DataError(f'unreadable image in {root / split}: {culprit} ({type(e).__name__})')
+        arrays[f'{split}_images'] = _to_rgb_array(images, image_size, str(root / split))
+        arrays[f'{split}_labels'] = np.asarray(labels, np.int32)
+    raw = RawData(**arrays, class_names=class_names)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix('.tmp.npz')
+    np.savez(tmp, **arrays, class_names=np.asarray(class_names))
+    os.replace(tmp, cached)
+    return raw
+
+
+# --- TFDS -------------------------------------------------------------------------------
+
+
+def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> RawData:
+    """A TFDS dataset with 'train' and 'test' splits, loaded whole into memory."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends.
+        raise DataError(
+            f'unknown dataset {name!r}: not one of digits, idx:DIR, folder:DIR, nor a TFDS '
+            f'dataset ({type(e).__name__}). TFDS names include cifar10, mnist, fashion_mnist.'
+        ) from None
+    try:
+        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+        builder.download_and_prepare(download_config=download_config)
+        splits = tfds.as_numpy(
+            builder.as_dataset(split=['train', 'test'], batch_size=-1, as_supervised=True)
+        )
+    except Exception as e:  # Offline: connection errors deep inside TFDS.
+        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise DataError(
+            f'could not download or prepare TFDS dataset {name!r} ({msg}). {OFFLINE_HINT}'
+        ) from None
+    (train_x, train_y), (test_x, test_y) = splits
+    names = builder.info.features['label'].names
+    return RawData(
+        np.asarray(train_x, np.uint8),
+        np.asarray(train_y, np.int32),
+        np.asarray(test_x, np.uint8),
+        np.asarray(test_y, np.int32),
+        list(names),
+    )

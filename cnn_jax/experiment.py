@@ -1,0 +1,161 @@
+"""One experiment end to end: data -> model -> sanity checks -> training -> reports.
+
+`run(config, workdir)` is what `launch.py` calls for a single experiment (and what a
+study calls per variant). Everything it writes lands in `workdir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cnn_jax import losses, parallel, report, summary, train
+from cnn_jax.data import Dataset, load_dataset
+from cnn_jax.errors import ConfigError
+from cnn_jax.models import create_model
+from cnn_jax.training_loop import input_spec, model_input_shape, train_and_evaluate
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The Flax module for config.model with config.model_options and config.dtype."""
+    if config.get('dtype', 'float32') not in DTYPES:
+        raise ConfigError(f'unknown dtype {config.dtype!r}; known: {", ".join(DTYPES)}')
+    options = config.get('model_options') or ml_collections.ConfigDict()
+    return create_model(config.model, num_classes, DTYPES[config.get('dtype', 'float32')],
+                        **options.to_dict())
+
+
+def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) -> dict[str, Any]:
+    """The checks the reports made before training, on freshly initialised weights.
+
+    Output shape of one example; the first batch's loss against ln(classes) (a warning
+    beyond `sanity_loss_tolerance`, relative); parameter counts against the formulas
+    (summary.layer_table raises on any disagreement).
+    """
+    shape = model_input_shape(config, dataset)
+    variables = train.init_variables(model, shape, jax.random.key(config.seed))
+    spec = input_spec(config, dataset)
+    n = min(config.batch_size, len(dataset.train))
+    batch = spec.make_batch(jnp.asarray(dataset.train.images[:n]),
+                            jnp.asarray(dataset.train.labels[:n]), jnp.arange(n))
+    logits = model.apply(variables, batch['image'][:1], train=False)
+    expected_shape = (1, dataset.num_classes)
+    if tuple(logits.shape) != expected_shape:
+        raise ConfigError(f'model output shape {tuple(logits.shape)} != {expected_shape}')
+    logits = model.apply(variables, batch['image'], train=False)
+    loss = float(jnp.mean(losses.per_example_loss(logits, batch['label'], config.loss)))
+    expected = math.log(dataset.num_classes)
+    tolerance = config.get('sanity_loss_tolerance', 0.5)
+    checks: dict[str, Any] = {
+        'output_shape_one_example': list(logits.shape[1:]),
+        'first_batch_loss': round(loss, 4),
+    }
+    if config.loss == 'cross_entropy':
+        ok = abs(loss - expected) <= tolerance * expected
+        checks.update(expected_first_loss_ln_classes=round(expected, 4), first_loss_ok=ok)
+        if not ok:
+            print(f'WARNING: first-batch loss {loss:.3f} is far from ln({dataset.num_classes}) = '
+                  f'{expected:.3f}: check the initialisation, labels and normalisation.')
+    counts = summary.param_counts(variables)
+    checks.update(total_params=counts.total, trainable_params=counts.trainable,
+                  non_trainable_params=counts.non_trainable, params_match_formula=True)
+    return checks
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Runs the experiment `config` in `workdir`; returns what summary.json holds."""
+    if config.get('task', 'train') == 'svm':
+        from cnn_jax.transfer.svm import run_svm
+
+        return run_svm(config, workdir)
+    if config.get('task', 'train') != 'train':
+        raise ConfigError(f"unknown task {config.task!r}; known tasks: 'train', 'svm'")
+    t0 = time.perf_counter()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    losses.check_loss(config.loss, config.get('label_smoothing', 0.0))
+    parallel.maybe_initialize_distributed()
+    dataset = load_dataset(config)
+    model = build_model(config, dataset.num_classes)
+    shape = model_input_shape(config, dataset)
+    layer_table = summary.layer_table(model, shape)  # Raises if a count breaks its formula.
+    mesh = parallel.make_mesh()
+    print(f'{config.model} on {dataset.name}: {len(dataset.train)} train / '
+          f'{len(dataset.val) if dataset.val else 0} val / {len(dataset.test)} test examples, '
+          f'{dataset.num_classes} classes, input {shape}; {mesh.devices.size} '
+          f'{jax.devices()[0].platform} device(s).', flush=True)
+    sanity = sanity_checks(config, model, dataset)
+    result = train_and_evaluate(config, workdir, dataset, model, mesh)
+
+    evals, predictions = {}, None
+    for split in ('train', 'val', 'test'):
+        if split in result.device_data:
+            evals[split], preds = train.evaluate_split(
+                result.steps, result.state, *result.device_data[split], config.eval_batch_size,
+                result.mesh, with_predictions=split == 'test')
+            predictions = preds if split == 'test' else predictions
+    metrics = report.classification_metrics(dataset.test.labels, predictions, dataset.num_classes)
+    counts = summary.param_counts({'params': result.state.params,
+                                   'batch_stats': result.state.batch_stats})
+    out = {
+        'name': config.get('name', None) or config.model,
+        'status': result.status,
+        'diverged_at_step': result.diverged_at_step,
+        'stopped_early': result.stopped_early,
+        'best_epoch': result.best_epoch,
+        **{f'{s}_accuracy': m['accuracy'] for s, m in evals.items()},
+        **{f'{s}_loss': m['loss'] for s, m in evals.items()},
+        **metrics,
+        'total_params': counts.total,
+        'trainable_params': counts.trainable,
+        'non_trainable_params': counts.non_trainable,
+        'epochs_run': len(result.history),
+        'steps_per_epoch': result.steps_per_epoch,
+        'wall_time_s': round(time.perf_counter() - t0, 2),
+        'compile_s': round(result.compile_s, 2),
+        'train_steps_per_s': round(result.train_steps_per_s, 3),
+        'train_images_per_s': round(result.train_steps_per_s * config.batch_size, 1),
+        'num_devices': int(result.mesh.devices.size),
+        'platform': jax.devices()[0].platform,
+        'resumed_from_step': result.resumed_from_step,
+        'class_names': dataset.class_names,
+        'sanity': sanity,
+    }
+    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+           for k, v in out.items()}
+    if jax.process_index() == 0:
+        write_outputs(workdir, out, result.history, config, layer_table, dataset.class_names)
+    return out
+
+
+def write_outputs(workdir: pathlib.Path, out: dict[str, Any], history: list[dict[str, Any]],
+                  config: ml_collections.ConfigDict, layer_table: str,
+                  class_names: list[str]) -> None:
+    (workdir / 'summary.json').write_text(json.dumps(out, indent=2, default=_jsonable))
+    report.plot_curves(history, workdir / 'curves.png', title=out['name'])
+    report.plot_confusion_matrix(out['confusion_matrix'], class_names,
+                                 workdir / 'confusion_matrix.png',
+                                 title=f'{out["name"]}: test confusion matrix')
+    printable = {**out, 'train_steps_per_s': out['train_steps_per_s'] or float('nan')}
+    report.write_report(workdir, printable, str(config), layer_table, class_names, out['sanity'])
+    print(f'test accuracy {out["test_accuracy"]:.4f}, test loss {out["test_loss"]:.4f}, '
+          f'F1 {out["f1"]:.4f}. Reports in {workdir}/ (report.md, summary.json, curves.png, '
+          'confusion_matrix.png).', flush=True)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)

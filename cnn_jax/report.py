@@ -1,0 +1,141 @@
+"""Run reports: classification metrics, curves.png, confusion_matrix.png, report.md.
+
+matplotlib is imported inside the plotting functions (Agg backend), so training never
+pays for it.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """cm[i, j] = number of examples of class i predicted as j."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
+                           num_classes: int) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1, per-class accuracy and the confusion matrix."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    tp = np.diag(cm).astype(np.float64)
+    predicted, actual = cm.sum(axis=0), cm.sum(axis=1)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(actual > 0, tp / actual, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = actual > 0  # Macro averages over the classes that occur, like sklearn's labels=.
+    return {
+        'accuracy': float(tp.sum() / max(cm.sum(), 1)),
+        'precision': float(precision[present].mean()) if present.any() else 0.0,
+        'recall': float(recall[present].mean()) if present.any() else 0.0,
+        'f1': float(f1[present].mean()) if present.any() else 0.0,
+        'per_class_accuracy': [float(r) for r in recall],
+        'confusion_matrix': cm.tolist(),
+    }
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: str | pathlib.Path,
+                title: str = '') -> None:
+    """Loss and accuracy per epoch, train and validation (and test when recorded)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [r['epoch'] for r in history]
+    for ax, metric in zip(axes, ('loss', 'accuracy'), strict=True):
+        for split, style in (('train', '-o'), ('val', '-s'), ('test', '-^')):
+            key = f'{split}_{metric}'
+            if history and key in history[0]:
+                ax.plot(epochs, [r[key] for r in history], style, label=split, markersize=3)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_title('loss')
+    axes[1].set_title('accuracy')
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str],
+                          path: str | pathlib.Path, title: str = 'confusion matrix') -> None:
+    plt = _pyplot()
+    cm = np.asarray(cm)
+    k = len(class_names)
+    size = min(12, 2.5 + 0.6 * k)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(cm, cmap='Blues')
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(k), class_names, rotation=45, ha='right')
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    ax.set_title(title)
+    if k <= 20:
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha='center', va='center', fontsize=8,
+                        color='white' if cm[i, j] > threshold else 'black')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v):
+        return f'{v:.4f}' if isinstance(v, float) else str(v)
+
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def write_report(workdir: str | pathlib.Path, summary: dict[str, Any], config_text: str,
+                 layer_table: str, class_names: Sequence[str], sanity: dict[str, Any]) -> None:
+    """report.md: config, parameter table, results, per-class accuracy, confusion matrix."""
+    workdir = pathlib.Path(workdir)
+    s = summary
+    parts = [f'# {s.get("name", "run")}: {s["status"]}', '']
+    if s['status'] == 'diverged':
+        parts += [f'**Diverged at step {s["diverged_at_step"]}** (loss became NaN/inf).', '']
+    results = [(split, s.get(f'{split}_accuracy'), s.get(f'{split}_loss'))
+               for split in ('train', 'val', 'test') if s.get(f'{split}_accuracy') is not None]
+    parts += ['## Results', '', markdown_table(('split', 'accuracy', 'loss'), results), '',
+              f'Macro precision {s["precision"]:.4f}, recall {s["recall"]:.4f}, '
+              f'F1 {s["f1"]:.4f}.', '',
+              f'{s["epochs_run"]} epochs, best epoch {s.get("best_epoch")}'
+              f'{" (stopped early)" if s.get("stopped_early") else ""}; '
+              f'{s["wall_time_s"]:.1f} s wall time, {s["train_steps_per_s"]:.1f} steps/s on '
+              f'{s["num_devices"]} device(s) ({s.get("platform", "?")}).', '',
+              '![curves](curves.png)', '']
+    parts += ['## Per-class accuracy', '',
+              markdown_table(('class', 'accuracy'),
+                             list(zip(class_names, s['per_class_accuracy'], strict=True))), '']
+    cm = s['confusion_matrix']
+    parts += ['## Confusion matrix (rows: true, columns: predicted)', '',
+              markdown_table(['true \\ pred', *class_names],
+                             [[name, *row] for name, row in zip(class_names, cm, strict=True)]),
+              '', '![confusion matrix](confusion_matrix.png)', '']
+    parts += ['## Sanity checks', '', '```', json.dumps(sanity, indent=2), '```', '']
+    parts += ['## Model', '', '```', layer_table, '```', '']
+    parts += ['## Config', '', '```', config_text.strip(), '```', '']
+    (workdir / 'report.md').write_text('\n'.join(parts))

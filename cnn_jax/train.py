@@ -1,0 +1,221 @@
+"""Train state, the pure train and eval steps, and their compiled, sharded forms.
+
+`train_step(state, batch, rng)` and `eval_step(state, batch)` are plain functions of
+arrays (testable on their own). `compile_steps` wraps them with the on-device input
+pipeline (gather from the device-resident dataset, augment, normalise) into functions
+compiled once with `jax.jit` over the 'data' mesh, the train state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax.training import train_state
+from jax.sharding import Mesh
+
+from cnn_jax import losses, optim, parallel
+from cnn_jax.data import augment as augment_lib
+
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus the BatchNorm statistics (empty dict for models without BN)."""
+
+    batch_stats: Any = None
+
+
+def init_variables(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array) -> dict:
+    """Initialises the model's variables on one dummy example of `input_shape` (H, W, C)."""
+    params_rng, dropout_rng = jax.random.split(rng)
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    return jax.jit(functools.partial(model.init, train=False))(
+        {'params': params_rng, 'dropout': dropout_rng}, x
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: nn.Module, input_shape: tuple[int, ...],
+    rng: jax.Array, steps_per_epoch: int,
+) -> TrainState:
+    """Fresh variables (or pretrained ones from config.pretrained) and the optimiser."""
+    variables = init_variables(model, input_shape, rng)
+    if config.get('pretrained'):
+        from cnn_jax.transfer.weights import load_torchvision  # torch/safetensors: lazy.
+
+        variables = load_torchvision(config.pretrained, variables, arch=config.model)
+    params = variables['params']
+    tx = optim.build_optimizer(config, steps_per_epoch, params)
+    return TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx,
+        batch_stats=variables.get('batch_stats', {}),
+    )
+
+
+def _sums(loss: jnp.ndarray, logits: jnp.ndarray, labels: jnp.ndarray,
+          weight: jnp.ndarray) -> Metrics:
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {
+        'loss': jnp.sum(loss * weight),
+        'correct': jnp.sum(correct * weight),
+        'count': jnp.sum(weight),
+    }
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jnp.ndarray], rng: jax.Array, *,
+    loss: str = 'cross_entropy', label_smoothing: float = 0.0,
+) -> tuple[TrainState, Metrics]:
+    """One optimiser step on `batch`; returns the new state and the batch's metric sums.
+
+    The dropout key is `rng` folded with the step number, so a resumed run draws the
+    same masks as an uninterrupted one.
+    """
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+        variables = {'params': params, 'batch_stats': state.batch_stats}
+        logits, updates = state.apply_fn(
+            variables, batch['image'], train=True, rngs={'dropout': dropout_rng},
+            mutable=['batch_stats'],
+        )
+        per_example = losses.per_example_loss(logits, batch['label'], loss, label_smoothing)
+        return jnp.mean(per_example), (per_example, logits, updates)
+
+    grads, (per_example, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(
+        grads=grads, batch_stats=updates.get('batch_stats', state.batch_stats)
+    )
+    return new_state, _sums(per_example, logits, batch['label'], jnp.ones_like(per_example))
+
+
+def eval_step(
+    state: TrainState, batch: dict[str, jnp.ndarray], *, loss: str = 'cross_entropy',
+) -> tuple[Metrics, jnp.ndarray]:
+    """Metric sums over the examples with batch['mask'] == 1, and every prediction."""
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    logits = state.apply_fn(variables, batch['image'], train=False)
+    per_example = losses.per_example_loss(logits, batch['label'], loss)
+    mask = batch.get('mask', jnp.ones_like(per_example))
+    return _sums(per_example, logits, batch['label'], mask), jnp.argmax(logits, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """How batches are made from the uint8 dataset on the device (a jit constant)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int | None = None
+    augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
+
+    def make_batch(self, images: jax.Array, labels: jax.Array, indices: jax.Array,
+                   rng: jax.Array | None = None) -> dict[str, jax.Array]:
+        """Gathers `indices`, converts, augments when `rng` is given, normalises."""
+        x = augment_lib.to_unit_range(images[indices], self.image_size)
+        if rng is not None:
+            x = augment_lib.augment(rng, x, self.augment)
+        x = augment_lib.normalize(x, np.asarray(self.mean), np.asarray(self.std))
+        return {'image': x, 'label': labels[indices]}
+
+
+def zero_metrics() -> Metrics:
+    return {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
+
+
+def epoch_permutation(rng: jax.Array, epoch: int | jax.Array, num_examples: int,
+                      steps: int, batch_size: int) -> jax.Array:
+    """(steps, batch_size) example indices for `epoch`: a fresh shuffle, remainder dropped."""
+    perm = jax.random.permutation(jax.random.fold_in(rng, epoch), num_examples)
+    return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """The jitted, sharded functions the training loop calls."""
+
+    train: Callable[..., tuple[TrainState, Metrics]]
+    evaluate: Callable[..., tuple[Metrics, jax.Array]]
+    permutation: Callable[..., jax.Array]
+
+
+def compile_steps(config: ml_collections.ConfigDict, mesh: Mesh, spec: InputSpec,
+                  num_train: int, steps_per_epoch: int) -> CompiledSteps:
+    """jit-compiles the train and eval steps with the input pipeline folded in.
+
+    train(state, acc, images, labels, perm, step_in_epoch, rng) -> (state, acc):
+    the batch indices perm[step_in_epoch] are taken inside, so one compiled program
+    serves every step and nothing leaves the device between logging points.
+    """
+    loss_name = config.get('loss', 'cross_entropy')
+    smoothing = config.get('label_smoothing', 0.0)
+    repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
+
+    def train(state, acc, images, labels, perm, step_in_epoch, rng):
+        indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
+        aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
+        batch = spec.make_batch(images, labels, indices, aug_rng)
+        state, metrics = train_step(state, batch, jax.random.fold_in(rng, 0), loss=loss_name,
+                                    label_smoothing=smoothing)
+        return state, jax.tree.map(jnp.add, acc, metrics)
+
+    def evaluate(state, images, labels, indices, mask):
+        batch = spec.make_batch(images, labels, indices)
+        batch['mask'] = mask
+        return eval_step(state, batch, loss=loss_name)
+
+    def permutation(rng, epoch):
+        return epoch_permutation(rng, epoch, num_train, steps_per_epoch, config.batch_size)
+
+    return CompiledSteps(
+        train=jax.jit(train, donate_argnums=(0, 1), out_shardings=(repl, repl)),
+        evaluate=jax.jit(evaluate, out_shardings=(repl, shard)),
+        permutation=jax.jit(permutation, out_shardings=batch_sharding),
+    )
+
+
+def evaluate_split(steps: CompiledSteps, state: TrainState, images: jax.Array,
+                   labels: jax.Array, batch_size: int, mesh: Mesh,
+                   with_predictions: bool = False) -> tuple[dict[str, float], np.ndarray | None]:
+    """Mean loss and accuracy over a whole device-resident split (padded last batch)."""
+    n = int(labels.shape[0])
+    shard = parallel.data_sharding(mesh)
+    total = zero_metrics()
+    preds = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        mask = (idx < n).astype(np.float32)
+        idx = np.where(idx < n, idx, 0).astype(np.int32)
+        m, p = steps.evaluate(state, images, labels, jax.device_put(idx, shard),
+                              jax.device_put(mask, shard))
+        total = jax.tree.map(jnp.add, total, m)
+        if with_predictions:
+            preds.append(p)
+    total = jax.device_get(total)
+    count = max(float(total['count']), 1.0)
+    result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
+    predictions = np.concatenate(jax.device_get(preds))[:n] if with_predictions else None
+    return result, predictions
+
+
+def loss_fn_value(state: TrainState, batch: dict[str, jnp.ndarray], loss: str) -> jnp.ndarray:
+    """Mean loss of `batch` in eval mode (for the first-batch sanity check)."""
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    logits = state.apply_fn(variables, batch['image'], train=False)
+    return jnp.mean(losses.per_example_loss(logits, batch['label'], loss))
+
+
+def optax_learning_rate(state: TrainState, config: ml_collections.ConfigDict,
+                        steps_per_epoch: int) -> float:
+    """The learning rate in effect at the state's step (for the logs)."""
+    schedule = optim.build_schedule(config, steps_per_epoch)
+    return float(config.learning_rate * schedule(int(state.step)))

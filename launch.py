@@ -1,0 +1,46 @@
+"""Runs one experiment (or one study) from a config file.
+
+    python launch.py --config=configs/quickstart.py [--config.key=value ...] [--workdir=DIR]
+    python launch.py --config=configs/vgg.py --summary       # layer table, no training
+
+Re-running the same command on the same workdir resumes from its latest checkpoint.
+"""
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Output folder; default results/<config file stem>[_<arg>].')
+_SUMMARY = flags.DEFINE_bool('summary', False, "Print the model's layer table and exit.")
+
+
+def default_workdir(config_path: str) -> str:
+    path, _, arg = config_path.partition(':')
+    stem = pathlib.Path(path).stem
+    parent = pathlib.Path(path).parent.name
+    name = f'{parent}_{stem}' if parent not in ('configs', '') else stem
+    return str(pathlib.Path('results') / (f'{name}_{arg}' if arg else name))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO.
+        logging.set_verbosity(logging.WARNING)
+    from cnn_jax import cli  # After flag parsing: JAX starts with the right XLA flags.
+
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
+    if _SUMMARY.value:
+        return cli.print_summary(config)
+    return cli.run(config, workdir)
+
+
+if __name__ == '__main__':
+    flags.mark_flag_as_required('config')
+    sys.exit(app.run(main))
