@@ -146,11 +146,13 @@ def write_outputs(workdir: pathlib.Path, out: dict[str, Any], history: list[dict
     report.plot_confusion_matrix(out['confusion_matrix'], class_names,
                                  workdir / 'confusion_matrix.png',
                                  title=f'{out["name"]}: test confusion matrix')
-    printable = {**out, 'train_steps_per_s': out['train_steps_per_s'] or float('nan')}
+    # NaN was stored as null (JSON); the report prints it as nan.
+    printable = {k: float('nan') if v is None and k.endswith(('_s', '_loss', '_accuracy')) else v
+                 for k, v in out.items()}
     report.write_report(workdir, printable, str(config), layer_table, class_names, out['sanity'])
-    print(f'test accuracy {out["test_accuracy"]:.4f}, test loss {out["test_loss"]:.4f}, '
-          f'F1 {out["f1"]:.4f}. Reports in {workdir}/ (report.md, summary.json, curves.png, '
-          'confusion_matrix.png).', flush=True)
+    print(f'{out["status"]}: test accuracy {printable["test_accuracy"]:.4f}, test loss '
+          f'{printable["test_loss"]:.4f}, F1 {out["f1"]:.4f}. Reports in {workdir}/ (report.md, '
+          'summary.json, curves.png, confusion_matrix.png).', flush=True)
 
 
 def _jsonable(v: Any) -> Any:

@@ -65,7 +65,10 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | pathlib.Path,
         ax.set_xlabel('epoch')
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if history:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, 'no completed epoch', ha='center', transform=ax.transAxes)
     axes[0].set_title('loss')
     axes[1].set_title('accuracy')
     if title:

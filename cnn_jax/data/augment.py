@@ -86,9 +86,11 @@ def affine_transform(x: jnp.ndarray, degrees: jnp.ndarray, scale: jnp.ndarray) -
     def one(image, deg, s):
         t = jnp.deg2rad(deg)
         # Inverse map: output pixel -> input location (rotate back, shrink by the zoom).
+        # Rows grow downwards, so a counter-clockwise turn (torchvision's positive angle)
+        # samples from the clockwise-rotated location.
         dy, dx = (rows - cy) / s, (cols - cx) / s
-        src_y = cy + jnp.cos(t) * dy - jnp.sin(t) * dx
-        src_x = cx + jnp.sin(t) * dy + jnp.cos(t) * dx
+        src_y = cy + jnp.cos(t) * dy + jnp.sin(t) * dx
+        src_x = cx - jnp.sin(t) * dy + jnp.cos(t) * dx
 
         def channel(ch):
             return jax.scipy.ndimage.map_coordinates(ch, [src_y, src_x], order=1, cval=0.0)

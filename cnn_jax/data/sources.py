@@ -321,15 +321,18 @@ def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> Raw
     try:
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         builder.download_and_prepare(download_config=download_config)
-        splits = tfds.as_numpy(
-            builder.as_dataset(split=['train', 'test'], batch_size=-1, as_supervised=True)
-        )
+        arrays = {}
+        for split in ('train', 'test'):
+            # Batched iteration, not batch_size=-1 (which aborts TF 2.21 on generated data).
+            ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+            xs, ys = zip(*tfds.as_numpy(ds.batch(4096)))
+            arrays[split] = (np.concatenate(xs), np.concatenate(ys))
     except Exception as e:  # Offline: connection errors deep inside TFDS.
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise DataError(
             f'could not download or prepare TFDS dataset {name!r} ({msg}). {OFFLINE_HINT}'
         ) from None
-    (train_x, train_y), (test_x, test_y) = splits
+    (train_x, train_y), (test_x, test_y) = arrays['train'], arrays['test']
     names = builder.info.features['label'].names
     return RawData(
         np.asarray(train_x, np.uint8),

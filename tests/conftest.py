@@ -1,0 +1,40 @@
+"""Test session setup: 8 virtual CPU devices (multi-device paths run in every test)."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Decoded-folder caches go to a temporary directory, never ~/.cache."""
+    monkeypatch.setenv('CNN_JAX_CACHE', str(tmp_path_factory.getbasetemp() / 'cache'))
+
+
+def tiny_config(**overrides):
+    """A seconds-long experiment on digits with a tiny CNN (8 devices: batch multiple of 8)."""
+    from configs import default
+
+    c = default.get_config()
+    c.dataset = 'digits'
+    c.model = 'small_cnn'
+    c.model_options.features = (8,)
+    c.model_options.dense = 16
+    c.num_epochs = 2
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.optimizer = 'adam'
+    c.learning_rate = 3e-3
+    c.steps_per_epoch = 5
+    c.log_every_steps = 2
+    for key, value in overrides.items():
+        target = c
+        *path, last = key.split('.')
+        for p in path:
+            target = target[p]
+        target[last] = value
+    return c
