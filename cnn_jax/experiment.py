@@ -84,6 +84,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     losses.check_loss(config.loss, config.get('label_smoothing', 0.0))
+    if config.get('pretrained'):  # Fail before the data load and compilation.
+        from cnn_jax.transfer.weights import check_exists
+
+        check_exists(config.pretrained, config.model)
     parallel.maybe_initialize_distributed()
     dataset = load_dataset(config)
     model = build_model(config, dataset.num_classes)

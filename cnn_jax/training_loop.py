@@ -92,7 +92,7 @@ def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> train.Inp
     return train.InputSpec(
         mean=tuple(float(v) for v in dataset.mean),
         std=tuple(float(v) for v in dataset.std),
-        image_size=config.get('image_size'),
+        image_size=config.get('image_size') or None,  # 0 or None: no resize.
         augment=AugmentConfig.from_config(config.get('augment')),
     )
 

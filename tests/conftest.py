@@ -9,6 +9,17 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """One XLA cache for the session: the many small runs share their compiled steps."""
+    import jax
+
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla')))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Decoded-folder caches go to a temporary directory, never ~/.cache."""

@@ -149,7 +149,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
         data_dir=config.get('data_dir'),
         manual_dir=config.get('manual_dir'),
         cache_dir=config.get('cache_dir'),
-        image_size=config.get('image_size'),
+        image_size=config.get('image_size') or None,
     )
     options = [k for k in ('classes', 'label_groups', 'one_vs_rest') if config.get(k)]
     if len(options) > 1:

@@ -272,15 +272,21 @@ def read_folder(
     class_names = check_folder(root)
     files = sorted(str(p) for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS)
     newest = max(os.stat(f).st_mtime for f in files)
-    key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{newest}:{image_size}'.encode())
-    cached = cache / f'folder-{key.hexdigest()[:12]}.npz'
-    if cached.exists():
-        with np.load(cached) as z:
-            return RawData(
-                z['train_images'], z['train_labels'], z['test_images'], z['test_labels'],
-                list(z['class_names']),
-            )
-    arrays = {}
+
+    def cache_file(size: int | None) -> pathlib.Path:
+        key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{newest}:{size}'.encode())
+        return cache / f'folder-{key.hexdigest()[:12]}.npz'
+
+    # Images of one size are cached as they are (any image_size resizes on the device);
+    # mixed sizes are cached after the host resize to image_size.
+    for cached in (cache_file(None), cache_file(image_size)):
+        if cached.exists():
+            with np.load(cached) as z:
+                return RawData(
+                    z['train_images'], z['train_labels'], z['test_images'], z['test_labels'],
+                    list(z['class_names']),
+                )
+    arrays, resized = {}, False
     import tensorflow_datasets as tfds
 
     builder = tfds.ImageFolder(str(root))
@@ -294,9 +300,11 @@ def read_folder(
         except Exception as e:  # TF decode errors do not name the file: find it.
             culprit = _find_unreadable_image(root / split)
             raise DataError(f'unreadable image in {root / split}: {culprit} ({type(e).__name__})')
+        resized |= len({im.shape for im in images}) > 1
         arrays[f'{split}_images'] = _to_rgb_array(images, image_size, str(root / split))
         arrays[f'{split}_labels'] = np.asarray(labels, np.int32)
     raw = RawData(**arrays, class_names=class_names)
+    cached = cache_file(image_size if resized else None)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix('.tmp.npz')
     np.savez(tmp, **arrays, class_names=np.asarray(class_names))

@@ -1,0 +1,36 @@
+"""E1: the VGG-16 regularisation ladder, each rung adding one thing to the one before.
+
+base (no dropout) -> l2 (+ weight decay 5e-4) -> dropout (+ classifier dropout 0.5) ->
+early_stopping (+ patience 5 on validation loss) -> augment (+ flip, rotation 10 degrees,
+scale 0.1), on three CIFAR-10 classes (dog, automobile, ship) at 64x64. The rungs are
+those of configs/vgg.py. Reported test accuracy: 90%, 92%, 90%, 91%, 93%.
+
+    python launch.py --config=configs/ablations/vgg_regularization.py \
+        --workdir=results/vgg_regularization
+
+Offline on this machine (CIFAR-10 as JPEG files):
+
+    python launch.py --config=configs/ablations/vgg_regularization.py \
+        --workdir=results/vgg_regularization \
+        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+
+Writes summary.md, summary.json and comparison.png in the workdir (one sub-folder per
+variant); `--config.only=<variant>` runs one variant, `--config.study.seeds='(0,1,2)'`
+gives mean +- std over seeds.
+"""
+
+import ml_collections
+
+from configs import vgg
+from configs.ablations import config_diff, make_study
+
+
+def get_config() -> ml_collections.ConfigDict:
+    base = vgg.get_config()
+    return make_study(
+        base,
+        'vgg_regularization',
+        [(rung, config_diff(base, vgg.get_config(rung))) for rung in vgg.RUNGS],
+        description='E1: what does each regulariser add to VGG-16? (Reported test accuracy '
+        '90%, 92%, 90%, 91%, 93%.)',
+    )
