@@ -68,7 +68,8 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
                   f'{expected:.3f}: check the initialisation, labels and normalisation.')
     counts = summary.param_counts(variables)
     checks.update(total_params=counts.total, trainable_params=counts.trainable,
-                  non_trainable_params=counts.non_trainable, params_match_formula=True)
+                  non_trainable_params=counts.non_trainable,
+                  batch_norm_statistics=counts.batch_stats, params_match_formula=True)
     return checks
 
 
@@ -123,6 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         'total_params': counts.total,
         'trainable_params': counts.trainable,
         'non_trainable_params': counts.non_trainable,
+        'batch_norm_statistics': counts.batch_stats,
         'epochs_run': len(result.history),
         'steps_per_epoch': result.steps_per_epoch,
         'wall_time_s': round(time.perf_counter() - t0, 2),

@@ -1,0 +1,148 @@
+"""Pieces shared by every model: activation by name, the norm option, pooling modules.
+
+Parameter-free operations (activations, pooling, flatten) are small modules rather than
+bare functions so that `cnn_jax.summary.layer_table` sees them as rows, the way
+torchsummary lists ReLU and MaxPool2d. They own no variables, so they never change a
+model's parameter tree.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn_jax.errors import ConfigError
+
+Padding = str | int | Sequence[tuple[int, int]]
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _leaky_relu(x: jax.Array) -> jax.Array:
+    return nn.leaky_relu(x, negative_slope=0.01)  # torch.nn.LeakyReLU's default slope.
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=False)  # torch.nn.GELU's default (erf) form.
+
+
+# name -> (function, display name in the layer table).
+ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], str]] = {
+    'identity': (_identity, 'Identity'),
+    'relu': (nn.relu, 'ReLU'),
+    'tanh': (jnp.tanh, 'Tanh'),
+    'sigmoid': (nn.sigmoid, 'Sigmoid'),
+    'swish': (nn.swish, 'SiLU'),
+    'leaky_relu': (_leaky_relu, 'LeakyReLU'),
+    'gelu': (_gelu, 'GELU'),
+}
+
+# 'dropout' is Dropout2d (whole channels) after a conv and plain Dropout after a dense
+# layer; 'batchnorm_dropout' is BN followed by that dropout (E11).
+NORMS = ('none', 'batchnorm', 'dropout', 'batchnorm_dropout')
+
+
+def check_activation(name: str) -> str:
+    """Returns `name` if it is a known activation, else raises ConfigError."""
+    if name not in ACTIVATIONS:
+        raise ConfigError(
+            f'unknown activation {name!r}; known activations: {", ".join(ACTIVATIONS)}'
+        )
+    return name
+
+
+def check_norm(name: str) -> str:
+    """Returns `name` if it is a known norm option, else raises ConfigError."""
+    if name not in NORMS:
+        raise ConfigError(f'unknown norm {name!r}; known norms: {", ".join(NORMS)}')
+    return name
+
+
+def check_rate(rate: float, what: str = 'dropout rate') -> float:
+    """Dropout rates live in [0, 1)."""
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f'{what} must be in [0, 1), got {rate}')
+    return rate
+
+
+class Activation(nn.Module):
+    """An activation function chosen by name (see ACTIVATIONS)."""
+
+    fn: str = 'relu'
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ACTIVATIONS[check_activation(self.fn)][0](x)
+
+
+class MaxPool(nn.Module):
+    """Max pooling; padded positions hold -inf (as torch.nn.MaxPool2d)."""
+
+    window: tuple[int, int] = (2, 2)
+    strides: tuple[int, int] | None = None  # None: the window (non-overlapping).
+    padding: Padding = 'VALID'
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.max_pool(x, self.window, self.strides or self.window, _pad(self.padding))
+
+
+class AvgPool(nn.Module):
+    """Average pooling; padded zeros count in the mean (torch's count_include_pad)."""
+
+    window: tuple[int, int] = (2, 2)
+    strides: tuple[int, int] | None = None
+    padding: Padding = 'VALID'
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.avg_pool(x, self.window, self.strides or self.window, _pad(self.padding))
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial axes: (N, H, W, C) -> (N, C)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.mean(x, axis=(1, 2))
+
+
+class Flatten(nn.Module):
+    """(N, ...) -> (N, prod(...)), in NHWC order."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x.reshape((x.shape[0], -1))
+
+
+def _pad(padding: Padding) -> str | Sequence[tuple[int, int]]:
+    # nn.max_pool takes 'SAME'/'VALID' or explicit pairs only; an int is torch's padding.
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    return padding
+
+
+def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+    )
+
+
+def dropout(x: jax.Array, rate: float, *, train: bool, spatial: bool = False) -> jax.Array:
+    """Dropout; `spatial` on NHWC input drops whole channels (torch's Dropout2d)."""
+    # Made even at rate 0 (a no-op then) so the layer table shows the architecture.
+    dims = (1, 2) if spatial and x.ndim == 4 else ()
+    return nn.Dropout(check_rate(rate), broadcast_dims=dims, deterministic=not train)(x)
+
+
+def normalize(x: jax.Array, norm: str, *, train: bool, rate: float, dtype: Any) -> jax.Array:
+    """The norm option after a conv (4-D input) or a dense layer (2-D input).
+
+    Call inside a compact method: the layers it makes belong to the calling module.
+    """
+    check_norm(norm)
+    if norm in ('batchnorm', 'batchnorm_dropout'):
+        x = batch_norm(train, dtype)(x)
+    if norm in ('dropout', 'batchnorm_dropout'):
+        x = dropout(x, rate, train=train, spatial=True)
+    return x
