@@ -12,10 +12,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Output folder; default results/<config file stem>[_<arg>].')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Output folder; default results/<config file stem>[_<arg>].'
+)
 _SUMMARY = flags.DEFINE_bool('summary', False, "Print the model's layer table and exit.")
 
 

@@ -27,37 +27,50 @@ class Checkpoints:
         self.best = ocp.CheckpointManager(
             root / 'best',
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, best_fn=lambda m: m['value'], best_mode=best_mode,
+                max_to_keep=1,
+                create=True,
+                best_fn=lambda m: m['value'],
+                best_mode=best_mode,
             ),
         )
 
     def save_latest(self, step: int, state: Any, loop: dict) -> None:
         self.latest.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    loop=ocp.args.JsonSave(loop)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)
+            ),
             force=True,
         )
 
     def save_best(self, step: int, state: Any, value: float) -> None:
-        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                       metrics={'value': float(value)}, force=True)
+        self.best.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+            metrics={'value': float(value)},
+            force=True,
+        )
 
     def restore_latest(self, template: Any) -> tuple[Any, dict] | None:
         """(state, loop record) of the latest checkpoint, laid out like `template`."""
         step = self.latest.latest_step()
         if step is None:
             return None
-        restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(template)), loop=ocp.args.JsonRestore()))
+        restored = self.latest.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(template)), loop=ocp.args.JsonRestore()
+            ),
+        )
         return restored['state'], restored['loop']
 
     def restore_best(self, template: Any) -> Any | None:
         step = self.best.best_step()
         if step is None:
             return None
-        restored = self.best.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(template))))
+        restored = self.best.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
+        )
         return restored['state']
 
     def wait(self) -> None:

@@ -31,8 +31,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     if config.get('dtype', 'float32') not in DTYPES:
         raise ConfigError(f'unknown dtype {config.dtype!r}; known: {", ".join(DTYPES)}')
     options = config.get('model_options') or ml_collections.ConfigDict()
-    return create_model(config.model, num_classes, DTYPES[config.get('dtype', 'float32')],
-                        **options.to_dict())
+    return create_model(
+        config.model, num_classes, DTYPES[config.get('dtype', 'float32')], **options.to_dict()
+    )
 
 
 def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) -> dict[str, Any]:
@@ -46,8 +47,9 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
     variables = train.init_variables(model, shape, jax.random.key(config.seed))
     spec = input_spec(config, dataset)
     n = min(config.batch_size, len(dataset.train))
-    batch = spec.make_batch(jnp.asarray(dataset.train.images[:n]),
-                            jnp.asarray(dataset.train.labels[:n]), jnp.arange(n))
+    batch = spec.make_batch(
+        jnp.asarray(dataset.train.images[:n]), jnp.asarray(dataset.train.labels[:n]), jnp.arange(n)
+    )
     logits = model.apply(variables, batch['image'][:1], train=False)
     expected_shape = (1, dataset.num_classes)
     if tuple(logits.shape) != expected_shape:
@@ -64,12 +66,18 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
         ok = abs(loss - expected) <= tolerance * expected
         checks.update(expected_first_loss_ln_classes=round(expected, 4), first_loss_ok=ok)
         if not ok:
-            print(f'WARNING: first-batch loss {loss:.3f} is far from ln({dataset.num_classes}) = '
-                  f'{expected:.3f}: check the initialisation, labels and normalisation.')
+            print(
+                f'WARNING: first-batch loss {loss:.3f} is far from ln({dataset.num_classes}) = '
+                f'{expected:.3f}: check the initialisation, labels and normalisation.'
+            )
     counts = summary.param_counts(variables)
-    checks.update(total_params=counts.total, trainable_params=counts.trainable,
-                  non_trainable_params=counts.non_trainable,
-                  batch_norm_statistics=counts.batch_stats, params_match_formula=True)
+    checks.update(
+        total_params=counts.total,
+        trainable_params=counts.trainable,
+        non_trainable_params=counts.non_trainable,
+        batch_norm_statistics=counts.batch_stats,
+        params_match_formula=True,
+    )
     return checks
 
 
@@ -95,10 +103,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     shape = model_input_shape(config, dataset)
     layer_table = summary.layer_table(model, shape)  # Raises if a count breaks its formula.
     mesh = parallel.make_mesh()
-    print(f'{config.model} on {dataset.name}: {len(dataset.train)} train / '
-          f'{len(dataset.val) if dataset.val else 0} val / {len(dataset.test)} test examples, '
-          f'{dataset.num_classes} classes, input {shape}; {mesh.devices.size} '
-          f'{jax.devices()[0].platform} device(s).', flush=True)
+    print(
+        f'{config.model} on {dataset.name}: {len(dataset.train)} train / '
+        f'{len(dataset.val) if dataset.val else 0} val / {len(dataset.test)} test examples, '
+        f'{dataset.num_classes} classes, input {shape}; {mesh.devices.size} '
+        f'{jax.devices()[0].platform} device(s).',
+        flush=True,
+    )
     sanity = sanity_checks(config, model, dataset)
     result = train_and_evaluate(config, workdir, dataset, model, mesh)
 
@@ -106,12 +117,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     for split in ('train', 'val', 'test'):
         if split in result.device_data:
             evals[split], preds = train.evaluate_split(
-                result.steps, result.state, *result.device_data[split], config.eval_batch_size,
-                result.mesh, with_predictions=split == 'test')
+                result.steps,
+                result.state,
+                *result.device_data[split],
+                config.eval_batch_size,
+                result.mesh,
+                with_predictions=split == 'test',
+            )
             predictions = preds if split == 'test' else predictions
     metrics = report.classification_metrics(dataset.test.labels, predictions, dataset.num_classes)
-    counts = summary.param_counts({'params': result.state.params,
-                                   'batch_stats': result.state.batch_stats})
+    counts = summary.param_counts(
+        {'params': result.state.params, 'batch_stats': result.state.batch_stats}
+    )
     out = {
         'name': config.get('name', None) or config.model,
         'status': result.status,
@@ -137,28 +154,42 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         'class_names': dataset.class_names,
         'sanity': sanity,
     }
-    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-           for k, v in out.items()}
+    out = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()
+    }
     if jax.process_index() == 0:
         write_outputs(workdir, out, result.history, config, layer_table, dataset.class_names)
     return out
 
 
-def write_outputs(workdir: pathlib.Path, out: dict[str, Any], history: list[dict[str, Any]],
-                  config: ml_collections.ConfigDict, layer_table: str,
-                  class_names: list[str]) -> None:
+def write_outputs(
+    workdir: pathlib.Path,
+    out: dict[str, Any],
+    history: list[dict[str, Any]],
+    config: ml_collections.ConfigDict,
+    layer_table: str,
+    class_names: list[str],
+) -> None:
     (workdir / 'summary.json').write_text(json.dumps(out, indent=2, default=_jsonable))
     report.plot_curves(history, workdir / 'curves.png', title=out['name'])
-    report.plot_confusion_matrix(out['confusion_matrix'], class_names,
-                                 workdir / 'confusion_matrix.png',
-                                 title=f'{out["name"]}: test confusion matrix')
+    report.plot_confusion_matrix(
+        out['confusion_matrix'],
+        class_names,
+        workdir / 'confusion_matrix.png',
+        title=f'{out["name"]}: test confusion matrix',
+    )
     # NaN was stored as null (JSON); the report prints it as nan.
-    printable = {k: float('nan') if v is None and k.endswith(('_s', '_loss', '_accuracy')) else v
-                 for k, v in out.items()}
+    printable = {
+        k: float('nan') if v is None and k.endswith(('_s', '_loss', '_accuracy')) else v
+        for k, v in out.items()
+    }
     report.write_report(workdir, printable, str(config), layer_table, class_names, out['sanity'])
-    print(f'{out["status"]}: test accuracy {printable["test_accuracy"]:.4f}, test loss '
-          f'{printable["test_loss"]:.4f}, F1 {out["f1"]:.4f}. Reports in {workdir}/ (report.md, '
-          'summary.json, curves.png, confusion_matrix.png).', flush=True)
+    print(
+        f'{out["status"]}: test accuracy {printable["test_accuracy"]:.4f}, test loss '
+        f'{printable["test_loss"]:.4f}, F1 {out["f1"]:.4f}. Reports in {workdir}/ (report.md, '
+        'summary.json, curves.png, confusion_matrix.png).',
+        flush=True,
+    )
 
 
 def _jsonable(v: Any) -> Any:

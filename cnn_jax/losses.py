@@ -21,7 +21,9 @@ def check_loss(name: str, label_smoothing: float = 0.0) -> None:
 
 
 def per_example_loss(
-    logits: jnp.ndarray, labels: jnp.ndarray, name: str = 'cross_entropy',
+    logits: jnp.ndarray,
+    labels: jnp.ndarray,
+    name: str = 'cross_entropy',
     label_smoothing: float = 0.0,
 ) -> jnp.ndarray:
     """Loss of each example: logits (N, C) float, labels (N,) int -> (N,)."""

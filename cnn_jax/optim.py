@@ -25,8 +25,10 @@ def build_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     if name == 'constant':
         return optax.constant_schedule(1.0)
     if name == 'step':
-        bounds = {int(e * steps_per_epoch): config.get('step_factor', 0.1)
-                  for e in config.get('step_epochs', ())}
+        bounds = {
+            int(e * steps_per_epoch): config.get('step_factor', 0.1)
+            for e in config.get('step_epochs', ())
+        }
         return optax.piecewise_constant_schedule(1.0, bounds)
     if name == 'cosine':
         return optax.cosine_decay_schedule(1.0, total)
@@ -37,8 +39,17 @@ def build_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
 
 
 def _chain(
-    learning_rate: float, weight_decay: float, momentum: float, *, name: str, decoupled: bool,
-    schedule: optax.Schedule, b1: float, b2: float, eps: float, clip: float | None,
+    learning_rate: float,
+    weight_decay: float,
+    momentum: float,
+    *,
+    name: str,
+    decoupled: bool,
+    schedule: optax.Schedule,
+    b1: float,
+    b2: float,
+    eps: float,
+    clip: float | None,
 ) -> optax.GradientTransformation:
     parts = []
     if clip:
@@ -92,9 +103,15 @@ def build_optimizer(
     schedule = build_schedule(config, steps_per_epoch)
     factory: Callable[..., optax.GradientTransformation] = optax.inject_hyperparams(
         lambda learning_rate, weight_decay, momentum: _chain(
-            learning_rate, weight_decay, momentum, name=name,
-            decoupled=(mode == 'decoupled' or name == 'adamw'), schedule=schedule,
-            b1=config.get('b1', 0.9), b2=config.get('b2', 0.999), eps=config.get('eps', 1e-8),
+            learning_rate,
+            weight_decay,
+            momentum,
+            name=name,
+            decoupled=(mode == 'decoupled' or name == 'adamw'),
+            schedule=schedule,
+            b1=config.get('b1', 0.9),
+            b2=config.get('b2', 0.999),
+            eps=config.get('eps', 1e-8),
             clip=config.get('grad_clip_norm'),
         )
     )

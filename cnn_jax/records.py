@@ -51,8 +51,11 @@ class MetricsLog:
         with self.path.open('a') as f:
             f.write(json.dumps(row) + '\n')
         if self._tb is not None:
-            scalars = {k: v for k, v in row.items()
-                       if isinstance(v, (int, float)) and k not in ('epoch', 'step')}
+            scalars = {
+                k: v
+                for k, v in row.items()
+                if isinstance(v, (int, float)) and k not in ('epoch', 'step')
+            }
             self._tb.write_scalars(row['step'], scalars)
             self._tb.flush()
 
@@ -103,9 +106,11 @@ class Progress:
         width = 20
         done = int(width * step / max(1, self.total_steps))
         text = ' '.join(f'{k} {v:.4f}' for k, v in values.items())
-        line = (f'epoch {epoch}/{num_epochs} [{"#" * done}{"." * (width - done)}] '
-                f'step {step}/{self.total_steps}  {rate:.1f} steps/s  '
-                f'ETA {format_duration(eta)}  {text}')
+        line = (
+            f'epoch {epoch}/{num_epochs} [{"#" * done}{"." * (width - done)}] '
+            f'step {step}/{self.total_steps}  {rate:.1f} steps/s  '
+            f'ETA {format_duration(eta)}  {text}'
+        )
         if self.interactive:
             self.stream.write('\r' + line.ljust(100))
         else:

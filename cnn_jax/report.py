@@ -21,8 +21,9 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return cm
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
-                           num_classes: int) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int
+) -> dict[str, Any]:
     """Accuracy, macro precision/recall/F1, per-class accuracy and the confusion matrix."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
     tp = np.diag(cm).astype(np.float64)
@@ -51,8 +52,9 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: Sequence[dict[str, Any]], path: str | pathlib.Path,
-                title: str = '') -> None:
+def plot_curves(
+    history: Sequence[dict[str, Any]], path: str | pathlib.Path, title: str = ''
+) -> None:
     """Loss and accuracy per epoch, train and validation (and test when recorded)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -78,8 +80,12 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | pathlib.Path,
     plt.close(fig)
 
 
-def plot_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str],
-                          path: str | pathlib.Path, title: str = 'confusion matrix') -> None:
+def plot_confusion_matrix(
+    cm: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    path: str | pathlib.Path,
+    title: str = 'confusion matrix',
+) -> None:
     plt = _pyplot()
     cm = np.asarray(cm)
     k = len(class_names)
@@ -96,8 +102,15 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str
         threshold = cm.max() / 2 if cm.size else 0
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(cm[i, j]), ha='center', va='center', fontsize=8,
-                        color='white' if cm[i, j] > threshold else 'black')
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha='center',
+                    va='center',
+                    fontsize=8,
+                    color='white' if cm[i, j] > threshold else 'black',
+                )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -112,32 +125,60 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return '\n'.join(lines)
 
 
-def write_report(workdir: str | pathlib.Path, summary: dict[str, Any], config_text: str,
-                 layer_table: str, class_names: Sequence[str], sanity: dict[str, Any]) -> None:
+def write_report(
+    workdir: str | pathlib.Path,
+    summary: dict[str, Any],
+    config_text: str,
+    layer_table: str,
+    class_names: Sequence[str],
+    sanity: dict[str, Any],
+) -> None:
     """report.md: config, parameter table, results, per-class accuracy, confusion matrix."""
     workdir = pathlib.Path(workdir)
     s = summary
     parts = [f'# {s.get("name", "run")}: {s["status"]}', '']
     if s['status'] == 'diverged':
         parts += [f'**Diverged at step {s["diverged_at_step"]}** (loss became NaN/inf).', '']
-    results = [(split, s.get(f'{split}_accuracy'), s.get(f'{split}_loss'))
-               for split in ('train', 'val', 'test') if s.get(f'{split}_accuracy') is not None]
-    parts += ['## Results', '', markdown_table(('split', 'accuracy', 'loss'), results), '',
-              f'Macro precision {s["precision"]:.4f}, recall {s["recall"]:.4f}, '
-              f'F1 {s["f1"]:.4f}.', '',
-              f'{s["epochs_run"]} epochs, best epoch {s.get("best_epoch")}'
-              f'{" (stopped early)" if s.get("stopped_early") else ""}; '
-              f'{s["wall_time_s"]:.1f} s wall time, {s["train_steps_per_s"]:.1f} steps/s on '
-              f'{s["num_devices"]} device(s) ({s.get("platform", "?")}).', '',
-              '![curves](curves.png)', '']
-    parts += ['## Per-class accuracy', '',
-              markdown_table(('class', 'accuracy'),
-                             list(zip(class_names, s['per_class_accuracy'], strict=True))), '']
+    results = [
+        (split, s.get(f'{split}_accuracy'), s.get(f'{split}_loss'))
+        for split in ('train', 'val', 'test')
+        if s.get(f'{split}_accuracy') is not None
+    ]
+    parts += [
+        '## Results',
+        '',
+        markdown_table(('split', 'accuracy', 'loss'), results),
+        '',
+        f'Macro precision {s["precision"]:.4f}, recall {s["recall"]:.4f}, F1 {s["f1"]:.4f}.',
+        '',
+        f'{s["epochs_run"]} epochs, best epoch {s.get("best_epoch")}'
+        f'{" (stopped early)" if s.get("stopped_early") else ""}; '
+        f'{s["wall_time_s"]:.1f} s wall time, {s["train_steps_per_s"]:.1f} steps/s on '
+        f'{s["num_devices"]} device(s) ({s.get("platform", "?")}).',
+        '',
+        '![curves](curves.png)',
+        '',
+    ]
+    parts += [
+        '## Per-class accuracy',
+        '',
+        markdown_table(
+            ('class', 'accuracy'), list(zip(class_names, s['per_class_accuracy'], strict=True))
+        ),
+        '',
+    ]
     cm = s['confusion_matrix']
-    parts += ['## Confusion matrix (rows: true, columns: predicted)', '',
-              markdown_table(['true \\ pred', *class_names],
-                             [[name, *row] for name, row in zip(class_names, cm, strict=True)]),
-              '', '![confusion matrix](confusion_matrix.png)', '']
+    parts += [
+        '## Confusion matrix (rows: true, columns: predicted)',
+        '',
+        markdown_table(
+            ['true \\ pred', *class_names],
+            [[name, *row] for name, row in zip(class_names, cm, strict=True)],
+        ),
+        '',
+        '![confusion matrix](confusion_matrix.png)',
+        '',
+    ]
     parts += ['## Sanity checks', '', '```', json.dumps(sanity, indent=2), '```', '']
     parts += ['## Model', '', '```', layer_table, '```', '']
     parts += ['## Config', '', '```', config_text.strip(), '```', '']

@@ -43,8 +43,11 @@ def init_variables(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Arra
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, model: nn.Module, input_shape: tuple[int, ...],
-    rng: jax.Array, steps_per_epoch: int,
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    rng: jax.Array,
+    steps_per_epoch: int,
 ) -> TrainState:
     """Fresh variables (or pretrained ones from config.pretrained) and the optimiser."""
     variables = init_variables(model, input_shape, rng)
@@ -55,13 +58,16 @@ def create_train_state(
     params = variables['params']
     tx = optim.build_optimizer(config, steps_per_epoch, params)
     return TrainState.create(
-        apply_fn=model.apply, params=params, tx=tx,
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
         batch_stats=variables.get('batch_stats', {}),
     )
 
 
-def _sums(loss: jnp.ndarray, logits: jnp.ndarray, labels: jnp.ndarray,
-          weight: jnp.ndarray) -> Metrics:
+def _sums(
+    loss: jnp.ndarray, logits: jnp.ndarray, labels: jnp.ndarray, weight: jnp.ndarray
+) -> Metrics:
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {
         'loss': jnp.sum(loss * weight),
@@ -71,8 +77,12 @@ def _sums(loss: jnp.ndarray, logits: jnp.ndarray, labels: jnp.ndarray,
 
 
 def train_step(
-    state: TrainState, batch: dict[str, jnp.ndarray], rng: jax.Array, *,
-    loss: str = 'cross_entropy', label_smoothing: float = 0.0,
+    state: TrainState,
+    batch: dict[str, jnp.ndarray],
+    rng: jax.Array,
+    *,
+    loss: str = 'cross_entropy',
+    label_smoothing: float = 0.0,
 ) -> tuple[TrainState, Metrics]:
     """One optimiser step on `batch`; returns the new state and the batch's metric sums.
 
@@ -84,7 +94,10 @@ def train_step(
     def loss_fn(params):
         variables = {'params': params, 'batch_stats': state.batch_stats}
         logits, updates = state.apply_fn(
-            variables, batch['image'], train=True, rngs={'dropout': dropout_rng},
+            variables,
+            batch['image'],
+            train=True,
+            rngs={'dropout': dropout_rng},
             mutable=['batch_stats'],
         )
         per_example = losses.per_example_loss(logits, batch['label'], loss, label_smoothing)
@@ -98,7 +111,10 @@ def train_step(
 
 
 def eval_step(
-    state: TrainState, batch: dict[str, jnp.ndarray], *, loss: str = 'cross_entropy',
+    state: TrainState,
+    batch: dict[str, jnp.ndarray],
+    *,
+    loss: str = 'cross_entropy',
 ) -> tuple[Metrics, jnp.ndarray]:
     """Metric sums over the examples with batch['mask'] == 1, and every prediction."""
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -117,8 +133,9 @@ class InputSpec:
     image_size: int | None = None
     augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
 
-    def make_batch(self, images: jax.Array, labels: jax.Array, indices: jax.Array,
-                   rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    def make_batch(
+        self, images: jax.Array, labels: jax.Array, indices: jax.Array, rng: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
         """Gathers `indices`, converts, augments when `rng` is given, normalises."""
         x = augment_lib.to_unit_range(images[indices], self.image_size)
         if rng is not None:
@@ -131,8 +148,9 @@ def zero_metrics() -> Metrics:
     return {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
 
 
-def epoch_permutation(rng: jax.Array, epoch: int | jax.Array, num_examples: int,
-                      steps: int, batch_size: int) -> jax.Array:
+def epoch_permutation(
+    rng: jax.Array, epoch: int | jax.Array, num_examples: int, steps: int, batch_size: int
+) -> jax.Array:
     """(steps, batch_size) example indices for `epoch`: a fresh shuffle, remainder dropped."""
     perm = jax.random.permutation(jax.random.fold_in(rng, epoch), num_examples)
     return perm[: steps * batch_size].reshape(steps, batch_size)
@@ -147,8 +165,13 @@ class CompiledSteps:
     permutation: Callable[..., jax.Array]
 
 
-def compile_steps(config: ml_collections.ConfigDict, mesh: Mesh, spec: InputSpec,
-                  num_train: int, steps_per_epoch: int) -> CompiledSteps:
+def compile_steps(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    spec: InputSpec,
+    num_train: int,
+    steps_per_epoch: int,
+) -> CompiledSteps:
     """jit-compiles the train and eval steps with the input pipeline folded in.
 
     train(state, acc, images, labels, perm, step_in_epoch, rng) -> (state, acc):
@@ -164,8 +187,9 @@ def compile_steps(config: ml_collections.ConfigDict, mesh: Mesh, spec: InputSpec
         indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
         aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
         batch = spec.make_batch(images, labels, indices, aug_rng)
-        state, metrics = train_step(state, batch, jax.random.fold_in(rng, 0), loss=loss_name,
-                                    label_smoothing=smoothing)
+        state, metrics = train_step(
+            state, batch, jax.random.fold_in(rng, 0), loss=loss_name, label_smoothing=smoothing
+        )
         return state, jax.tree.map(jnp.add, acc, metrics)
 
     def evaluate(state, images, labels, indices, mask):
@@ -183,9 +207,15 @@ def compile_steps(config: ml_collections.ConfigDict, mesh: Mesh, spec: InputSpec
     )
 
 
-def evaluate_split(steps: CompiledSteps, state: TrainState, images: jax.Array,
-                   labels: jax.Array, batch_size: int, mesh: Mesh,
-                   with_predictions: bool = False) -> tuple[dict[str, float], np.ndarray | None]:
+def evaluate_split(
+    steps: CompiledSteps,
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    batch_size: int,
+    mesh: Mesh,
+    with_predictions: bool = False,
+) -> tuple[dict[str, float], np.ndarray | None]:
     """Mean loss and accuracy over a whole device-resident split (padded last batch)."""
     n = int(labels.shape[0])
     shard = parallel.data_sharding(mesh)
@@ -195,8 +225,9 @@ def evaluate_split(steps: CompiledSteps, state: TrainState, images: jax.Array,
         idx = np.arange(start, start + batch_size)
         mask = (idx < n).astype(np.float32)
         idx = np.where(idx < n, idx, 0).astype(np.int32)
-        m, p = steps.evaluate(state, images, labels, jax.device_put(idx, shard),
-                              jax.device_put(mask, shard))
+        m, p = steps.evaluate(
+            state, images, labels, jax.device_put(idx, shard), jax.device_put(mask, shard)
+        )
         total = jax.tree.map(jnp.add, total, m)
         if with_predictions:
             preds.append(p)
@@ -214,8 +245,9 @@ def loss_fn_value(state: TrainState, batch: dict[str, jnp.ndarray], loss: str) -
     return jnp.mean(losses.per_example_loss(logits, batch['label'], loss))
 
 
-def optax_learning_rate(state: TrainState, config: ml_collections.ConfigDict,
-                        steps_per_epoch: int) -> float:
+def optax_learning_rate(
+    state: TrainState, config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> float:
     """The learning rate in effect at the state's step (for the logs)."""
     schedule = optim.build_schedule(config, steps_per_epoch)
     return float(config.learning_rate * schedule(int(state.step)))

@@ -103,11 +103,21 @@ def model_input_shape(config: ml_collections.ConfigDict, dataset: Dataset) -> tu
     return (size, size, c) if size else (h, w, c)
 
 
-def _epoch_row(epoch: int, step: int, acc: dict[str, float], lr: float, elapsed: float,
-               evals: dict[str, dict[str, float]]) -> dict[str, Any]:
+def _epoch_row(
+    epoch: int,
+    step: int,
+    acc: dict[str, float],
+    lr: float,
+    elapsed: float,
+    evals: dict[str, dict[str, float]],
+) -> dict[str, Any]:
     count = max(acc['count'], 1.0)
-    row = {'epoch': epoch, 'step': step, 'train_loss': acc['loss'] / count,
-           'train_accuracy': acc['correct'] / count}
+    row = {
+        'epoch': epoch,
+        'step': step,
+        'train_loss': acc['loss'] / count,
+        'train_accuracy': acc['correct'] / count,
+    }
     for split, m in evals.items():
         row[f'{split}_loss'] = m['loss']
         row[f'{split}_accuracy'] = m['accuracy']
@@ -121,8 +131,12 @@ def _host_acc(acc: dict[str, jax.Array]) -> dict[str, float]:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dataset: Dataset,
-    model: nn.Module, mesh: Mesh | None = None, hooks: Sequence[Hook] = (),
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    dataset: Dataset,
+    model: nn.Module,
+    mesh: Mesh | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> TrainResult:
     """Trains `model` on `dataset` as `config` says, resuming from `workdir` if possible."""
     workdir = pathlib.Path(workdir)
@@ -148,14 +162,17 @@ def train_and_evaluate(
     rng = jax.random.key(config.seed)
     init_rng, train_rng, data_rng = jax.random.split(rng, 3)
     spec = input_spec(config, dataset)
-    state = train.create_train_state(config, model, model_input_shape(config, dataset),
-                                     init_rng, steps_per_epoch)
+    state = train.create_train_state(
+        config, model, model_input_shape(config, dataset), init_rng, steps_per_epoch
+    )
     state = jax.device_put(state, parallel.replicated(mesh))
     device_data = {
-        name: (parallel.put_replicated(split.images, mesh),
-               parallel.put_replicated(split.labels, mesh))
-        for name, split in (('train', dataset.train), ('val', dataset.val),
-                            ('test', dataset.test)) if split is not None
+        name: (
+            parallel.put_replicated(split.images, mesh),
+            parallel.put_replicated(split.labels, mesh),
+        )
+        for name, split in (('train', dataset.train), ('val', dataset.val), ('test', dataset.test))
+        if split is not None
     }
     steps = train.compile_steps(config, mesh, spec, num_train, steps_per_epoch)
     ckpt = Checkpoints(workdir, keep=config.get('keep_checkpoints', 2), best_mode=mode)
@@ -168,13 +185,22 @@ def train_and_evaluate(
     if restored is not None:
         state, loop = restored
         start_epoch, start_step = loop['epoch'], loop['step_in_epoch']
-        acc = jax.device_put({k: jnp.float32(v) for k, v in loop['acc'].items()},
-                             parallel.replicated(mesh))
+        acc = jax.device_put(
+            {k: jnp.float32(v) for k, v in loop['acc'].items()}, parallel.replicated(mesh)
+        )
         resumed_from = int(state.step)
-        logging.info('Resuming from step %d (epoch %d, step %d of it) in %s',
-                     resumed_from, start_epoch + 1, start_step, workdir)
-        print(f'Resuming from checkpoint at step {resumed_from} '
-              f'(epoch {start_epoch + 1}, step {start_step} of {steps_per_epoch}).', flush=True)
+        logging.info(
+            'Resuming from step %d (epoch %d, step %d of it) in %s',
+            resumed_from,
+            start_epoch + 1,
+            start_step,
+            workdir,
+        )
+        print(
+            f'Resuming from checkpoint at step {resumed_from} '
+            f'(epoch {start_epoch + 1}, step {start_step} of {steps_per_epoch}).',
+            flush=True,
+        )
     history = log.truncate(start_epoch)
 
     best_value, best_epoch, bad_epochs = None, None, 0
@@ -201,8 +227,9 @@ def train_and_evaluate(
             first_step = start_step if epoch == start_epoch else 0
             t_epoch = None
             for s in range(first_step, steps_per_epoch):
-                state, acc = steps.train(state, acc, train_images, train_labels, perm,
-                                         np.int32(s), train_rng)
+                state, acc = steps.train(
+                    state, acc, train_images, train_labels, perm, np.int32(s), train_rng
+                )
                 gstep = epoch * steps_per_epoch + s + 1
                 if t_epoch is None:  # First step of this process: includes compilation.
                     jax.block_until_ready(acc)
@@ -218,14 +245,22 @@ def train_and_evaluate(
                         logging.warning('Diverged: training loss %s at step %d', loss, gstep)
                         print(f'\nDiverged at step {gstep}: training loss is {loss}.', flush=True)
                         break
-                    progress.update(gstep, epoch + 1, config.num_epochs, loss=loss,
-                                    accuracy=host['correct'] / max(host['count'], 1.0))
+                    progress.update(
+                        gstep,
+                        epoch + 1,
+                        config.num_epochs,
+                        loss=loss,
+                        accuracy=host['correct'] / max(host['count'], 1.0),
+                    )
                     log.write_step(gstep, {'train_loss_running': loss})
                 hook_stop = any([bool(h(gstep)) for h in hooks])
                 if stop.requested or hook_stop:
                     jax.block_until_ready(state)
-                    ckpt.save_latest(gstep, state, {'epoch': epoch, 'step_in_epoch': s + 1,
-                                                    'acc': _host_acc(acc)})
+                    ckpt.save_latest(
+                        gstep,
+                        state,
+                        {'epoch': epoch, 'step_in_epoch': s + 1, 'acc': _host_acc(acc)},
+                    )
                     ckpt.wait()
                     progress.end_line()
                     raise Interrupted(gstep, str(workdir))
@@ -239,17 +274,23 @@ def train_and_evaluate(
             evals = {}
             for split in ('val', 'test'):
                 if split in device_data and (split == 'val' or config.get('eval_test_each_epoch')):
-                    evals[split], _ = train.evaluate_split(steps, state, *device_data[split],
-                                                           config.eval_batch_size, mesh)
+                    evals[split], _ = train.evaluate_split(
+                        steps, state, *device_data[split], config.eval_batch_size, mesh
+                    )
             lr = train.optax_learning_rate(state, config, steps_per_epoch)
-            row = _epoch_row(epoch + 1, int(state.step), _host_acc(acc), lr,
-                             time.perf_counter() - t_start, evals)
+            row = _epoch_row(
+                epoch + 1, int(state.step), _host_acc(acc), lr, time.perf_counter() - t_start, evals
+            )
             history.append(row)
             log.write_epoch(row)
             logging.info('epoch %d: %s', epoch + 1, row)
-            print('epoch {epoch}: '.format(**row) + '  '.join(
-                f'{k} {v:.4f}' for k, v in row.items() if k.endswith(('loss', 'accuracy'))),
-                flush=True)
+            print(
+                'epoch {epoch}: '.format(**row)
+                + '  '.join(
+                    f'{k} {v:.4f}' for k, v in row.items() if k.endswith(('loss', 'accuracy'))
+                ),
+                flush=True,
+            )
             if improved(row[monitor], best_value, mode, es.min_delta):
                 best_value, best_epoch, bad_epochs = row[monitor], epoch + 1, 0
                 ckpt.save_best(int(state.step), state, best_value)
@@ -258,12 +299,17 @@ def train_and_evaluate(
             acc = jax.device_put(train.zero_metrics(), parallel.replicated(mesh))
             last = epoch + 1 == config.num_epochs
             if (epoch + 1) % max(1, config.get('checkpoint_every_epochs', 1)) == 0 or last:
-                ckpt.save_latest(int(state.step), state,
-                                 {'epoch': epoch + 1, 'step_in_epoch': 0, 'acc': _host_acc(acc)})
+                ckpt.save_latest(
+                    int(state.step),
+                    state,
+                    {'epoch': epoch + 1, 'step_in_epoch': 0, 'acc': _host_acc(acc)},
+                )
             if es.patience > 0 and bad_epochs >= es.patience:
                 stopped_early = True
-                print(f'Early stopping after epoch {epoch + 1}: {monitor} has not improved for '
-                      f'{bad_epochs} epochs (best {best_value:.4f} at epoch {best_epoch}).')
+                print(
+                    f'Early stopping after epoch {epoch + 1}: {monitor} has not improved for '
+                    f'{bad_epochs} epochs (best {best_value:.4f} at epoch {best_epoch}).'
+                )
     ckpt.wait()
     if es.patience > 0 and status == 'completed':
         best = ckpt.restore_best(state)  # Keras' restore_best_weights.
@@ -272,9 +318,17 @@ def train_and_evaluate(
     ckpt.close()
     log.close()
     return TrainResult(
-        state=state, history=history, status=status, diverged_at_step=diverged_at,
-        stopped_early=stopped_early, best_epoch=best_epoch, steps_per_epoch=steps_per_epoch,
+        state=state,
+        history=history,
+        status=status,
+        diverged_at_step=diverged_at,
+        stopped_early=stopped_early,
+        best_epoch=best_epoch,
+        steps_per_epoch=steps_per_epoch,
         train_steps_per_s=timed_steps / timed_s if timed_s > 0 else float('nan'),
-        compile_s=compile_s, resumed_from_step=resumed_from, device_data=device_data,
-        steps=steps, mesh=mesh,
+        compile_s=compile_s,
+        resumed_from_step=resumed_from,
+        device_data=device_data,
+        steps=steps,
+        mesh=mesh,
     )

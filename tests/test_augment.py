@@ -72,10 +72,13 @@ def test_identity_affine_is_exact():
     np.testing.assert_allclose(y, x, atol=1e-4)
 
 
-@pytest.mark.parametrize('cfg', [
-    augment.AugmentConfig(),
-    augment.AugmentConfig(flip=True, crop_padding=2, rotation_degrees=10, scale=0.1),
-])
+@pytest.mark.parametrize(
+    'cfg',
+    [
+        augment.AugmentConfig(),
+        augment.AugmentConfig(flip=True, crop_padding=2, rotation_degrees=10, scale=0.1),
+    ],
+)
 def test_augment_keeps_shape_and_range(cfg):
     x = ramp(n=8) / 800.0  # Values in [0, 1).
     y = augment.augment(jax.random.key(3), x, cfg)

@@ -15,8 +15,9 @@ from tests.conftest import tiny_config
 
 def write_idx(path, array, gz=True):
     codes = {np.uint8: 0x08}
-    header = bytes([0, 0, codes[np.uint8], array.ndim]) + struct.pack(f'>{array.ndim}I',
-                                                                      *array.shape)
+    header = bytes([0, 0, codes[np.uint8], array.ndim]) + struct.pack(
+        f'>{array.ndim}I', *array.shape
+    )
     payload = header + array.astype(np.uint8).tobytes()
     if gz:
         with gzip.open(str(path) + '.gz', 'wb') as f:
@@ -107,13 +108,16 @@ def test_folder_archive_is_extracted_and_cached(tmp_path):
     assert list((tmp_path / 'c').glob('folder-*.npz'))
 
 
-@pytest.mark.parametrize('breakage, match', [
-    ('missing', 'does not exist'),
-    ('no_test', 'has no test/ sub-folder'),
-    ('empty_split', 'is empty: expected one sub-folder per class'),
-    ('empty_class', r'class folder .*train/dog has no images'),
-    ('corrupt', r'unreadable image in .*: .*train/cat/bad\.jpg'),
-])
+@pytest.mark.parametrize(
+    'breakage, match',
+    [
+        ('missing', 'does not exist'),
+        ('no_test', 'has no test/ sub-folder'),
+        ('empty_split', 'is empty: expected one sub-folder per class'),
+        ('empty_class', r'class folder .*train/dog has no images'),
+        ('corrupt', r'unreadable image in .*: .*train/cat/bad\.jpg'),
+    ],
+)
 def test_folder_errors_name_the_path(tmp_path, breakage, match):
     root = tmp_path / 'imgs'
     if breakage != 'missing':
@@ -166,8 +170,9 @@ def test_unknown_dataset_lists_known_kinds():
 def test_class_subset_merge_and_one_vs_rest():
     ds = data.load_dataset(tiny_config(classes=('3', 7), val_fraction=0.0))
     assert ds.class_names == ['3', '7'] and set(np.unique(ds.test.labels)) == {0, 1}
-    merged = data.load_dataset(tiny_config(
-        label_groups=((0, 6), (1, 7), (2, 3, 5, 8), (4, 9)), val_fraction=0.0))
+    merged = data.load_dataset(
+        tiny_config(label_groups=((0, 6), (1, 7), (2, 3, 5, 8), (4, 9)), val_fraction=0.0)
+    )
     full = data.load_dataset(tiny_config(val_fraction=0.0))
     table = np.array([0, 1, 2, 2, 3, 2, 0, 1, 2, 3])
     np.testing.assert_array_equal(merged.test.labels, table[full.test.labels])

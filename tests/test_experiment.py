@@ -11,11 +11,21 @@ from cnn_jax.errors import Interrupted
 from cnn_jax.training_loop import train_and_evaluate
 from tests.conftest import tiny_config
 
-REPORT_FILES = ('report.md', 'summary.json', 'curves.png', 'confusion_matrix.png',
-                'metrics.jsonl')
-SUMMARY_KEYS = ('train_accuracy', 'val_accuracy', 'test_accuracy', 'test_loss', 'precision',
-                'recall', 'f1', 'total_params', 'epochs_run', 'wall_time_s', 'train_steps_per_s',
-                'num_devices')
+REPORT_FILES = ('report.md', 'summary.json', 'curves.png', 'confusion_matrix.png', 'metrics.jsonl')
+SUMMARY_KEYS = (
+    'train_accuracy',
+    'val_accuracy',
+    'test_accuracy',
+    'test_loss',
+    'precision',
+    'recall',
+    'f1',
+    'total_params',
+    'epochs_run',
+    'wall_time_s',
+    'train_steps_per_s',
+    'num_devices',
+)
 
 
 def test_quickstart_runs_end_to_end_and_writes_every_file(tmp_path):
@@ -61,8 +71,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     import jax
     import numpy as np
 
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.state.params),
-                 jax.device_get(resumed.state.params))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(straight.state.params),
+        jax.device_get(resumed.state.params),
+    )
 
 
 def test_divergence_is_a_status_not_a_crash(tmp_path):
@@ -87,15 +100,19 @@ def test_early_stopping_restores_best_weights(tmp_path):
 
 
 def launch(*args, cwd):
-    return subprocess.run([sys.executable, 'launch.py', *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, 'launch.py', *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize('override, message', [
-    ('--config.model=resnet9000', "unknown model 'resnet9000'; known models: "),
-    ('--config.dataset=folder:/no/such/dir', 'image folder /no/such/dir does not exist'),
-    ('--config.optimizer=lbfgs', "unknown optimizer 'lbfgs'"),
-])
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        ('--config.model=resnet9000', "unknown model 'resnet9000'; known models: "),
+        ('--config.dataset=folder:/no/such/dir', 'image folder /no/such/dir does not exist'),
+        ('--config.optimizer=lbfgs', "unknown optimizer 'lbfgs'"),
+    ],
+)
 def test_launch_reports_bad_config_without_traceback(tmp_path, override, message):
     import pathlib
 

@@ -57,8 +57,9 @@ def test_coupled_l2_goes_through_adam_but_decoupled_does_not():
     assert run_updates(coupled, [1.0], params=2.0) == pytest.approx(2.0 - 0.01, abs=1e-6)
     adamw = tiny_config(optimizer='adamw', learning_rate=0.01, weight_decay=0.5)
     # AdamW: w -= lr * (adam_step + wd * w).
-    assert run_updates(adamw, [1.0], params=2.0) == pytest.approx(2.0 - 0.01 * (1.0 + 0.5 * 2.0),
-                                                                   abs=1e-6)
+    assert run_updates(adamw, [1.0], params=2.0) == pytest.approx(
+        2.0 - 0.01 * (1.0 + 0.5 * 2.0), abs=1e-6
+    )
 
 
 def test_gradient_clipping_caps_global_norm():
@@ -71,7 +72,11 @@ def test_gradient_clipping_caps_global_norm():
     [
         ('constant', {}, [1.0, 1.0, 1.0]),
         ('step', {'step_epochs': (1, 2), 'step_factor': 0.1}, [1.0, 0.1, 0.01]),
-        ('cosine', {}, [1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]),
+        (
+            'cosine',
+            {},
+            [1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))],
+        ),
         ('warmup_cosine', {'warmup_epochs': 1.0}, [0.0, 1.0, 0.5]),
     ],
 )
@@ -83,8 +88,9 @@ def test_schedules_at_epoch_boundaries(schedule, extra, expected):
 
 
 def test_freezing_leaves_frozen_params_and_scales_backbone():
-    c = tiny_config(optimizer='sgd', learning_rate=0.1, freeze=('conv',),
-                    backbone_lr_factor=0.5, head_name='fc')
+    c = tiny_config(
+        optimizer='sgd', learning_rate=0.1, freeze=('conv',), backbone_lr_factor=0.5, head_name='fc'
+    )
     params = {'conv1': {'w': jnp.ones(1)}, 'layer1': {'w': jnp.ones(1)}, 'fc': {'w': jnp.ones(1)}}
     tx = optim.build_optimizer(c, 10, params)
     grads = {k: {'w': jnp.ones(1)} for k in params}
@@ -94,12 +100,15 @@ def test_freezing_leaves_frozen_params_and_scales_backbone():
     assert float(updates['fc']['w'][0]) == pytest.approx(-0.1)
 
 
-@pytest.mark.parametrize('key, value, match', [
-    ('optimizer', 'adagrad', 'known optimizers: sgd, momentum'),
-    ('schedule', 'linear', 'known schedules'),
-    ('weight_decay_mode', 'both', 'coupled'),
-    ('freeze', ('nope',), 'matches no parameters'),
-])
+@pytest.mark.parametrize(
+    'key, value, match',
+    [
+        ('optimizer', 'adagrad', 'known optimizers: sgd, momentum'),
+        ('schedule', 'linear', 'known schedules'),
+        ('weight_decay_mode', 'both', 'coupled'),
+        ('freeze', ('nope',), 'matches no parameters'),
+    ],
+)
 def test_bad_optimizer_configs_name_the_problem(key, value, match):
     c = tiny_config(**{key: value})
     with pytest.raises(ConfigError, match=match):

@@ -22,8 +22,10 @@ def test_tiny_model_overfits_tiny_batch():
     config = tiny_config(optimizer='adam', learning_rate=1e-2)
     state = tiny_state(config)
     rng = np.random.default_rng(0)
-    batch = {'image': jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
-             'label': jnp.asarray(rng.integers(0, 4, 16))}
+    batch = {
+        'image': jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
+        'label': jnp.asarray(rng.integers(0, 4, 16)),
+    }
     step = jax.jit(train.train_step)
     losses = []
     for _ in range(60):
@@ -39,8 +41,10 @@ def test_eval_step_ignores_masked_examples():
     state = tiny_state(config)
     x = jnp.ones((4, 8, 8, 1))
     full, _ = train.eval_step(state, {'image': x, 'label': jnp.asarray([0, 1, 2, 3])})
-    masked, _ = train.eval_step(state, {'image': x, 'label': jnp.asarray([0, 1, 2, 3]),
-                                        'mask': jnp.asarray([1.0, 1.0, 0.0, 0.0])})
+    masked, _ = train.eval_step(
+        state,
+        {'image': x, 'label': jnp.asarray([0, 1, 2, 3]), 'mask': jnp.asarray([1.0, 1.0, 0.0, 0.0])},
+    )
     assert float(masked['count']) == 2.0
     two, _ = train.eval_step(state, {'image': x[:2], 'label': jnp.asarray([0, 1])})
     np.testing.assert_allclose(float(masked['loss']), float(two['loss']), rtol=1e-6)
@@ -58,8 +62,9 @@ def test_eight_devices_match_one_device():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (64, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 4, 64).astype(np.int32)
-    spec = train.InputSpec(mean=(0.5,), std=(0.25,), augment=train.augment_lib.AugmentConfig(
-        flip=True, crop_padding=1))
+    spec = train.InputSpec(
+        mean=(0.5,), std=(0.25,), augment=train.augment_lib.AugmentConfig(flip=True, crop_padding=1)
+    )
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:8]):
         mesh = parallel.make_mesh(devices)

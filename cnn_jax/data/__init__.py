@@ -95,9 +95,13 @@ def merge_classes(
         raise ConfigError(f'label_groups leaves classes {missing} in no group')
     if names is not None and len(names) != len(groups):
         raise ConfigError(f'label_group_names has {len(names)} names for {len(groups)} groups')
-    names = list(names) if names else [
-        '+'.join(raw.class_names[_class_index(raw.class_names, c)] for c in m) for m in groups
-    ]
+    names = (
+        list(names)
+        if names
+        else [
+            '+'.join(raw.class_names[_class_index(raw.class_names, c)] for c in m) for m in groups
+        ]
+    )
     return relabel(raw, table, names)
 
 
@@ -163,12 +167,16 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     if len(raw.train_labels) == 0 or len(raw.test_labels) == 0:
         raise DataError(f'{config.dataset}: no training or test examples left after selection')
     train, val = validation_split(
-        raw.train_images, raw.train_labels, config.get('val_fraction', 0.0),
+        raw.train_images,
+        raw.train_labels,
+        config.get('val_fraction', 0.0),
         config.get('data_seed', 0),
     )
     if config.get('max_train_examples'):
         n = config.max_train_examples
-        keep = np.sort(np.random.default_rng(config.get('data_seed', 0) + 1).permutation(len(train))[:n])
+        keep = np.sort(
+            np.random.default_rng(config.get('data_seed', 0) + 1).permutation(len(train))[:n]
+        )
         train = train.take(keep)
     mean, std = channel_stats(train.images, config.get('normalize', 'dataset'))
     return Dataset(

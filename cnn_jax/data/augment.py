@@ -79,8 +79,9 @@ def affine_transform(x: jnp.ndarray, degrees: jnp.ndarray, scale: jnp.ndarray) -
     Bilinear sampling about the image centre; pixels from outside are black.
     """
     n, h, w, c = x.shape
-    rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
-                              indexing='ij')
+    rows, cols = jnp.meshgrid(
+        jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing='ij'
+    )
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
 
     def one(image, deg, s):

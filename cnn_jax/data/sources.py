@@ -218,8 +218,7 @@ def check_folder(root: pathlib.Path) -> list[str]:
         for name in names:
             if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (split_dir / name).iterdir()):
                 raise DataError(
-                    f'class folder {split_dir / name} has no images '
-                    f'({", ".join(IMAGE_EXTENSIONS)})'
+                    f'class folder {split_dir / name} has no images ({", ".join(IMAGE_EXTENSIONS)})'
                 )
         if classes is not None and names != classes:
             raise DataError(
@@ -255,10 +254,12 @@ def _to_rgb_array(images: list[np.ndarray], image_size: int | None, where: str) 
         )
     from PIL import Image
 
-    return np.stack([
-        np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
-        for im in images
-    ])
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
+            for im in images
+        ]
+    )
 
 
 def read_folder(
@@ -283,7 +284,10 @@ def read_folder(
         if cached.exists():
             with np.load(cached) as z:
                 return RawData(
-                    z['train_images'], z['train_labels'], z['test_images'], z['test_labels'],
+                    z['train_images'],
+                    z['train_labels'],
+                    z['test_images'],
+                    z['test_labels'],
                     list(z['class_names']),
                 )
     arrays, resized = {}, False
@@ -299,7 +303,9 @@ def read_folder(
                 labels.append(label)
         except Exception as e:  # TF decode errors do not name the file: find it.
             culprit = _find_unreadable_image(root / split)
-            raise DataError(f'unreadable image in {root / split}: {culprit} ({type(e).__name__})')
+            raise DataError(
+                f'unreadable image in {root / split}: {culprit} ({type(e).__name__})'
+            ) from None
         resized |= len({im.shape for im in images}) > 1
         arrays[f'{split}_images'] = _to_rgb_array(images, image_size, str(root / split))
         arrays[f'{split}_labels'] = np.asarray(labels, np.int32)
@@ -333,7 +339,7 @@ def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> Raw
         for split in ('train', 'test'):
             # Batched iteration, not batch_size=-1 (which aborts TF 2.21 on generated data).
             ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-            xs, ys = zip(*tfds.as_numpy(ds.batch(4096)))
+            xs, ys = zip(*tfds.as_numpy(ds.batch(4096)), strict=True)
             arrays[split] = (np.concatenate(xs), np.concatenate(ys))
     except Exception as e:  # Offline: connection errors deep inside TFDS.
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
