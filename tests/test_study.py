@@ -9,8 +9,8 @@ import pytest
 
 from cnn_jax import study
 from cnn_jax.errors import ConfigError, Diverged, Interrupted
-from configs import default
 from configs.ablations import make_study, sweep
+from tests import conftest
 
 ABLATIONS = sorted(
     p.stem
@@ -20,20 +20,8 @@ ABLATIONS = sorted(
 
 
 def tiny_config():
-    """digits + a tiny small_cnn: each real run takes seconds on a CPU."""
-    c = default.get_config()
-    c.dataset = 'digits'
-    c.model = 'small_cnn'
-    c.model_options.features = (4,)
-    c.model_options.dense = 16
-    c.batch_size = 64
-    c.eval_batch_size = 256
-    c.steps_per_epoch = 4
-    c.num_epochs = 2
-    c.learning_rate = 0.05
-    c.optimizer = 'sgd'
-    c.log_every_steps = 2
-    return c
+    """digits + a tiny small_cnn (the suite's shared one): each real run takes seconds."""
+    return conftest.tiny_config(optimizer='sgd', learning_rate=0.05, steps_per_epoch=4)
 
 
 def fake_run(calls=None, fail=(), diverge=(), raise_diverged=()):

@@ -320,3 +320,29 @@ def test_frozen_layers_stay_and_backbone_lr_is_scaled(tmp_path, monkeypatch):
     updates, _ = tx.update(ones, tx.init(state.params), state.params)
     for k, u in flat({'params': updates, 'batch_stats': {}}).items():
         np.testing.assert_allclose(u, -0.1 if k[1] == 'fc' else 0.0, rtol=1e-6, err_msg=str(k))
+
+
+def test_export_of_a_run_checkpoint_imports_back(small, tmp_path):
+    """`python -m cnn_jax.transfer.export WORKDIR OUT`: a run's checkpoint -> torchvision file."""
+    from cnn_jax.checkpoints import Checkpoints
+    from cnn_jax.transfer.export import export_run
+
+    model, variables = small
+    variables = jax.tree.map(jnp.asarray, variables)
+    state = {
+        'params': variables['params'],
+        'batch_stats': variables['batch_stats'],
+        'step': jnp.int32(7),
+    }
+    ckpt = Checkpoints(tmp_path / 'run')
+    ckpt.save_latest(7, state, {'epoch': 1, 'step_in_epoch': 0, 'acc': {}})
+    ckpt.wait()
+    ckpt.close()
+    assert export_run(str(tmp_path / 'run'), str(tmp_path / 'out.npz')) == 7
+    expected = weights.export_torchvision(variables, str(tmp_path / 'direct.npz'))
+    got = weights.read_state_dict(str(tmp_path / 'out.npz'))
+    assert list(got) == list(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+    with pytest.raises(ConfigError, match='no best checkpoints'):
+        export_run(str(tmp_path / 'nowhere'), str(tmp_path / 'x.npz'), 'best')
