@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.image_size = config_dict.placeholder(int)  # Square resize on the device.
     c.normalize = 'dataset'  # 'dataset' (train mean/std) | 'imagenet' | 'none'.
     c.max_train_examples = config_dict.placeholder(int)  # Subsample train (quick runs).
+    c.max_eval_examples = config_dict.placeholder(int)  # Subsample val and test (quick runs).
 
     # On-device augmentation of training batches.
     c.augment = ml_collections.ConfigDict()

@@ -201,3 +201,13 @@ def test_read_idx_rejects_wrong_magic(tmp_path):
     p.write_bytes(b'\x01\x02\x03\x04')
     with pytest.raises(DataError, match='bad magic number'):
         sources.read_idx_file(p)
+
+
+def test_quick_run_subsets_are_deterministic_and_sized():
+    cfg = tiny_config(max_train_examples=100, max_eval_examples=50)
+    a, b = data.load_dataset(cfg), data.load_dataset(cfg)
+    assert (len(a.train), len(a.val), len(a.test)) == (100, 50, 50)
+    np.testing.assert_array_equal(a.test.images, b.test.images)
+    full = data.load_dataset(tiny_config())
+    # A subset of the full test split, not new data.
+    assert {x.tobytes() for x in a.test.images} <= {x.tobytes() for x in full.test.images}

@@ -127,6 +127,13 @@ def validation_split(
     return Split(images[train], labels[train]), Split(images[val], labels[val])
 
 
+def subsample(split: Split, n: int | None, seed: int) -> Split:
+    """A deterministic random subset of `n` examples (all of them when n is None)."""
+    if not n or n >= len(split):
+        return split
+    return split.take(np.sort(np.random.default_rng(seed).permutation(len(split))[:n]))
+
+
 def channel_stats(images: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std in [0, 1] units for normalisation `mode`."""
     c = images.shape[-1]
@@ -172,18 +179,18 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
         config.get('val_fraction', 0.0),
         config.get('data_seed', 0),
     )
-    if config.get('max_train_examples'):
-        n = config.max_train_examples
-        keep = np.sort(
-            np.random.default_rng(config.get('data_seed', 0) + 1).permutation(len(train))[:n]
-        )
-        train = train.take(keep)
+    test = Split(raw.test_images, raw.test_labels)
+    seed = config.get('data_seed', 0)
+    train = subsample(train, config.get('max_train_examples'), seed + 1)
+    if config.get('max_eval_examples'):
+        val = subsample(val, config.max_eval_examples, seed + 2) if val else None
+        test = subsample(test, config.max_eval_examples, seed + 3)
     mean, std = channel_stats(train.images, config.get('normalize', 'dataset'))
     return Dataset(
         name=config.dataset,
         train=train,
         val=val,
-        test=Split(raw.test_images, raw.test_labels),
+        test=test,
         class_names=list(raw.class_names),
         mean=mean,
         std=std,
