@@ -1,0 +1,83 @@
+"""The benchmark runs end to end on a tiny model and writes its table and JSON."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cnn_jax import benchmark, experiment
+
+FIGURES = (
+    'compile_s',
+    'jax_synthetic_ips',
+    'jax_pipeline_ips',
+    'gflop_per_step',
+    'achieved_tflops',
+)
+
+
+def test_quick_benchmark_writes_positive_figures(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    assert benchmark.main(['--quick', '--xla-flags=', '--json', str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result['device']['platform'] == jax.devices()[0].platform
+    (row,) = result['results']
+    assert row['model'] == 'tiny' and row['batch'] == 16
+    for key in FIGURES:
+        assert row[key] is not None and row[key] > 0, key
+    assert row['pipeline_overhead_pct'] is not None
+    if result['device']['torch']:  # torch is optional
+        assert row['torch_eager_ips'] > 0 and row['ratio_vs_torch_eager'] > 0
+    for ips in row['window_images_per_s'].values():
+        assert len(ips) == 2 and min(ips) > 0
+    table = out.with_suffix('.md').read_text()
+    assert '| tiny | 8x8x1 | 16 |' in table and 'ratio jax/torch' in table
+    assert 'ratio jax/torch' in capsys.readouterr().out
+
+
+def test_quick_sweep_benchmark(tmp_path):
+    out = tmp_path / 'sweep.json'
+    assert (
+        benchmark.main(
+            ['--sweep', '--quick', '--xla-flags=', '--sweep-k', '1,2', '--json', str(out)]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert [r['k'] for r in result['rows']] == [1, 2]
+    assert result['separate_ips'] > 0
+    for r in result['rows']:
+        assert r['images_per_s_all_variants'] > 0 and r['speedup_vs_separate'] > 0
+    assert '| 2 |' in out.with_suffix('.md').read_text()
+
+
+def _flax_params(case):
+    model = experiment.build_model(case.config(), case.num_classes)
+    x = jax.ShapeDtypeStruct((1, *case.input_shape), np.float32)
+    shapes = jax.eval_shape(
+        lambda x: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x,
+                             train=False), x
+    )  # fmt: skip
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes['params']))
+
+
+@pytest.mark.parametrize(
+    'name', ['tiny', 'simplenn', 'cifar_cnn3', 'resnet20', 'vgg16', 'resnet50']
+)
+def test_torch_twin_has_the_same_parameters(name):
+    torch = pytest.importorskip('torch')
+    case = benchmark.CASES[name]
+    net = benchmark.torch_model(case)
+    assert sum(p.numel() for p in net.parameters()) == _flax_params(case)
+    h, w, c = case.input_shape
+    with torch.no_grad():
+        assert tuple(net.eval()(torch.zeros(2, c, h, w)).shape) == (2, case.num_classes)
+
+
+def test_peak_table_and_flags():
+    assert benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4
+    assert benchmark.peak_tflops('NVIDIA H100 PCIe', 'float32') == 378.0
+    assert benchmark.peak_tflops('cpu', 'float32') is None
+    table = benchmark.format_table([{'model': 'm', 'jax_pipeline_ips': 1234.5}])
+    assert '| m | n/a | n/a | n/a | n/a | 1,234 |' in table
