@@ -423,10 +423,10 @@ def run_vectorized(
     from cnn_jax.training_loop import (
         _epoch_row,
         _host_acc,
+        epoch_plan,
         improved,
         input_spec,
         model_input_shape,
-        monitor_mode,
     )
 
     if len(variants) != len(workdirs):
@@ -453,20 +453,8 @@ def run_vectorized(
             sanity_by_seed[c.seed] = experiment.sanity_checks(c, model, dataset)
 
     num_train = len(dataset.train)
-    steps_per_epoch = num_train // config.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f'batch_size={config.batch_size} is larger than the {num_train} training examples'
-        )
-    if config.get('steps_per_epoch'):
-        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    steps_per_epoch, monitor, mode = epoch_plan(config, dataset)
     es = config.early_stopping
-    monitor = es.monitor if es.patience > 0 else config.get('best_metric', 'val_accuracy')
-    if monitor.startswith('val_') and dataset.val is None:
-        if es.patience > 0:
-            raise ConfigError(f'early stopping monitors {monitor} but val_fraction is 0')
-        monitor = 'train_' + monitor[4:]
-    mode = monitor_mode(monitor)
 
     rngs = VariantRngs.from_seeds([c.seed for c in configs])
     spec = input_spec(config, dataset)

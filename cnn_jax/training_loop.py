@@ -88,6 +88,25 @@ def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0
     return value < best - min_delta if mode == 'min' else value > best + min_delta
 
 
+def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int, str, str]:
+    """(steps per epoch, the metric the best checkpoint tracks, 'min' or 'max')."""
+    num_train = len(dataset.train)
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f'batch_size={config.batch_size} is larger than the {num_train} training examples'
+        )
+    if config.get('steps_per_epoch'):
+        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    es = config.early_stopping
+    monitor = es.monitor if es.patience > 0 else config.get('best_metric', 'val_accuracy')
+    if monitor.startswith('val_') and dataset.val is None:
+        if es.patience > 0:
+            raise ConfigError(f'early stopping monitors {monitor} but val_fraction is 0')
+        monitor = 'train_' + monitor[4:]
+    return steps_per_epoch, monitor, monitor_mode(monitor)
+
+
 def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> train.InputSpec:
     return train.InputSpec(
         mean=tuple(float(v) for v in dataset.mean),
@@ -144,20 +163,8 @@ def train_and_evaluate(
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
     num_train = len(dataset.train)
-    steps_per_epoch = num_train // config.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f'batch_size={config.batch_size} is larger than the {num_train} training examples'
-        )
-    if config.get('steps_per_epoch'):
-        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    steps_per_epoch, monitor, mode = epoch_plan(config, dataset)
     es = config.early_stopping
-    monitor = es.monitor if es.patience > 0 else config.get('best_metric', 'val_accuracy')
-    if monitor.startswith('val_') and dataset.val is None:
-        if es.patience > 0:
-            raise ConfigError(f'early stopping monitors {monitor} but val_fraction is 0')
-        monitor = 'train_' + monitor[4:]
-    mode = monitor_mode(monitor)
 
     rng = jax.random.key(config.seed)
     init_rng, train_rng, data_rng = jax.random.split(rng, 3)
