@@ -296,6 +296,10 @@ def _median(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
 def _round(x: float | None, digits: int = 2) -> float | None:
     return None if x is None else round(x, digits)
 
@@ -746,7 +750,7 @@ def run_benchmark(
     batch_sizes: dict[str, int] | None = None,
     settle_s: float = 0.2,
     window_s: float = 1.0,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log,
 ) -> dict[str, Any]:
     """Measures every model in `models` (names of CASES); returns the JSON-able result."""
     unknown = [m for m in models if m not in CASES]
@@ -792,7 +796,7 @@ def compare_xla_flags(
     steps: int,
     windows: int,
     repeats: int = 2,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log,
 ) -> dict[str, Any]:
     """Each XLA_FLAGS variant in a fresh process (A, B, ..., A, B, ...), torch eager alongside.
 
@@ -822,8 +826,7 @@ def compare_xla_flags(
                     str(out),
                     '--markdown',
                     '',
-                    '--xla-flags',
-                    flags,
+                    f'--xla-flags={flags}',  # '=': the value starts with '--'.
                 ]
                 env = {**os.environ, 'XLA_FLAGS': ''}
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -13,6 +13,10 @@ A study config is an ordinary experiment config plus a `study` ConfigDict:
                              the result against that number on a log axis.
     config.study.description optional str: the question the study answers.
     config.only              optional str: run only this variant (comma-separated names work).
+    config.vectorize         'auto' | 'true' | 'false': train runs that differ only in
+                             cnn_jax.sweep.SWEEPABLE keys (learning rate, weight decay,
+                             momentum, label smoothing, seed) as one vmapped program, with
+                             the same per-run outputs ('auto': on accelerators only).
 
 `configs/ablations/__init__.py` has `make_study(...)`, which fills these in.
 
@@ -151,6 +155,21 @@ def apply_overrides(
     return config
 
 
+def _strip_study(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` without its `study` and `only` fields: a plain experiment."""
+    base = copy.deepcopy(config)
+    with base.unlocked():
+        for key in ('study', 'only'):
+            if key in base:
+                del base[key]
+    return base
+
+
+def run_name(config: ml_collections.ConfigDict, variant: str) -> str:
+    """'<study>:<variant>', the title of a run's reports."""
+    return f'{config.study.name}:{variant}'
+
+
 def variant_config(
     config: ml_collections.ConfigDict, variant: str, seed: int | None = None
 ) -> ml_collections.ConfigDict:
@@ -164,14 +183,11 @@ def variant_config(
         raise ConfigError(
             f'unknown variant {variant!r}; variants: {", ".join(variant_names(config))}'
         )
-    base = copy.deepcopy(config)
+    base = _strip_study(config)
     with base.unlocked():
-        for key in ('study', 'only'):
-            if key in base:
-                del base[key]
         if seed is not None:
             base.seed = int(seed)
-        base.name = f'{config.study.name}:{variant}'  # Title of the run's reports.
+        base.name = run_name(config, variant)
     return apply_overrides(base, dict(variants[variant]), variant)
 
 
@@ -216,6 +232,7 @@ def validate_study(config: ml_collections.ConfigDict) -> None:
                     f'study.sweep_key {sweep_key!r} of variant {name!r} is {value!r}, not a number'
                 )
     selected_variants(config)
+    vectorize_mode(config)
 
 
 def _get_path(config: ml_collections.ConfigDict, key: str, variant: str = '') -> Any:
@@ -279,7 +296,8 @@ def run_study(
     Args:
       config: a study config (see the module docstring).
       workdir: the study's directory; each run gets a sub-directory.
-      run_fn: `run(config, workdir) -> summary dict`; default cnn_jax.experiment.run.
+      run_fn: `run(config, workdir) -> summary dict`; default cnn_jax.experiment.run, and
+        vectorised groups (`config.vectorize`). Given, every run goes through it.
 
     Returns:
       The study summary (what summary.json holds): rows in `variants`, and `failures`,
@@ -288,6 +306,7 @@ def run_study(
       propagates: the next run of the study resumes.
     """
     validate_study(config)
+    vectorize = run_fn is None
     if run_fn is None:
         from cnn_jax.experiment import run as run_fn
     workdir = Path(workdir)
@@ -295,48 +314,159 @@ def run_study(
     name = config.study.name
     seeds = study_seeds(config)
     jobs = [(v, s) for v in selected_variants(config) for s in seeds]
-    failures: list[dict] = []
-    for i, (variant, seed) in enumerate(jobs, 1):
-        path = run_dir(workdir, variant, seed, seeds)
-        tag = f'study {name} [{i}/{len(jobs)}] {variant}' + (
-            f' seed {seed}' if len(seeds) > 1 else ''
-        )
+    tags = {
+        (v, s): f'study {name} [{i}/{len(jobs)}] {v}' + (f' seed {s}' if len(seeds) > 1 else '')
+        for i, (v, s) in enumerate(jobs, 1)
+    }
+    pending = []
+    for job in jobs:
+        path = run_dir(workdir, *job, seeds)
         done = read_summary(path)
-        if done is not None:
-            _say(f'{tag}: skipped, already {_status_text(done)} ({path})')
+        if done is None:
+            pending.append(job)
+        else:
+            _say(f'{tags[job]}: skipped, already {_status_text(done)} ({path})')
+    groups = vectorized_groups(config, pending) if vectorize else {}
+    failures: list[dict] = []
+    for job in pending:
+        if job in groups:
+            group = groups[job]
+            if job == group[0]:
+                failures += _run_group(config, workdir, group, tags)
             continue
-        resuming = path.exists() and any(path.iterdir())
-        _say(f'{tag}: {"resuming" if resuming else "running"} in {path}')
-        path.mkdir(parents=True, exist_ok=True)
-        vc = variant_config(config, variant, seed)
-        start = time.time()
-        try:
-            summary = run_fn(vc, str(path))
-        except KeyboardInterrupt:  # Also errors.Interrupted: stop the study, resume later.
-            raise
-        except Diverged as e:
-            # The spine normally returns status 'diverged'; record a raise the same way,
-            # so that a re-run skips it.
-            summary = {
-                'status': 'diverged',
-                'diverged_at_step': e.step,
-                'diverged_loss': str(e.loss),
-                'wall_time_s': round(time.time() - start, 2),
-            }
-            _write_json(path / 'summary.json', summary)
-        except Exception as e:  # noqa: BLE001 - one bad variant must not stop the study
-            if not isinstance(e, CnnJaxError):
-                traceback.print_exc()
-            failures.append({'variant': variant, 'seed': seed, 'error': f'{type(e).__name__}: {e}'})
-            _say(f'{tag}: FAILED: {failures[-1]["error"]}')
-            continue
-        _say(f'{tag}: {_status_text(summary or {"status": "completed"})}')
+        failure = _run_one(config, workdir, job, tags[job], run_fn)
+        if failure is not None:
+            failures.append(failure)
     result = write_study_outputs(config, workdir, failures)
     result['failed'] = len(failures)
     _say(f'study {name}: {workdir / "summary.md"}, summary.json, comparison.png')
     if failures:
         _say(f'study {name}: {len(failures)} run(s) failed; re-run the command to retry them')
     return result
+
+
+def vectorize_mode(config: ml_collections.ConfigDict) -> str:
+    """`config.vectorize` as 'auto', 'true' or 'false' (a flag gives a string, Python a bool)."""
+    value = config.get('vectorize', 'auto')
+    text = str(value).strip().lower()
+    if text in ('auto', 'true', 'false'):
+        return text
+    raise ConfigError(f'config.vectorize must be auto, true or false, got {value!r}')
+
+
+def vectorized_groups(
+    config: ml_collections.ConfigDict, jobs: Sequence[tuple[str, int]]
+) -> dict[tuple[str, int], list[tuple[str, int]]]:
+    """Maps each (variant, seed) job that trains vectorised to its group's jobs, in order.
+
+    Jobs whose overrides differ only in cnn_jax.sweep.SWEEPABLE keys (seed included) share
+    a group. With `vectorize='auto'` a group is vectorised where `sweep.should_vectorize`
+    says it pays (an accelerator); with 'true' wherever it can be; with 'false' never.
+    Groups of one job run as ordinary experiments (with checkpoints).
+    """
+    mode = vectorize_mode(config)
+    if mode == 'false' or len(jobs) < 2:
+        return {}
+    from cnn_jax import sweep
+
+    variants = dict(config.study.variants)
+    overrides = [{'seed': s, **variants[v]} for v, s in jobs]  # A variant's seed wins.
+    out = {}
+    for indices in sweep.vectorizable_groups(overrides):
+        members = [jobs[i] for i in indices]
+        base = _group_base(config, members[0])
+        sweepables = [sweep.split_overrides(overrides[i])[1] for i in indices]
+        allowed = sweep.can_vectorize if mode == 'true' else sweep.should_vectorize
+        if len(indices) > 1 and allowed(base, sweepables):
+            out.update({job: members for job in members})
+    return out
+
+
+def _group_base(
+    config: ml_collections.ConfigDict, job: tuple[str, int]
+) -> ml_collections.ConfigDict:
+    """A vectorised group's base experiment: the study's config plus its members' shared
+    overrides (those that change the program)."""
+    from cnn_jax import sweep
+
+    variant = job[0]
+    fixed, _ = sweep.split_overrides(dict(dict(config.study.variants)[variant]))
+    return apply_overrides(_strip_study(config), fixed, variant)
+
+
+def _run_group(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    group: list[tuple[str, int]],
+    tags: dict[tuple[str, int], str],
+) -> list[dict]:
+    """Trains `group` as one vmapped program (cnn_jax.sweep); returns its failures."""
+    from cnn_jax import sweep
+
+    seeds = study_seeds(config)
+    variants = dict(config.study.variants)
+    paths = [run_dir(workdir, v, s, seeds) for v, s in group]
+    sweepables = [sweep.split_overrides({'seed': s, **variants[v]})[1] for v, s in group]
+    for job, path in zip(group, paths, strict=True):
+        _say(f'{tags[job]}: running vectorised with {len(group) - 1} other run(s) in {path}')
+    try:
+        summaries = sweep.run_vectorized(
+            _group_base(config, group[0]),
+            sweepables,
+            paths,
+            names=[run_name(config, v) for v, _ in group],
+        )
+    except KeyboardInterrupt:  # An interrupted group starts again (no checkpoints).
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad group must not stop the study
+        if not isinstance(e, CnnJaxError):
+            traceback.print_exc()
+        error = f'{type(e).__name__}: {e}'
+        for job in group:
+            _say(f'{tags[job]}: FAILED: {error}')
+        return [{'variant': v, 'seed': s, 'error': error} for v, s in group]
+    for job, summary in zip(group, summaries, strict=True):
+        _say(f'{tags[job]}: {_status_text(summary)}')
+    return []
+
+
+def _run_one(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    job: tuple[str, int],
+    tag: str,
+    run_fn: RunFn,
+) -> dict | None:
+    """Runs (or resumes) one variant x seed; returns its failure record, or None."""
+    variant, seed = job
+    path = run_dir(workdir, variant, seed, study_seeds(config))
+    resuming = path.exists() and any(path.iterdir())
+    _say(f'{tag}: {"resuming" if resuming else "running"} in {path}')
+    path.mkdir(parents=True, exist_ok=True)
+    vc = variant_config(config, variant, seed)
+    start = time.time()
+    try:
+        summary = run_fn(vc, str(path))
+    except KeyboardInterrupt:  # Also errors.Interrupted: stop the study, resume later.
+        raise
+    except Diverged as e:
+        # The spine normally returns status 'diverged'; record a raise the same way,
+        # so that a re-run skips it.
+        summary = {
+            'status': 'diverged',
+            'diverged_at_step': e.step,
+            'diverged_loss': str(e.loss),
+            'wall_time_s': round(time.time() - start, 2),
+        }
+        _write_json(path / 'summary.json', summary)
+    except Exception as e:  # noqa: BLE001 - one bad variant must not stop the study
+        if not isinstance(e, CnnJaxError):
+            traceback.print_exc()
+        failure = {'variant': variant, 'seed': seed, 'error': f'{type(e).__name__}: {e}'}
+        _say(f'{tag}: FAILED: {failure["error"]}')
+        return failure
+    _say(f'{tag}: {_status_text(summary or {"status": "completed"})}')
+    return None
 
 
 # --- Collecting ---------------------------------------------------------------------
@@ -389,6 +519,8 @@ def _run_record(path: Path, seed: int, failure: dict | None) -> dict:
     for key in ('test_accuracy', 'test_loss', 'precision', 'recall', 'f1'):
         record[key] = _finite(summary.get(key))
     wall = _finite(summary.get('wall_time_s'))
+    if wall is not None and summary.get('vectorized'):
+        wall /= summary['vectorized']['k']  # A vectorised group's time, shared equally.
     if wall is None and epochs:
         wall = _finite(epochs[-1].get('elapsed_s'))
     record['wall_time_s'] = wall

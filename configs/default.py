@@ -84,4 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_test_each_epoch = False  # Also evaluate the test split after every epoch.
     c.task = 'train'  # 'train' | 'svm' (frozen features + linear SVM).
     c.pretrained = config_dict.placeholder(str)  # torchvision weights file.
+    # Studies: train variants that differ only in cnn_jax.sweep.SWEEPABLE keys as one
+    # vmapped program. 'auto' (on accelerators only), 'true' or 'false'.
+    c.vectorize = 'auto'
     return c

@@ -299,3 +299,69 @@ def test_absurd_learning_rate_is_diverged_and_study_finishes(tmp_path):
     assert not result['failures']
     assert '| absurd | diverged at step' in (tmp_path / 'summary.md').read_text()
     assert (tmp_path / 'comparison.png').exists()
+
+
+# --- Vectorised groups ---------------------------------------------------------------
+
+
+def test_vectorized_groups_join_only_sweepable_differences():
+    c = make_study(
+        tiny_config(),
+        'groups',
+        [
+            ('a', {}),
+            ('b', {'learning_rate': 0.2}),
+            ('drop', {'model_options.dropout_rate': 0.3}),
+            ('c', {'weight_decay': 1e-3, 'learning_rate': 0.1}),
+        ],
+        seeds=(0, 1),
+    )
+    jobs = [(v, s) for v in study.variant_names(c) for s in (0, 1)]
+    with c.unlocked():
+        c.vectorize = 'true'
+    groups = study.vectorized_groups(c, jobs)
+    same = [job for job in jobs if job[0] != 'drop']
+    assert set(groups) == set(same) | {('drop', 0), ('drop', 1)}
+    assert groups[('a', 0)] == same
+    assert groups[('drop', 0)] == [('drop', 0), ('drop', 1)]  # Seeds differ: one group.
+    assert study.vectorized_groups(c, [('a', 0)]) == {}  # A group of one runs plainly.
+    c.vectorize = 'false'
+    assert study.vectorized_groups(c, jobs) == {}
+    c.vectorize = 'auto'  # On CPU, K separate runs are faster (results/benchmark).
+    assert study.vectorized_groups(c, jobs) == {}
+    c.vectorize = 'sometimes'
+    with pytest.raises(ConfigError, match='vectorize must be auto, true or false'):
+        study.validate_study(c)
+
+
+@pytest.mark.slow
+def test_vectorized_study_gives_the_sequential_study(tmp_path):
+    variants = [
+        ('lr_0.05', {}),
+        ('lr_0.2', {'learning_rate': 0.2}),
+        ('adam', {'optimizer': 'adam'}),
+    ]
+    results = {}
+    for mode in ('true', 'false'):
+        c = make_study(tiny_config(), 'vec', variants)
+        c.vectorize = mode
+        results[mode] = study.run_study(c, tmp_path / mode)
+        for name in OUTPUTS:
+            assert (tmp_path / mode / name).stat().st_size > 0
+    summaries = {
+        mode: {v: study.read_summary(tmp_path / mode / v) for v, _ in variants} for mode in results
+    }
+    assert summaries['true']['lr_0.05']['vectorized'] == {'k': 2, 'index': 0}
+    assert summaries['true']['lr_0.2']['vectorized'] == {'k': 2, 'index': 1}
+    assert 'vectorized' not in summaries['true']['adam']  # Another optimiser: its own run.
+    assert not (tmp_path / 'true/lr_0.2/checkpoints').exists()
+    for v, _ in variants:
+        vec, seq = summaries['true'][v], summaries['false'][v]
+        assert vec['name'] == seq['name'] == f'vec:{v}'
+        assert vec['confusion_matrix'] == seq['confusion_matrix']
+        for key in ('test_accuracy', 'test_loss', 'val_loss', 'f1'):
+            assert vec[key] == pytest.approx(seq[key], rel=1e-4), (v, key)
+        vec_rows, seq_rows = _metrics(tmp_path / 'true' / v), _metrics(tmp_path / 'false' / v)
+        assert [r['epoch'] for r in vec_rows] == [r['epoch'] for r in seq_rows] == [1, 2]
+        for got, want in zip(vec_rows, seq_rows, strict=True):
+            assert got == pytest.approx(want, rel=1e-4), v
