@@ -34,7 +34,9 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO.
         logging.set_verbosity(logging.WARNING)
-    from cnn_jax import cli  # After flag parsing: JAX starts with the right XLA flags.
+    from cnn_jax import cli, xla_cpu  # After flag parsing: JAX has not started yet.
+
+    xla_cpu.use_recommended_flags()  # CPU speed-ups XLA_FLAGS does not already set.
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)

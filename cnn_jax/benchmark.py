@@ -44,16 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-# XLA CPU options kept for training on CPU (they must reach XLA before its CPU backend starts;
-# GPU and TPU runs ignore them). Evidence, 2 shared AMD EPYC (Zen 3) cores, jax 0.10.2,
-# `--compare-xla-flags` and /tmp microbenchmarks, same-process ratios to torch eager:
-# - '--xla_cpu_experimental_ynn_fusion_type=' (empty list: no YNNPACK fusions, so XLA's own
-#   emitters and Eigen run convolutions, dots and reductions): ResNet-20 batch 128 train step
-#   56 -> 149 and 67 -> 92 img/s in back-to-back runs (A/B/A/B), SimpleNN batch 64
-#   1670 -> 2580 and 2368 -> 3057 img/s; compile 8 s -> 5 s. The YNNPACK weight-gradient
-#   convolution was the cost: ResNet-20's 16->16ch 3x3 conv at batch 128, forward+dW
-#   207 ms -> 63 ms. See results/benchmark/xla_flags.md for the full comparison.
-RECOMMENDED_CPU_XLA_FLAGS: tuple[str, ...] = ('--xla_cpu_experimental_ynn_fusion_type=',)
+from cnn_jax.xla_cpu import RECOMMENDED_CPU_XLA_FLAGS, apply_xla_flags
 
 # Dense peak TFLOP/s by device kind (substring of jax's device_kind) and compute dtype;
 # float32 on NVIDIA GPUs is the TF32 tensor-core peak (XLA's default precision uses it).
@@ -189,27 +180,6 @@ CASES: dict[str, Case] = {
 
 
 # --- Environment ----------------------------------------------------------------------
-
-
-def apply_xla_flags(flags: Sequence[str]) -> bool:
-    """Appends `flags` to XLA_FLAGS (those not already named there).
-
-    Returns False, changing nothing, when JAX's backends have already started (the flags
-    would be ignored silently).
-    """
-    try:
-        from jax._src import xla_bridge
-
-        if xla_bridge.backends_are_initialized():
-            return False
-    except (ImportError, AttributeError):
-        pass
-    current = os.environ.get('XLA_FLAGS', '')
-    names = {f.split('=', 1)[0] for f in current.split()}
-    extra = [f for f in flags if f.split('=', 1)[0] not in names]
-    if extra:
-        os.environ['XLA_FLAGS'] = ' '.join([current, *extra]).strip()
-    return True
 
 
 def _torch():

@@ -544,3 +544,20 @@ def test_batch_norm_uses_torch_momentum_and_epsilon():
     np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
     # Eval with fresh statistics (0, 1): x / sqrt(1 + eps).
     np.testing.assert_allclose(m.apply(v, x, train=False), x / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+@pytest.mark.parametrize('shape,window', [((2, 9, 7, 3), (2, 2)), ((1, 8, 12, 2), (3, 2))])
+def test_tiled_max_pool_equals_reduce_window_with_its_gradient(shape, window):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)  # No ties.
+    pool = layers.MaxPool(window)
+
+    def ours(v):
+        return pool.apply({}, v)
+
+    def reference(v):
+        return nn.max_pool(v, window, window, 'VALID')
+
+    np.testing.assert_array_equal(ours(x), reference(x))
+    weights = jnp.arange(ours(x).size, dtype=jnp.float32).reshape(ours(x).shape)
+    grads = [jax.grad(lambda v, f=f: jnp.sum(f(v) * weights))(x) for f in (ours, reference)]
+    np.testing.assert_array_equal(*grads)
