@@ -5,6 +5,7 @@
     python -m cnn_jax.benchmark --quick --json /tmp/b.json   # a tiny model, seconds (tests)
     python -m cnn_jax.benchmark --compare-xla-flags --models simplenn,resnet20
     python -m cnn_jax.benchmark --sweep                      # vectorised sweeps, K = 1, 2, 4, 8
+    python -m cnn_jax.benchmark --split --models resnet20    # forward vs backward, JAX vs torch
 
 For each model at its experiment's input shape and batch size it measures:
 - compile_s: tracing + lowering + XLA compilation of the real train step
@@ -573,6 +574,82 @@ def torch_runners(
     return runners, info
 
 
+def forward_backward_split(
+    name: str,
+    steps: int = 3,
+    windows: int = 5,
+    warmup: int = 2,
+    settle_s: float = 0.2,
+    window_s: float = 1.0,
+) -> dict[str, Any]:
+    """Milliseconds of a training-mode forward pass and of forward + backward, JAX and torch.
+
+    Shows which half of the step a ratio below 1 comes from: same model, input and batch
+    as `name`'s case; no optimiser, loss = sum of the logits; windows interleaved.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cnn_jax import experiment
+
+    case = CASES[name]
+    model = experiment.build_model(case.config(), case.num_classes)
+    x = jnp.asarray(
+        np.random.default_rng(0).normal(size=(case.batch_size, *case.input_shape)), jnp.float32
+    )
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+    rngs = {'dropout': jax.random.key(1)}
+
+    def forward(params, x):
+        v = {**variables, 'params': params}
+        return model.apply(v, x, train=True, mutable=['batch_stats'], rngs=rngs)[0]
+
+    fwd = jax.jit(forward)
+    grad = jax.jit(jax.grad(lambda p, x: forward(p, x).sum()))
+    params = variables['params']
+
+    def repeat(fn):
+        def run(n: int) -> None:
+            for _ in range(n):
+                out = fn(params, x)
+            jax.block_until_ready(out)
+
+        return run
+
+    runners = {'jax_forward': repeat(fwd), 'jax_forward_backward': repeat(grad)}
+    torch = _torch()
+    if torch is not None:
+        net = torch_model(case).to(memory_format=torch.channels_last).train()
+        h, w, c = case.input_shape
+        tx = torch.randn(case.batch_size, c, h, w).contiguous(memory_format=torch.channels_last)
+
+        def torch_forward(n: int) -> None:
+            with torch.no_grad():
+                for _ in range(n):
+                    net(tx)
+
+        def torch_forward_backward(n: int) -> None:
+            for _ in range(n):
+                net.zero_grad(set_to_none=True)
+                net(tx).sum().backward()
+
+        runners.update(torch_forward=torch_forward, torch_forward_backward=torch_forward_backward)
+    times, per_window = interleaved(runners, steps, windows, warmup, settle_s, window_s)
+    ms = {k: 1000 * statistics.median(t) / per_window[k] for k, t in times.items()}
+    out: dict[str, Any] = {
+        'model': name,
+        'batch': case.batch_size,
+        **{f'{k}_ms': _sig(v) for k, v in ms.items()},
+    }
+    if torch is not None:
+        out['forward_speed_ratio'] = _sig(ms['torch_forward'] / ms['jax_forward'], 3)
+        jax_bwd = ms['jax_forward_backward'] - ms['jax_forward']
+        torch_bwd = ms['torch_forward_backward'] - ms['torch_forward']
+        out['backward_speed_ratio'] = _sig(torch_bwd / jax_bwd, 3) if jax_bwd > 0 else None
+    return out
+
+
 # --- One model ------------------------------------------------------------------------
 
 
@@ -672,10 +749,12 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The benchmark rows as a Markdown table."""
-    lines = ['| ' + ' | '.join(h for _, h in COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-    lines += ['| ' + ' | '.join(_cell(r.get(k)) for k, _ in COLUMNS) + ' |' for r in rows]
+def format_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] = COLUMNS
+) -> str:
+    """The benchmark rows as a Markdown table: (key, header) `columns`."""
+    lines = ['| ' + ' | '.join(h for _, h in columns) + ' |', '|' + '---|' * len(columns)]
+    lines += ['| ' + ' | '.join(_cell(r.get(k)) for k, _ in columns) + ' |' for r in rows]
     return '\n'.join(lines)
 
 
@@ -920,6 +999,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help='time each of FLAG_VARIANTS in its own process',
     )
     p.add_argument(
+        '--split',
+        action='store_true',
+        help='forward vs forward + backward, JAX and torch (where a ratio comes from)',
+    )
+    p.add_argument(
         '--sweep',
         action='store_true',
         help='vectorised sweep: per-variant throughput for K variants vs K runs',
@@ -962,6 +1046,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare_xla_flags:
         result = compare_xla_flags(models, FLAG_VARIANTS, steps=args.steps, windows=args.windows)
         table, stem = format_flag_table(result), 'xla_flags'
+    elif args.split:
+        rows = [
+            forward_backward_split(
+                m, args.steps, args.windows, args.warmup, args.settle, args.window_s
+            )
+            for m in models
+        ]
+        result = {'device': device_info(), 'results': rows}
+        table = format_table(rows, [(k, k) for k in rows[0]])
+        stem = 'split'
     elif args.sweep:
         from cnn_jax import sweep
 

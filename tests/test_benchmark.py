@@ -81,3 +81,14 @@ def test_peak_table_and_flags():
     assert benchmark.peak_tflops('cpu', 'float32') is None
     table = benchmark.format_table([{'model': 'm', 'jax_pipeline_ips': 1234.5}])
     assert '| m | n/a | n/a | n/a | n/a | 1,234 |' in table
+
+
+def test_forward_backward_split_of_a_tiny_model(tmp_path):
+    out = tmp_path / 'split.json'
+    args = ['--split', '--quick', '--xla-flags=', '--json', str(out)]
+    assert benchmark.main(args) == 0
+    (row,) = json.loads(out.read_text())['results']
+    assert row['jax_forward_ms'] > 0 and row['jax_forward_backward_ms'] > 0
+    if 'torch_forward_ms' in row:  # torch is optional
+        assert row['torch_forward_backward_ms'] > 0 and row['forward_speed_ratio'] > 0
+    assert '| jax_forward_ms |' in out.with_suffix('.md').read_text()

@@ -561,3 +561,31 @@ def test_tiled_max_pool_equals_reduce_window_with_its_gradient(shape, window):
     weights = jnp.arange(ours(x).size, dtype=jnp.float32).reshape(ours(x).shape)
     grads = [jax.grad(lambda v, f=f: jnp.sum(f(v) * weights))(x) for f in (ours, reference)]
     np.testing.assert_array_equal(*grads)
+
+
+@pytest.mark.parametrize(
+    'hw,kernel,pad,stride',
+    [((2, 2), 3, 1, 1), ((1, 2), 3, 1, 1), ((2, 2), 1, 0, 1), ((4, 4), 3, 1, 1), ((2, 2), 3, 1, 2)],
+)
+def test_small_map_conv_equals_lax_with_gradients(hw, kernel, pad, stride):
+    """SmallMapConv is a matrix product on maps up to 2x2 and lax elsewhere; same numbers."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(3, *hw, 5)), jnp.float32)
+    conv = functools.partial(
+        nn.Conv, 7, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad))
+    )
+    variables = conv().init(jax.random.key(0), x)
+
+    def loss(v, x, module):
+        return jnp.sum(module.apply(v, x) ** 2)
+
+    ours, theirs = conv(conv_general_dilated_cls=layers.SmallMapConv), conv()
+    uses_lax = 'conv_general_dilated' in str(jax.make_jaxpr(ours.apply)(variables, x))
+    assert uses_lax == (max(hw) > 2 or stride != 1)
+    np.testing.assert_allclose(
+        ours.apply(variables, x), theirs.apply(variables, x), rtol=1e-5, atol=1e-5
+    )
+    g_ours = jax.grad(loss, argnums=(0, 1))(variables, x, ours)
+    g_theirs = jax.grad(loss, argnums=(0, 1))(variables, x, theirs)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

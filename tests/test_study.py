@@ -327,7 +327,7 @@ def test_vectorized_groups_join_only_sweepable_differences():
     assert study.vectorized_groups(c, [('a', 0)]) == {}  # A group of one runs plainly.
     c.vectorize = 'false'
     assert study.vectorized_groups(c, jobs) == {}
-    c.vectorize = 'auto'  # On CPU, K separate runs are faster (results/benchmark).
+    c.vectorize = 'auto'  # Accelerators only: never on CPU.
     assert study.vectorized_groups(c, jobs) == {}
     c.vectorize = 'sometimes'
     with pytest.raises(ConfigError, match='vectorize must be auto, true or false'):
