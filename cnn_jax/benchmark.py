@@ -156,6 +156,15 @@ CASES: dict[str, Case] = {
         augment=(('flip', True), ('rotation_degrees', 10.0), ('scale', 0.1)),
         note='E1 augment rung: CIFAR 32x32 resized to 64 on the device',
     ),
+    'resnet18': Case(
+        'resnet18',
+        'resnet18',
+        (32, 32, 3),
+        64,
+        3,
+        image_size=64,
+        note='E1 ResNet-18: CIFAR 32x32 resized to 64 on the device; its last stage is 2x2',
+    ),
     'resnet50': Case(
         'resnet50',
         'resnet50',

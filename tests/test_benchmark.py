@@ -63,7 +63,7 @@ def _flax_params(case):
 
 
 @pytest.mark.parametrize(
-    'name', ['tiny', 'simplenn', 'cifar_cnn3', 'resnet20', 'vgg16', 'resnet50']
+    'name', ['tiny', 'simplenn', 'cifar_cnn3', 'resnet20', 'vgg16', 'resnet18', 'resnet50']
 )
 def test_torch_twin_has_the_same_parameters(name):
     torch = pytest.importorskip('torch')
