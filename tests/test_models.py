@@ -546,16 +546,28 @@ def test_batch_norm_uses_torch_momentum_and_epsilon():
     np.testing.assert_allclose(m.apply(v, x, train=False), x / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
-@pytest.mark.parametrize('shape,window', [((2, 9, 7, 3), (2, 2)), ((1, 8, 12, 2), (3, 2))])
-def test_tiled_max_pool_equals_reduce_window_with_its_gradient(shape, window):
+@pytest.mark.parametrize(
+    'shape,window,strides,padding',
+    [
+        ((2, 9, 7, 3), (2, 2), None, 'VALID'),
+        ((1, 8, 12, 2), (3, 2), None, 'VALID'),
+        ((2, 9, 8, 3), (3, 3), (2, 2), 1),
+        ((1, 7, 7, 2), (3, 3), (1, 1), 'VALID'),
+        ((1, 10, 9, 2), (2, 3), (2, 1), ((1, 0), (0, 1))),
+    ],
+)
+def test_max_pool_fast_paths_equal_reduce_window_with_gradient(shape, window, strides, padding):
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)  # No ties.
-    pool = layers.MaxPool(window)
+    pool = layers.MaxPool(window, strides, padding)
+    pads = ((padding, padding),) * 2 if isinstance(padding, int) else padding
 
     def ours(v):
         return pool.apply({}, v)
 
     def reference(v):
-        return nn.max_pool(v, window, window, 'VALID')
+        return nn.max_pool(v, window, strides or window, pads)
+
+    assert 'reduce_window' not in str(jax.make_jaxpr(ours)(x))
 
     np.testing.assert_array_equal(ours(x), reference(x))
     weights = jnp.arange(ours(x).size, dtype=jnp.float32).reshape(ours(x).shape)
