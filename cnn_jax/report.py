@@ -57,6 +57,8 @@ def plot_curves(
 ) -> None:
     """Loss and accuracy per epoch, train and validation (and test when recorded)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     epochs = [r['epoch'] for r in history]
     for ax, metric in zip(axes, ('loss', 'accuracy'), strict=True):
@@ -65,6 +67,7 @@ def plot_curves(
             if history and key in history[0]:
                 ax.plot(epochs, [r[key] for r in history], style, label=split, markersize=3)
         ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # Epochs, not 0.995.
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         if history:

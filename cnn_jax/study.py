@@ -724,7 +724,8 @@ def plot_comparison(study: dict, path: str | Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_acc, ax_loss):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Whole epochs; min_n_ticks=1 keeps one-epoch runs from ticks like 0.995.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize='small')
