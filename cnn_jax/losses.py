@@ -24,14 +24,18 @@ def per_example_loss(
     logits: jnp.ndarray,
     labels: jnp.ndarray,
     name: str = 'cross_entropy',
-    label_smoothing: float = 0.0,
+    label_smoothing: float | jax.Array = 0.0,
 ) -> jnp.ndarray:
-    """Loss of each example: logits (N, C) float, labels (N,) int -> (N,)."""
-    check_loss(name, label_smoothing)
+    """Loss of each example: logits (N, C) float, labels (N,) int -> (N,).
+
+    `label_smoothing` may be a traced scalar (one per variant of a vectorised sweep).
+    """
+    traced = not isinstance(label_smoothing, int | float)
+    check_loss(name, 0.0 if traced else label_smoothing)
     logits = logits.astype(jnp.float32)
     one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     if name == 'cross_entropy':
-        if label_smoothing:
+        if traced or label_smoothing:
             one_hot = optax.smooth_labels(one_hot, label_smoothing)
         return optax.softmax_cross_entropy(logits, one_hot)
     probs = jax.nn.softmax(logits)

@@ -231,43 +231,6 @@ def create_stacked_state(
 # --- The vectorised step --------------------------------------------------------------
 
 
-def _train_step_smoothed(
-    state: train.TrainState,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
-    smoothing: jax.Array,
-    loss: str,
-) -> tuple[train.TrainState, train.Metrics]:
-    """train.train_step with a traced label smoothing (differs per variant).
-
-    Cross-entropy against smoothed labels is linear in the smoothing a:
-    (1 - a) * CE(one-hot) + a * CE(uniform), and CE(uniform) = logsumexp(z) - mean(z).
-    """
-    dropout_rng = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params):
-        variables = {'params': params, 'batch_stats': state.batch_stats}
-        logits, updates = state.apply_fn(
-            variables,
-            batch['image'],
-            train=True,
-            rngs={'dropout': dropout_rng},
-            mutable=['batch_stats'],
-        )
-        per_example = losses.per_example_loss(logits, batch['label'], loss)
-        if loss == 'cross_entropy':
-            z = logits.astype(jnp.float32)
-            uniform = jax.nn.logsumexp(z, axis=-1) - jnp.mean(z, axis=-1)
-            per_example = (1.0 - smoothing) * per_example + smoothing * uniform
-        return jnp.mean(per_example), (per_example, logits, updates)
-
-    grads, (per_example, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(
-        grads=grads, batch_stats=updates.get('batch_stats', state.batch_stats)
-    )
-    return new_state, train._sums(per_example, logits, batch['label'], jnp.ones_like(per_example))
-
-
 def make_vectorized_train(
     configs: Sequence[ml_collections.ConfigDict],
     mesh: Mesh,
@@ -303,8 +266,10 @@ def make_vectorized_train(
             state, metrics = train.train_step(
                 state, batch, step_rng, loss=loss_name, label_smoothing=smoothings[0]
             )
-        else:
-            state, metrics = _train_step_smoothed(state, batch, step_rng, smoothing, loss_name)
+        else:  # A traced smoothing, one per variant.
+            state, metrics = train.train_step(
+                state, batch, step_rng, loss=loss_name, label_smoothing=smoothing
+            )
         return state, jax.tree.map(jnp.add, acc, metrics)
 
     per_variant = 0 if not rngs.shared else None

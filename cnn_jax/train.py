@@ -82,7 +82,7 @@ def train_step(
     rng: jax.Array,
     *,
     loss: str = 'cross_entropy',
-    label_smoothing: float = 0.0,
+    label_smoothing: float | jax.Array = 0.0,
 ) -> tuple[TrainState, Metrics]:
     """One optimiser step on `batch`; returns the new state and the batch's metric sums.
 
