@@ -1,6 +1,7 @@
 """End to end: the quickstart writes every report; resume equals an uninterrupted run."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -133,3 +134,17 @@ def test_launch_summary_prints_totals(tmp_path):
     assert lines[-3].startswith('Total params: ')
     assert lines[-2].startswith('Trainable params: ')
     assert lines[-1].startswith('Non-trainable params: ')
+
+
+def test_sanity_checks_report_shape_and_first_loss(capsys):
+    """A deep BN net at initialisation: one example gives C logits, the first loss ~ ln(C)."""
+    from cnn_jax.data import load_dataset
+
+    config = tiny_config(model='resnet20', batch_size=64)
+    del config.model_options['features'], config.model_options['dense']
+    dataset = load_dataset(config)
+    checks = experiment.sanity_checks(config, experiment.build_model(config, 10), dataset)
+    assert checks['output_shape_one_example'] == [10]
+    assert checks['expected_first_loss_ln_classes'] == pytest.approx(math.log(10), abs=1e-4)
+    assert checks['first_loss_ok'], checks['first_batch_loss']
+    assert 'WARNING' not in capsys.readouterr().out
