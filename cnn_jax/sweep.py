@@ -401,6 +401,7 @@ def run_vectorized(
     from cnn_jax.training_loop import (
         _epoch_row,
         _host_acc,
+        device_splits,
         epoch_plan,
         improved,
         input_spec,
@@ -443,14 +444,7 @@ def run_vectorized(
     spec = input_spec(config, dataset)
     state = create_stacked_state(configs, model, shape, rngs, steps_per_epoch)
     state = jax.device_put(state, parallel.replicated(mesh))
-    device_data = {
-        name: (
-            parallel.put_replicated(split.images, mesh),
-            parallel.put_replicated(split.labels, mesh),
-        )
-        for name, split in (('train', dataset.train), ('val', dataset.val), ('test', dataset.test))
-        if split is not None
-    }
+    device_data = device_splits(dataset, mesh)
     vtrain = make_vectorized_train(configs, mesh, spec, state, rngs)
     steps = train.compile_steps(config, mesh, spec, num_train, steps_per_epoch)  # evaluate
     train_rng = rngs.train[0] if rngs.shared else rngs.train

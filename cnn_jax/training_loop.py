@@ -149,6 +149,18 @@ def _host_acc(acc: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(acc).items()}
 
 
+def device_splits(dataset: Any, mesh: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{'train'|'val'|'test': (images, labels)} of `dataset`, replicated on every device."""
+    return {
+        name: (
+            parallel.put_replicated(split.images, mesh),
+            parallel.put_replicated(split.labels, mesh),
+        )
+        for name, split in (('train', dataset.train), ('val', dataset.val), ('test', dataset.test))
+        if split is not None
+    }
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
@@ -173,14 +185,7 @@ def train_and_evaluate(
         config, model, model_input_shape(config, dataset), init_rng, steps_per_epoch
     )
     state = jax.device_put(state, parallel.replicated(mesh))
-    device_data = {
-        name: (
-            parallel.put_replicated(split.images, mesh),
-            parallel.put_replicated(split.labels, mesh),
-        )
-        for name, split in (('train', dataset.train), ('val', dataset.val), ('test', dataset.test))
-        if split is not None
-    }
+    device_data = device_splits(dataset, mesh)
     steps = train.compile_steps(config, mesh, spec, num_train, steps_per_epoch)
     ckpt = Checkpoints(workdir, keep=config.get('keep_checkpoints', 2), best_mode=mode)
     log = MetricsLog(workdir, enabled=jax.process_index() == 0)
