@@ -93,3 +93,31 @@ def test_preprocess_resizes_and_normalises():
     out = augment.preprocess(images, np.array([0.5, 0.5, 0.5]), np.array([0.25, 0.5, 1.0]), 16)
     assert out.shape == (2, 16, 16, 3)
     np.testing.assert_allclose(out[0, 0, 0], [2.0, 1.0, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    'cfg, image_size',
+    [
+        (augment.AugmentConfig(flip=True, crop_padding=2), None),  # Augmented on uint8.
+        (augment.AugmentConfig(flip=True, crop_padding=2), 12),  # Resized first: float.
+        (augment.AugmentConfig(crop_padding=2, rotation_degrees=10), None),  # Float.
+    ],
+)
+def test_training_batch_is_augment_then_normalise_of_the_float_images(cfg, image_size):
+    """make_batch may crop and flip the uint8 pixels first; the values must not change."""
+    from cnn_jax import train
+
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    labels = jnp.arange(16, dtype=jnp.int32)
+    indices = jnp.asarray([3, 1, 4, 15, 9, 2])
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    spec = train.InputSpec(mean=mean, std=std, image_size=image_size, augment=cfg)
+    key = jax.random.key(5)
+    batch = spec.make_batch(images, labels, indices, key)
+    x = augment.augment(key, augment.to_unit_range(images[indices], image_size), cfg)
+    expected = augment.normalize(x, np.array(mean), np.array(std))
+    np.testing.assert_array_equal(batch['image'], expected)
+    np.testing.assert_array_equal(batch['label'], [3, 1, 4, 15, 9, 2])
+    # The augmentation did something: the batch differs from the plain evaluation batch.
+    assert not np.array_equal(batch['image'], spec.make_batch(images, labels, indices)['image'])

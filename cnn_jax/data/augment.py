@@ -35,6 +35,15 @@ class AugmentConfig:
             scale=float(cfg.get('scale', 0.0)),
         )
 
+    @property
+    def moves_pixels_only(self) -> bool:
+        """True when every enabled transform copies pixels (crop, flip) without resampling.
+
+        Such transforms give the same result on uint8 as on float images, and on uint8
+        they touch a quarter of the memory.
+        """
+        return self.rotation_degrees == 0 and self.scale == 0
+
 
 def to_unit_range(images: jnp.ndarray, image_size: int | None = None) -> jnp.ndarray:
     """uint8 -> float32 in [0, 1], resized (bilinear, antialiased) to image_size."""
