@@ -1,6 +1,7 @@
 """Every dataset kind loads; every bad input ends with a message naming the path or value."""
 
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -106,6 +107,16 @@ def test_folder_archive_is_extracted_and_cached(tmp_path):
     second = data.load_dataset(cfg)  # From the .npz cache.
     np.testing.assert_array_equal(first.train.images, second.train.images)
     assert list((tmp_path / 'c').glob('folder-*.npz'))
+    # A copy elsewhere with another mtime is the same content: no second extraction.
+    copy = tmp_path / 'elsewhere' / 'copy.tar.gz'
+    copy.parent.mkdir()
+    copy.write_bytes(archive.read_bytes())
+    os.utime(copy, (1e9, 1e9))
+    cfg.dataset = f'folder:{copy}'
+    third = data.load_dataset(cfg)
+    np.testing.assert_array_equal(first.train.images, third.train.images)
+    assert len(list((tmp_path / 'c').glob('extracted-*'))) == 1
+    assert len(list((tmp_path / 'c').glob('folder-*.npz'))) == 1
 
 
 @pytest.mark.parametrize(
