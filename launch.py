@@ -3,7 +3,8 @@
     python launch.py --config=configs/quickstart.py [--config.key=value ...] [--workdir=DIR]
     python launch.py --config=configs/vgg.py --summary       # layer table, no training
 
-Re-running the same command on the same workdir resumes from its latest checkpoint.
+Re-running the same command on the same workdir resumes from its latest checkpoint; a
+workdir refuses a config that would change its results (--restart starts it over).
 """
 
 import pathlib
@@ -19,6 +20,9 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output folder; default results/<config file stem>[_<arg>].'
 )
 _SUMMARY = flags.DEFINE_bool('summary', False, "Print the model's layer table and exit.")
+_RESTART = flags.DEFINE_bool(
+    'restart', False, 'Delete what an earlier run left in the workdir and start over.'
+)
 
 
 def default_workdir(config_path: str) -> str:
@@ -42,7 +46,7 @@ def main(argv: list[str]) -> int:
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
     if _SUMMARY.value:
         return cli.print_summary(config)
-    return cli.run(config, workdir)
+    return cli.run(config, workdir, restart=_RESTART.value)
 
 
 if __name__ == '__main__':

@@ -23,26 +23,36 @@ def enable_compilation_cache() -> None:
 
 
 def print_summary(config: ml_collections.ConfigDict) -> int:
-    """The layer table of config.model at the experiment's input shape, without training."""
+    """The layer table of config.model at the experiment's input shape, without its data.
+
+    Shape and class count come from the config and the dataset's metadata (a header, a
+    listing or TFDS's feature description): no decode, no download.
+    """
     try:
         from cnn_jax import summary
-        from cnn_jax.data import load_dataset
+        from cnn_jax.data.metadata import dataset_metadata, model_input_shape
         from cnn_jax.experiment import build_model
-        from cnn_jax.training_loop import model_input_shape
 
-        dataset = load_dataset(config)
-        model = build_model(config, dataset.num_classes)
-        print(summary.layer_table(model, model_input_shape(config, dataset)))
+        meta = dataset_metadata(config)
+        model = build_model(config, len(meta.class_names))
+        print(summary.layer_table(model, model_input_shape(config, meta)))
     except CnnJaxError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> int:
-    """Runs the experiment or study; exit code 0 done, 1 diverged/failed, 2 bad input, 130 stop."""
+def run(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> int:
+    """Runs the experiment or study; exit code 0 done, 1 diverged/failed, 2 bad input, 130 stop.
+
+    `restart` deletes the workdir first (launch.py --restart).
+    """
     enable_compilation_cache()
     try:
+        if restart:
+            from cnn_jax.run_record import start_over
+
+            start_over(workdir)
         if 'study' in config:
             from cnn_jax.study import run_study
 

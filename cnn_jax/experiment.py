@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnn_jax import losses, parallel, report, summary, train
+from cnn_jax import losses, parallel, report, run_record, summary, train
 from cnn_jax.data import Dataset, load_dataset
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import create_model
@@ -91,15 +91,27 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Runs the experiment `config` in `workdir`; returns what summary.json holds."""
+    """Runs the experiment `config` in `workdir`; returns what summary.json holds.
+
+    A workdir that already holds a finished run of the same config returns its summary
+    without training again; one of another config is refused (run_record).
+    """
+    workdir = pathlib.Path(workdir)
+    if jax.process_index() == 0:
+        run_record.record_config(config, workdir)
+    else:
+        run_record.check_config(config, workdir)
     if config.get('task', 'train') == 'svm':
         from cnn_jax.transfer.svm import run_svm
 
         return run_svm(config, workdir)
     if config.get('task', 'train') != 'train':
         raise ConfigError(f"unknown task {config.task!r}; known tasks: 'train', 'svm'")
+    finished = _finished_summary(workdir)
+    if finished is not None:
+        print(f'{workdir} already holds this run, {finished["status"]}; nothing to do.')
+        return finished
     t0 = time.perf_counter()
-    workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     losses.check_loss(config.loss, config.get('label_smoothing', 0.0))
     if config.get('pretrained'):  # Fail before the data load and compilation.
@@ -159,6 +171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         'train_images_per_s': round(result.train_steps_per_s * config.batch_size, 1),
         'num_devices': int(result.mesh.devices.size),
         'platform': jax.devices()[0].platform,
+        'device_kind': jax.devices()[0].device_kind,
+        'num_train_examples': len(dataset.train),
         'resumed_from_step': result.resumed_from_step,
         'class_names': dataset.class_names,
         'sanity': sanity,
@@ -171,6 +185,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     return out
 
 
+def _finished_summary(workdir: pathlib.Path) -> dict[str, Any] | None:
+    """summary.json of a run that ended (completed or diverged) in `workdir`, else None."""
+    path = workdir / 'summary.json'
+    if not path.exists():
+        return None
+    try:
+        out = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return out if out.get('status') in ('completed', 'diverged') else None
+
+
 def write_outputs(
     workdir: pathlib.Path,
     out: dict[str, Any],
@@ -179,7 +205,6 @@ def write_outputs(
     layer_table: str,
     class_names: list[str],
 ) -> None:
-    (workdir / 'summary.json').write_text(json.dumps(out, indent=2, default=_jsonable))
     report.plot_curves(history, workdir / 'curves.png', title=out['name'])
     report.plot_confusion_matrix(
         out['confusion_matrix'],
@@ -193,6 +218,10 @@ def write_outputs(
         for k, v in out.items()
     }
     report.write_report(workdir, printable, str(config), layer_table, class_names, out['sanity'])
+    # Last and atomic: a summary.json marks the run finished (see _finished_summary).
+    tmp = workdir / 'summary.json.tmp'
+    tmp.write_text(json.dumps(out, indent=2, default=_jsonable))
+    tmp.replace(workdir / 'summary.json')
     print(
         f'{out["status"]}: test accuracy {printable["test_accuracy"]:.4f}, test loss '
         f'{printable["test_loss"]:.4f}, F1 {out["f1"]:.4f}. Reports in {workdir}/ (report.md, '

@@ -52,6 +52,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from cnn_jax import run_record
 from cnn_jax.errors import CnnJaxError, ConfigError, Diverged
 
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -311,6 +312,7 @@ def run_study(
         from cnn_jax.experiment import run as run_fn
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    run_record.record_config(config, workdir)
     name = config.study.name
     seeds = study_seeds(config)
     jobs = [(v, s) for v in selected_variants(config) for s in seeds]
@@ -324,7 +326,8 @@ def run_study(
         done = read_summary(path)
         if done is None:
             pending.append(job)
-        else:
+        else:  # Reused only if it is a run of this variant's config.
+            run_record.check_config(variant_config(config, *job), path)
             _say(f'{tags[job]}: skipped, already {_status_text(done)} ({path})')
     groups = vectorized_groups(config, pending) if vectorize else {}
     failures: list[dict] = []
@@ -408,6 +411,7 @@ def _run_group(
     paths = [run_dir(workdir, v, s, seeds) for v, s in group]
     sweepables = [sweep.split_overrides({'seed': s, **variants[v]})[1] for v, s in group]
     for job, path in zip(group, paths, strict=True):
+        run_record.record_config(variant_config(config, *job), path)
         _say(f'{tags[job]}: running vectorised with {len(group) - 1} other run(s) in {path}')
     try:
         summaries = sweep.run_vectorized(

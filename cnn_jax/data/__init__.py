@@ -153,6 +153,20 @@ def channel_stats(images: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def apply_class_options(raw: RawData, config: ml_collections.ConfigDict) -> RawData:
+    """config.classes, label_groups or one_vs_rest (at most one) applied to `raw`."""
+    options = [k for k in ('classes', 'label_groups', 'one_vs_rest') if config.get(k)]
+    if len(options) > 1:
+        raise ConfigError(f'choose one of classes, label_groups, one_vs_rest; got {options}')
+    if config.get('classes'):
+        return select_classes(raw, config.classes)
+    if config.get('label_groups'):
+        return merge_classes(raw, config.label_groups, config.get('label_group_names'))
+    if config.get('one_vs_rest'):
+        return one_vs_rest(raw, config.one_vs_rest)
+    return raw
+
+
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     """Reads config.dataset and applies the class options, split and subsampling."""
     raw = read_source(
@@ -162,15 +176,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
         cache_dir=config.get('cache_dir'),
         image_size=config.get('image_size') or None,
     )
-    options = [k for k in ('classes', 'label_groups', 'one_vs_rest') if config.get(k)]
-    if len(options) > 1:
-        raise ConfigError(f'choose one of classes, label_groups, one_vs_rest; got {options}')
-    if config.get('classes'):
-        raw = select_classes(raw, config.classes)
-    elif config.get('label_groups'):
-        raw = merge_classes(raw, config.label_groups, config.get('label_group_names'))
-    elif config.get('one_vs_rest'):
-        raw = one_vs_rest(raw, config.one_vs_rest)
+    raw = apply_class_options(raw, config)
     if len(raw.train_labels) == 0 or len(raw.test_labels) == 0:
         raise DataError(f'{config.dataset}: no training or test examples left after selection')
     train, val = validation_split(

@@ -1,4 +1,6 @@
-"""E1: the VGG-16 regularisation ladder, each rung adding one thing to the one before.
+"""E1: the regularisation ladder of the report's VGG (ten convs, see configs/vgg.py).
+
+Each rung adds one thing to the one before:
 
 base (no dropout) -> l2 (+ weight decay 5e-4) -> dropout (+ classifier dropout 0.5) ->
 early_stopping (+ patience 5 on validation loss) -> augment (+ flip, rotation 10 degrees,
@@ -31,6 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
         base,
         'vgg_regularization',
         [(rung, config_diff(base, vgg.get_config(rung))) for rung in vgg.RUNGS],
-        description='E1: what does each regulariser add to VGG-16? (Reported test accuracy '
-        '90%, 92%, 90%, 91%, 93%.)',
+        description="E1: what does each regulariser add to the report's VGG? (Reported test "
+        'accuracy 90%, 92%, 90%, 91%, 93%.)',
     )

@@ -1,0 +1,255 @@
+"""The experiments of EXPERIMENTS.md, with the figures their reports published.
+
+`cnn_jax.reproduce` runs them and sets our figures beside these. A figure here is a
+target to meet on the same data, never an input to training. Variant names are those of
+the study configs under configs/ablations/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import sys
+from typing import Any
+
+import ml_collections
+
+from cnn_jax import run_record
+
+ACCELERATOR = 'needs an accelerator (the GPU issue runs it)'
+NO_WEIGHTS = (
+    'needs ImageNet weights (--config.pretrained=FILE, a torchvision .pth); none can be '
+    'downloaded here'
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A reported figure: `metric` of `config` (and study `variant`), in the report's words."""
+
+    config: str
+    variant: str | None
+    metric: str
+    value: float | None
+    text: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    id: str
+    title: str
+    configs: tuple[str, ...] = ()  # Paths under configs/, with ':variant' where needed.
+    dataset: str = 'cifar10'  # The config's dataset, which --data can swap.
+    metric: str = 'test_accuracy'
+    targets: tuple[Target, ...] = ()
+    winners: dict[str, str] = dataclasses.field(default_factory=dict)  # Study -> variant.
+    planned_reason: str = ''  # Why the CPU run leaves it out.
+    blocked: str = ''  # Why it cannot run here at all.
+    tests: tuple[str, ...] = ()  # E9: a test file is the experiment.
+
+    def target(self, config: str, variant: str | None) -> Target:
+        for t in self.targets:
+            if t.config == config and t.variant == variant:
+                return t
+        return Target(config, variant, self.metric, None)
+
+
+def load_config(config: str) -> ml_collections.ConfigDict:
+    """configs/<path>[:arg] loaded as launch.py loads it."""
+    path, _, arg = config.partition(':')
+    root = run_record.REPO_ROOT
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location(
+        f'_reproduce_{pathlib.Path(path).stem}', root / 'configs' / path
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def schedule(config: str) -> dict[str, Any]:
+    """Variants, runs (variants x seeds) and epochs of a config, for plans and empty rows."""
+    c = load_config(config)
+    variants = tuple(v for v, _ in c.study.variants) if 'study' in c else ('',)
+    seeds = max(1, len(c.study.seeds)) if 'study' in c else 1
+    return {'variants': variants, 'runs': len(variants) * seeds, 'epochs': c.num_epochs}
+
+
+def _ladder() -> tuple[Target, ...]:
+    cfg = 'ablations/vgg_regularization.py'
+    reported = (
+        ('base', 0.90, '90% (loss 0.25)'),
+        ('l2', 0.92, '92%'),
+        ('dropout', 0.90, '90%'),
+        ('early_stopping', 0.91, '91%'),
+        ('augment', 0.93, '93% (loss 0.18), P/R/F1 0.95'),
+    )
+    return tuple(Target(cfg, v, 'test_accuracy', x, t) for v, x, t in reported)
+
+
+_E4 = tuple(
+    f'ablations/cifar_cnn6_{s}.py' for s in ('optimizers', 'normalization', 'activations', 'losses')
+)
+_E67 = tuple(
+    f'ablations/simplenn_{s}.py'
+    for s in ('augmentation', 'batchnorm', 'batchnorm_lr0p1', 'activation', 'lr_sweep', 'l2_sweep')
+)
+
+EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment(
+        'E1',
+        "VGG (the report's ten-conv network) and its regularisation ladder",
+        ('ablations/vgg_regularization.py',),
+        targets=_ladder(),
+        winners={'ablations/vgg_regularization.py': 'augment'},
+        planned_reason=ACCELERATOR,
+    ),
+    Experiment(
+        'E2',
+        'ResNet-18 from scratch, 64x64, three classes, 5 epochs',
+        ('resnet18.py',),
+        targets=(
+            Target(
+                'resnet18.py',
+                None,
+                'test_accuracy',
+                0.88,
+                'test 88% (train 97.2%, val 88.6%, F1 0.89)',
+            ),
+        ),
+    ),
+    Experiment(
+        'E3',
+        'MNIST CNN, 10 classes and merged 4 classes, 10 epochs',
+        ('ablations/mnist_cnn_merged.py',),
+        dataset='mnist',
+        targets=tuple(
+            Target(
+                'ablations/mnist_cnn_merged.py',
+                v,
+                'test_accuracy',
+                None,
+                'no figure (curves, counts)',
+            )
+            for v in ('digits10', 'merged')
+        ),
+    ),
+    Experiment(
+        'E4',
+        'Six-conv CIFAR-10 CNN: four ablations (20 epochs) and the best combination (3 seeds)',
+        (*_E4, 'ablations/cifar_cnn6_best.py'),
+        winners=dict(zip(_E4, ('adam', 'batchnorm', 'relu', 'cross_entropy'), strict=True)),
+    ),
+    Experiment(
+        'E5',
+        'ResNet-50 transfer: frozen features + linear SVM (bird vs rest); fine-tune vs scratch',
+        ('transfer_resnet50.py:svm', 'ablations/transfer_finetune_vs_scratch.py'),
+        metric='test_accuracy',
+        targets=(
+            Target('transfer_resnet50.py:svm', None, 'accuracy', 0.8914, '89.14%, AUC reported'),
+            Target(
+                'ablations/transfer_finetune_vs_scratch.py',
+                'finetune',
+                'test_accuracy',
+                None,
+                'per-class accuracy 70-88%',
+            ),
+            Target(
+                'ablations/transfer_finetune_vs_scratch.py',
+                'scratch',
+                'test_accuracy',
+                None,
+                'per-class accuracy 50-84%',
+            ),
+        ),
+        blocked=NO_WEIGHTS + '; the from-scratch half ' + ACCELERATOR,
+    ),
+    Experiment(
+        'E6-E7',
+        'SimpleNN on CIFAR-10: six studies (augmentation, BN, BN at lr 0.1, Swish, lr, L2)',
+        _E67,
+        metric='best_val_accuracy',
+        targets=(
+            Target(
+                _E67[4], 'learning_rate_0.01', 'best_val_accuracy', 0.73, 'about 0.73 (the best)'
+            ),
+            Target(_E67[4], 'learning_rate_1', 'best_val_accuracy', 0.10, 'diverges to about 0.10'),
+            Target(
+                _E67[5], 'weight_decay_0.0001', 'best_val_accuracy', 0.73, 'about 0.73 (the best)'
+            ),
+            Target(
+                _E67[2],
+                'batchnorm_lr0.1',
+                'best_val_accuracy',
+                None,
+                'beats no BN by about 16 points',
+            ),
+        ),
+        winners={
+            _E67[2]: 'batchnorm_lr0.1',
+            _E67[4]: 'learning_rate_0.01',
+            _E67[5]: 'weight_decay_0.0001',
+        },
+    ),
+    Experiment(
+        'E8',
+        "ResNet-20 with He et al.'s schedule",
+        ('resnet20.py',),
+        targets=(
+            Target(
+                'resnet20.py',
+                None,
+                'test_accuracy',
+                0.9125,
+                '8.75% error (He et al., Table 6); report val 0.907',
+            ),
+        ),
+        planned_reason=ACCELERATOR,
+    ),
+    Experiment(
+        'E9',
+        'Convolution arithmetic (output size, padding, counts, true convolution, softmax shift)',
+        metric='tests',
+        tests=('tests/test_arithmetic.py',),
+    ),
+    Experiment(
+        'E10',
+        'Three-block CIFAR-10 CNN with early stopping on validation loss',
+        ('cifar_cnn3.py',),
+        targets=(
+            Target(
+                'cifar_cnn3.py',
+                None,
+                'test_accuracy',
+                0.756,
+                'test 0.756 (train 0.757, val 0.734), stopped after epoch 7',
+            ),
+        ),
+    ),
+    Experiment(
+        'E11',
+        'Improved CNN (four BN + Dropout2d + LeakyReLU blocks), augmentation, early stopping',
+        ('cifar_cnn4.py',),
+        targets=(
+            Target('cifar_cnn4.py', None, 'test_accuracy', 0.811, 'test 0.811 (0.770 before)'),
+        ),
+        planned_reason=ACCELERATOR,
+    ),
+    Experiment(
+        'E12',
+        'ResNet-18 transfer at 224x224 (ImageNet weights, Adam 5e-4, batch 32)',
+        ('transfer_resnet18.py',),
+        targets=(
+            Target(
+                'transfer_resnet18.py',
+                None,
+                'test_accuracy',
+                0.889,
+                'test 0.889 (train 0.969, val 0.891)',
+            ),
+        ),
+        blocked=NO_WEIGHTS + ', and ' + ACCELERATOR,
+    ),
+)

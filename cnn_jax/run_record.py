@@ -1,0 +1,154 @@
+"""What produced a workdir, and the guard that keeps another config out of it.
+
+The first run in a workdir writes `config.json`: the resolved config, the git commit of
+the code, the command line, the host and the time. A later run there resumes only if the
+keys that change results are equal; otherwise it stops with a ConfigError (exit 2) that
+names the keys and the ways out. Keys that cannot change results (logging, evaluation
+batch size, checkpoint cadence, where caches live) do not count.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import ml_collections
+
+from cnn_jax.errors import ConfigError
+
+CONFIG_FILE = 'config.json'
+
+# Dotted keys whose value cannot change what a run computes.
+NON_RESULT_KEYS = frozenset(
+    {
+        'name',
+        'log_every_steps',
+        'eval_batch_size',
+        'checkpoint_every_epochs',
+        'keep_checkpoints',
+        'cache_dir',
+        'data_dir',
+        'manual_dir',
+        'vectorize',
+        'only',
+        'study.description',
+    }
+)
+ABSENT = '(absent)'  # A key one of the two configs does not have.
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+    """{dotted key: JSON value} of a config (tuples become lists, as JSON stores them)."""
+    tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    return json.loads(json.dumps(_flatten(tree), default=repr))
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
+
+
+def result_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
+    """{key: (recorded value, current value)} for the result-changing keys that differ."""
+    keys = (recorded.keys() | current.keys()) - NON_RESULT_KEYS
+    return {
+        k: (recorded.get(k, ABSENT), current.get(k, ABSENT))
+        for k in sorted(keys)
+        if recorded.get(k, ABSENT) != current.get(k, ABSENT)
+    }
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout cnn_jax runs from ('+dirty' when files differ), or None."""
+    try:
+        head = subprocess.run(
+            ['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ['git', 'status', '--porcelain', '--untracked-files=no'],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ('+dirty' if dirty else '')
+
+
+def host_description() -> str:
+    """'<cpu model>, N cores' from /proc/cpuinfo where it exists."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = pathlib.Path('/proc/cpuinfo')
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith('model name'):
+                model = line.split(':', 1)[1].strip()
+                break
+    return f'{model}, {os.cpu_count()} cores'
+
+
+def read_record(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # A half-written record: the next write replaces it.
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
+    """Raises ConfigError if `workdir` was produced by a config that differs in results."""
+    record = read_record(workdir)
+    if record is None:
+        return
+    changes = result_changes(record['config'], flat_config(config))
+    if changes:
+        shown = '; '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in list(changes.items())[:6])
+        more = f' (and {len(changes) - 6} more)' if len(changes) > 6 else ''
+        raise ConfigError(
+            f'{workdir} holds a run of another config ({shown}{more}); use another '
+            '--workdir, or add --restart to delete that run and start over'
+        )
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
+    """Checks `workdir` against `config`, then writes config.json if it has none yet."""
+    check_config(config, workdir)
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if path.exists() and read_record(workdir) is not None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        'config': flat_config(config),
+        'commit': git_commit(),
+        'command': [pathlib.Path(sys.executable).name, *sys.argv],
+        'host': host_description(),
+        'started': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+    }
+    tmp = path.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(record, indent=2) + '\n')
+    tmp.replace(path)
+
+
+def start_over(workdir: str | pathlib.Path) -> None:
+    """Deletes what a previous run left in `workdir` (the --restart flag)."""
+    workdir = pathlib.Path(workdir)
+    if workdir.is_dir():
+        shutil.rmtree(workdir)
