@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from cnn_jax.errors import ConfigError
+from configs import default
 
 CONFIG_FILE = 'config.json'
 
@@ -61,14 +62,24 @@ def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
     return out
 
 
-def result_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
-    """{key: (recorded value, current value)} for the result-changing keys that differ."""
-    keys = (recorded.keys() | current.keys()) - NON_RESULT_KEYS
-    return {
-        k: (recorded.get(k, ABSENT), current.get(k, ABSENT))
-        for k in sorted(keys)
-        if recorded.get(k, ABSENT) != current.get(k, ABSENT)
-    }
+def result_changes(
+    recorded: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> dict[str, tuple]:
+    """{key: (recorded value, current value)} for the result-changing keys that differ.
+
+    Only keys the current config has count. One the record lacks counts only if it is
+    off its default (`defaults`): a key added to configs/default.py after the run, at its
+    default, leaves that run as it was.
+    """
+    defaults = defaults or {}
+    changes = {}
+    for key in sorted(current.keys() - NON_RESULT_KEYS):
+        old = recorded.get(key, ABSENT)
+        if old == ABSENT and key in defaults and current[key] == defaults[key]:
+            continue
+        if old != current[key]:
+            changes[key] = (old, current[key])
+    return changes
 
 
 def git_commit() -> str | None:
@@ -118,7 +129,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
     record = read_record(workdir)
     if record is None:
         return
-    changes = result_changes(record['config'], flat_config(config))
+    defaults = flat_config(default.get_config())
+    changes = result_changes(record['config'], flat_config(config), defaults)
     if changes:
         shown = '; '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in list(changes.items())[:6])
         more = f' (and {len(changes) - 6} more)' if len(changes) > 6 else ''
