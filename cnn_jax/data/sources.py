@@ -336,12 +336,22 @@ def read_folder(
 # --- TFDS -------------------------------------------------------------------------------
 
 
-def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> RawData:
-    """A TFDS dataset with 'train' and 'test' splits, loaded whole into memory."""
+def _missing_module(name: str, e: ImportError) -> DataError:
+    # An install problem, not an offline one: the offline hint would send the user astray.
+    return DataError(
+        f'TFDS dataset {name!r} needs the Python module {e.name or e}, which is not installed; '
+        'run `pip install -r requirements.txt`.'
+    )
+
+
+def tfds_builder(name: str, *, data_dir: str | None, manual_dir: str | None):
+    """The TFDS builder for `name`, downloaded and prepared in `data_dir` if it is not yet."""
     import tensorflow_datasets as tfds
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
+    except ImportError as e:
+        raise _missing_module(name, e) from None
     except Exception as e:  # DatasetNotFoundError and friends.
         raise DataError(
             f'unknown dataset {name!r}: not one of digits, idx:DIR, folder:DIR, nor a TFDS '
@@ -350,17 +360,34 @@ def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> Raw
     try:
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         builder.download_and_prepare(download_config=download_config)
+    except ImportError as e:
+        raise _missing_module(name, e) from None
+    except Exception as e:  # Offline: connection errors deep inside TFDS.
+        raise _offline_error(name, e) from None
+    return builder
+
+
+def _offline_error(name: str, e: Exception) -> DataError:
+    msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    return DataError(f'could not download or prepare TFDS dataset {name!r} ({msg}). {OFFLINE_HINT}')
+
+
+def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> RawData:
+    """A TFDS dataset with 'train' and 'test' splits, loaded whole into memory."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds_builder(name, data_dir=data_dir, manual_dir=manual_dir)
+    try:
         arrays = {}
         for split in ('train', 'test'):
             # Batched iteration, not batch_size=-1 (which aborts TF 2.21 on generated data).
             ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
             xs, ys = zip(*tfds.as_numpy(ds.batch(4096)), strict=True)
             arrays[split] = (np.concatenate(xs), np.concatenate(ys))
-    except Exception as e:  # Offline: connection errors deep inside TFDS.
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise DataError(
-            f'could not download or prepare TFDS dataset {name!r} ({msg}). {OFFLINE_HINT}'
-        ) from None
+    except ImportError as e:
+        raise _missing_module(name, e) from None
+    except Exception as e:
+        raise _offline_error(name, e) from None
     (train_x, train_y), (test_x, test_y) = arrays['train'], arrays['test']
     names = builder.info.features['label'].names
     return RawData(
