@@ -4,7 +4,7 @@ Four kinds of source, chosen by the string:
 - 'digits': scikit-learn's bundled 8x8 digits (no download, no TensorFlow);
 - 'idx:DIR': MNIST-format IDX files (e.g. Fashion-MNIST from the Debian package);
 - 'folder:DIR' (or 'folder:ARCHIVE.tar.gz'): DIR/{train,test}/<class>/*.jpg|png, read with
-  TFDS's ImageFolder;
+  TFDS's ImageFolder, or with Pillow where TensorFlow is not installed (same arrays);
 - any other name: a TFDS dataset.
 TensorFlow and TFDS are imported only by the last two.
 """
@@ -21,9 +21,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cnn_jax.data import images as images_lib
+from cnn_jax.data.images import IMAGE_EXTENSIONS
 from cnn_jax.errors import DataError
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 OFFLINE_HINT = (
     'Offline, use one of: --config.dataset=digits (bundled with scikit-learn); '
     '--config.dataset=idx:DIR (MNIST-format IDX files, e.g. '
@@ -267,20 +268,71 @@ def _to_rgb_array(images: list[np.ndarray], image_size: int | None, where: str) 
             f'{where}: images have different sizes ({examples}, ...); set '
             '--config.image_size to resize them to one square size'
         )
-    from PIL import Image
+    return np.stack([images_lib.resize(im, image_size) for im in images])
 
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
-            for im in images
-        ]
-    )
+
+def tensorflow_available() -> bool:
+    """Whether TensorFlow imports (a GPU machine may have JAX and PyTorch but no TF)."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _decode_split_tf(root: pathlib.Path, split: str) -> tuple[list[np.ndarray], list[int]]:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    builder = tfds.ImageFolder(str(root))
+    images, labels = [], []
+    try:
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            as_supervised=True,
+            decoders={'image': tfds.decode.SkipDecoding()},
+        )
+        ds = ds.map(
+            lambda data, label: (images_lib.tf_decode(data), label),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        for image, label in tfds.as_numpy(ds):
+            images.append(image)
+            labels.append(label)
+    except Exception as e:  # TF decode errors do not name the file: find it.
+        culprit = _find_unreadable_image(root / split)
+        raise DataError(
+            f'unreadable image in {root / split}: {culprit} ({type(e).__name__})'
+        ) from None
+    return images, labels
+
+
+def _decode_split_pil(
+    root: pathlib.Path, split: str, class_names: list[str]
+) -> tuple[list[np.ndarray], list[int]]:
+    paths, labels = images_lib.list_examples(root, split, class_names)
+    try:
+        return images_lib.load_all(paths), list(labels)
+    except DataError as e:
+        raise DataError(f'unreadable image in {root / split}: {e}') from None
 
 
 def read_folder(
-    path: str, *, cache_dir: str | None = None, image_size: int | None = None
+    path: str,
+    *,
+    cache_dir: str | None = None,
+    image_size: int | None = None,
+    decoder: str = 'auto',
 ) -> RawData:
-    """An image folder (or a .tar.gz of one), decoded once and cached as .npz."""
+    """An image folder (or a .tar.gz of one), decoded once and cached as .npz.
+
+    `decoder`: 'tf' (TFDS ImageFolder), 'pil' (Pillow threads), or 'auto' (TF when it is
+    installed). Both give the same class order, example order and pixels.
+    """
+    if decoder not in ('auto', 'tf', 'pil'):
+        raise ValueError(f"decoder must be 'auto', 'tf' or 'pil', got {decoder!r}")
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     root = pathlib.Path(path).expanduser()
     if root.is_file() and (root.name.endswith(('.tar.gz', '.tgz', '.tar'))):
@@ -290,7 +342,8 @@ def read_folder(
     newest = max(os.stat(f).st_mtime for f in files)
 
     def cache_file(size: int | None) -> pathlib.Path:
-        key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{newest}:{size}'.encode())
+        # 'islow': caches from before both decoders used the accurate JPEG DCT are stale.
+        key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{newest}:{size}:islow'.encode())
         return cache / f'folder-{key.hexdigest()[:12]}.npz'
 
     # Images of one size are cached as they are (any image_size resizes on the device);
@@ -305,22 +358,13 @@ def read_folder(
                     z['test_labels'],
                     list(z['class_names']),
                 )
+    use_tf = decoder == 'tf' or (decoder == 'auto' and tensorflow_available())
     arrays, resized = {}, False
-    import tensorflow_datasets as tfds
-
-    builder = tfds.ImageFolder(str(root))
     for split in ('train', 'test'):
-        images, labels = [], []
-        try:
-            ds = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True)
-            for image, label in tfds.as_numpy(ds):
-                images.append(image)
-                labels.append(label)
-        except Exception as e:  # TF decode errors do not name the file: find it.
-            culprit = _find_unreadable_image(root / split)
-            raise DataError(
-                f'unreadable image in {root / split}: {culprit} ({type(e).__name__})'
-            ) from None
+        if use_tf:
+            images, labels = _decode_split_tf(root, split)
+        else:
+            images, labels = _decode_split_pil(root, split, class_names)
         resized |= len({im.shape for im in images}) > 1
         arrays[f'{split}_images'] = _to_rgb_array(images, image_size, str(root / split))
         arrays[f'{split}_labels'] = np.asarray(labels, np.int32)
