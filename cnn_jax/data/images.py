@@ -67,7 +67,10 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
         return image
     from PIL import Image
 
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    # Pillow's greyscale images have no channel axis.
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    resized = np.asarray(pil.resize((size, size), Image.BILINEAR))
+    return resized.reshape(size, size, image.shape[-1])
 
 
 def load(path: str, image_size: int | None = None) -> np.ndarray:

@@ -319,6 +319,15 @@ def _decode_split_pil(
         raise DataError(f'unreadable image in {root / split}: {e}') from None
 
 
+def folder_root(path: str, *, cache_dir: str | None = None) -> pathlib.Path:
+    """The image folder of folder:PATH: PATH itself, or a .tar(.gz) extracted once."""
+    root = pathlib.Path(path).expanduser()
+    if root.is_file() and (root.name.endswith(('.tar.gz', '.tgz', '.tar'))):
+        cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        root = _extract_archive(root, cache)
+    return root
+
+
 def read_folder(
     path: str,
     *,
@@ -334,9 +343,7 @@ def read_folder(
     if decoder not in ('auto', 'tf', 'pil'):
         raise ValueError(f"decoder must be 'auto', 'tf' or 'pil', got {decoder!r}")
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    root = pathlib.Path(path).expanduser()
-    if root.is_file() and (root.name.endswith(('.tar.gz', '.tgz', '.tar'))):
-        root = _extract_archive(root, cache)
+    root = folder_root(path, cache_dir=cache_dir)
     class_names = check_folder(root)
     files = sorted(str(p) for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS)
     newest = max(os.stat(f).st_mtime for f in files)
