@@ -173,6 +173,44 @@ def test_tfds_offline_failure_names_alternatives(monkeypatch):
         data.load_dataset(tiny_config(dataset='cifar10', data_dir='/nonexistent-tfds'))
 
 
+def test_tfds_unprepared_name_offline_reaches_download_and_names_alternatives(
+    tmp_path, monkeypatch
+):
+    """The real TFDS download path, not a mock: it must import, try the network, and fail
+    with the offline hint (a missing importlib_resources used to end it before that)."""
+    import socket
+
+    from tensorflow_datasets.core.download import downloader
+
+    def no_network(*args, **kwargs):
+        raise OSError('network disabled by the test')
+
+    monkeypatch.setattr(socket.socket, 'connect', no_network)
+    monkeypatch.setattr(socket, 'getaddrinfo', no_network)
+    # urllib3 would back off for ~3.5 minutes over TFDS's 10 retries before giving up.
+    monkeypatch.setattr(downloader, 'MAX_RETRIES', 0)
+    with pytest.raises(DataError) as info:
+        data.load_dataset(tiny_config(dataset='mnist', data_dir=str(tmp_path / 'tfds')))
+    message = str(info.value)
+    assert "could not download or prepare TFDS dataset 'mnist'" in message
+    assert 'network disabled by the test' in message or 'Connection' in message
+    assert 'folder:DIR' in message and '--config.manual_dir' in message
+    assert 'No module named' not in message
+
+
+def test_tfds_missing_module_is_an_install_error_not_offline(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def missing(self, *args, **kwargs):
+        raise ModuleNotFoundError(
+            "No module named 'importlib_resources'", name='importlib_resources'
+        )
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', missing)
+    with pytest.raises(DataError, match='needs the Python module importlib_resources.*pip install'):
+        data.load_dataset(tiny_config(dataset='mnist', data_dir='/nonexistent-tfds'))
+
+
 def test_unknown_dataset_lists_known_kinds():
     with pytest.raises(DataError, match='unknown dataset .*digits, idx:DIR, folder:DIR'):
         data.load_dataset(tiny_config(dataset='no_such_dataset_xyz'))

@@ -4,7 +4,7 @@ Four kinds of source, chosen by the string:
 - 'digits': scikit-learn's bundled 8x8 digits (no download, no TensorFlow);
 - 'idx:DIR': MNIST-format IDX files (e.g. Fashion-MNIST from the Debian package);
 - 'folder:DIR' (or 'folder:ARCHIVE.tar.gz'): DIR/{train,test}/<class>/*.jpg|png, read with
-  TFDS's ImageFolder;
+  TFDS's ImageFolder, or with Pillow where TensorFlow is not installed (same arrays);
 - any other name: a TFDS dataset.
 TensorFlow and TFDS are imported only by the last two.
 """
@@ -21,9 +21,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cnn_jax.data import images as images_lib
+from cnn_jax.data.images import IMAGE_EXTENSIONS
 from cnn_jax.errors import DataError
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 OFFLINE_HINT = (
     'Offline, use one of: --config.dataset=digits (bundled with scikit-learn); '
     '--config.dataset=idx:DIR (MNIST-format IDX files, e.g. '
@@ -267,30 +268,89 @@ def _to_rgb_array(images: list[np.ndarray], image_size: int | None, where: str) 
             f'{where}: images have different sizes ({examples}, ...); set '
             '--config.image_size to resize them to one square size'
         )
-    from PIL import Image
+    return np.stack([images_lib.resize(im, image_size) for im in images])
 
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
-            for im in images
-        ]
-    )
+
+def tensorflow_available() -> bool:
+    """Whether TensorFlow imports (a GPU machine may have JAX and PyTorch but no TF)."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _decode_split_tf(root: pathlib.Path, split: str) -> tuple[list[np.ndarray], list[int]]:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    builder = tfds.ImageFolder(str(root))
+    images, labels = [], []
+    try:
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            as_supervised=True,
+            decoders={'image': tfds.decode.SkipDecoding()},
+        )
+        ds = ds.map(
+            lambda data, label: (images_lib.tf_decode(data), label),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        for image, label in tfds.as_numpy(ds):
+            images.append(image)
+            labels.append(label)
+    except Exception as e:  # TF decode errors do not name the file: find it.
+        culprit = _find_unreadable_image(root / split)
+        raise DataError(
+            f'unreadable image in {root / split}: {culprit} ({type(e).__name__})'
+        ) from None
+    return images, labels
+
+
+def _decode_split_pil(
+    root: pathlib.Path, split: str, class_names: list[str]
+) -> tuple[list[np.ndarray], list[int]]:
+    paths, labels = images_lib.list_examples(root, split, class_names)
+    try:
+        return images_lib.load_all(paths), list(labels)
+    except DataError as e:
+        raise DataError(f'unreadable image in {root / split}: {e}') from None
+
+
+def folder_root(path: str, *, cache_dir: str | None = None) -> pathlib.Path:
+    """The image folder of folder:PATH: PATH itself, or a .tar(.gz) extracted once."""
+    root = pathlib.Path(path).expanduser()
+    if root.is_file() and (root.name.endswith(('.tar.gz', '.tgz', '.tar'))):
+        cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        root = _extract_archive(root, cache)
+    return root
 
 
 def read_folder(
-    path: str, *, cache_dir: str | None = None, image_size: int | None = None
+    path: str,
+    *,
+    cache_dir: str | None = None,
+    image_size: int | None = None,
+    decoder: str = 'auto',
 ) -> RawData:
-    """An image folder (or a .tar.gz of one), decoded once and cached as .npz."""
+    """An image folder (or a .tar.gz of one), decoded once and cached as .npz.
+
+    `decoder`: 'tf' (TFDS ImageFolder), 'pil' (Pillow threads), or 'auto' (TF when it is
+    installed). Both give the same class order, example order and pixels.
+    """
+    if decoder not in ('auto', 'tf', 'pil'):
+        raise ValueError(f"decoder must be 'auto', 'tf' or 'pil', got {decoder!r}")
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    root = pathlib.Path(path).expanduser()
-    if root.is_file() and (root.name.endswith(('.tar.gz', '.tgz', '.tar'))):
-        root = _extract_archive(root, cache)
+    root = folder_root(path, cache_dir=cache_dir)
     class_names = check_folder(root)
     files = sorted(str(p) for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS)
     newest = max(os.stat(f).st_mtime for f in files)
 
     def cache_file(size: int | None) -> pathlib.Path:
-        key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{newest}:{size}'.encode())
+        # 'islow': caches from before both decoders used the accurate JPEG DCT are stale.
+        key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{newest}:{size}:islow'.encode())
         return cache / f'folder-{key.hexdigest()[:12]}.npz'
 
     # Images of one size are cached as they are (any image_size resizes on the device);
@@ -305,22 +365,13 @@ def read_folder(
                     z['test_labels'],
                     list(z['class_names']),
                 )
+    use_tf = decoder == 'tf' or (decoder == 'auto' and tensorflow_available())
     arrays, resized = {}, False
-    import tensorflow_datasets as tfds
-
-    builder = tfds.ImageFolder(str(root))
     for split in ('train', 'test'):
-        images, labels = [], []
-        try:
-            ds = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True)
-            for image, label in tfds.as_numpy(ds):
-                images.append(image)
-                labels.append(label)
-        except Exception as e:  # TF decode errors do not name the file: find it.
-            culprit = _find_unreadable_image(root / split)
-            raise DataError(
-                f'unreadable image in {root / split}: {culprit} ({type(e).__name__})'
-            ) from None
+        if use_tf:
+            images, labels = _decode_split_tf(root, split)
+        else:
+            images, labels = _decode_split_pil(root, split, class_names)
         resized |= len({im.shape for im in images}) > 1
         arrays[f'{split}_images'] = _to_rgb_array(images, image_size, str(root / split))
         arrays[f'{split}_labels'] = np.asarray(labels, np.int32)
@@ -336,12 +387,22 @@ def read_folder(
 # --- TFDS -------------------------------------------------------------------------------
 
 
-def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> RawData:
-    """A TFDS dataset with 'train' and 'test' splits, loaded whole into memory."""
+def _missing_module(name: str, e: ImportError) -> DataError:
+    # An install problem, not an offline one: the offline hint would send the user astray.
+    return DataError(
+        f'TFDS dataset {name!r} needs the Python module {e.name or e}, which is not installed; '
+        'run `pip install -r requirements.txt`.'
+    )
+
+
+def tfds_builder(name: str, *, data_dir: str | None, manual_dir: str | None):
+    """The TFDS builder for `name`, downloaded and prepared in `data_dir` if it is not yet."""
     import tensorflow_datasets as tfds
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
+    except ImportError as e:
+        raise _missing_module(name, e) from None
     except Exception as e:  # DatasetNotFoundError and friends.
         raise DataError(
             f'unknown dataset {name!r}: not one of digits, idx:DIR, folder:DIR, nor a TFDS '
@@ -350,17 +411,34 @@ def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> Raw
     try:
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         builder.download_and_prepare(download_config=download_config)
+    except ImportError as e:
+        raise _missing_module(name, e) from None
+    except Exception as e:  # Offline: connection errors deep inside TFDS.
+        raise _offline_error(name, e) from None
+    return builder
+
+
+def _offline_error(name: str, e: Exception) -> DataError:
+    msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    return DataError(f'could not download or prepare TFDS dataset {name!r} ({msg}). {OFFLINE_HINT}')
+
+
+def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> RawData:
+    """A TFDS dataset with 'train' and 'test' splits, loaded whole into memory."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds_builder(name, data_dir=data_dir, manual_dir=manual_dir)
+    try:
         arrays = {}
         for split in ('train', 'test'):
             # Batched iteration, not batch_size=-1 (which aborts TF 2.21 on generated data).
             ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
             xs, ys = zip(*tfds.as_numpy(ds.batch(4096)), strict=True)
             arrays[split] = (np.concatenate(xs), np.concatenate(ys))
-    except Exception as e:  # Offline: connection errors deep inside TFDS.
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise DataError(
-            f'could not download or prepare TFDS dataset {name!r} ({msg}). {OFFLINE_HINT}'
-        ) from None
+    except ImportError as e:
+        raise _missing_module(name, e) from None
+    except Exception as e:
+        raise _offline_error(name, e) from None
     (train_x, train_y), (test_x, test_y) = arrays['train'], arrays['test']
     names = builder.info.features['label'].names
     return RawData(
