@@ -3,6 +3,11 @@
 Each checkpoint holds the train state plus a small JSON record of where the loop was
 (epoch, step within the epoch, the epoch's running train metrics), so a run stopped
 mid-epoch resumes at the next step with nothing lost.
+
+A run can stop or die anywhere and be re-run: a re-run replays the steps after the
+checkpoint it resumed from, so a save at a step already on disk (written before the stop
+or kill) is skipped, and an unreadable newest checkpoint (a truncated or missing file, a
+half-written step) gives way to the one before it, with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from cnn_jax.errors import CheckpointError
 
 
 class Checkpoints:
@@ -20,49 +28,75 @@ class Checkpoints:
 
     def __init__(self, workdir: str | pathlib.Path, keep: int = 2, best_mode: str = 'max'):
         root = pathlib.Path(workdir).absolute() / 'checkpoints'
+        # cleanup_tmp_directories: a save cut short by a kill leaves a temporary directory.
         self.latest = ocp.CheckpointManager(
             root / 'latest',
-            options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max(1, keep), create=True, cleanup_tmp_directories=True
+            ),
         )
         self.best = ocp.CheckpointManager(
             root / 'best',
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1,
                 create=True,
+                cleanup_tmp_directories=True,
                 best_fn=lambda m: m['value'],
                 best_mode=best_mode,
             ),
         )
 
     def save_latest(self, step: int, state: Any, loop: dict) -> None:
-        self.latest.save(
+        _save(
+            self.latest,
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)
-            ),
-            force=True,
+            ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
         )
 
     def save_best(self, step: int, state: Any, value: float) -> None:
-        self.best.save(
+        _save(
+            self.best,
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+            ocp.args.Composite(state=ocp.args.StandardSave(state)),
             metrics={'value': float(value)},
-            force=True,
         )
 
     def restore_latest(self, template: Any) -> tuple[Any, dict] | None:
-        """(state, loop record) of the latest checkpoint, laid out like `template`."""
-        step = self.latest.latest_step()
-        if step is None:
-            return None
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(template)), loop=ocp.args.JsonRestore()
-            ),
-        )
-        return restored['state'], restored['loop']
+        """(state, loop record) of the newest readable checkpoint, laid out like `template`.
+
+        Newer checkpoints that cannot be read are deleted (so the re-run can save those
+        steps again) once an older one restores; if none restores, nothing is deleted and
+        CheckpointError says why (a changed config fails on every step, not just one).
+        """
+        failed: list[tuple[int, Exception]] = []
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                restored = self.latest.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(_abstract(template)),
+                        loop=ocp.args.JsonRestore(),
+                    ),
+                )
+            except Exception as e:  # Orbax and TensorStore raise many types for bad files.
+                failed.append((step, e))
+                continue
+            for bad, error in failed:
+                message = (
+                    f'checkpoint step {bad} in {self.latest.directory} could not be restored '
+                    f'({_brief(error)}); deleting it and resuming from step {step}.'
+                )
+                logging.warning(message)
+                print(f'WARNING: {message}', flush=True)
+                self.latest.delete(bad)
+            return restored['state'], restored['loop']
+        if failed:
+            raise CheckpointError(
+                f'none of the checkpoints at steps {[s for s, _ in failed]} in '
+                f'{self.latest.directory} could be restored (step {failed[0][0]}: '
+                f'{_brief(failed[0][1])}). A run with a changed config needs a new workdir.'
+            ) from failed[0][1]
+        return None
 
     def restore_best(self, template: Any) -> Any | None:
         step = self.best.best_step()
@@ -80,6 +114,25 @@ class Checkpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _save(manager: ocp.CheckpointManager, step: int, args: Any, **kwargs: Any) -> None:
+    """Saves `step` unless it is on disk already.
+
+    A re-run replays the steps after its checkpoint, and the run is deterministic: a step
+    saved before a stop or kill holds the same state (a stop on an epoch's last step
+    records 'all its steps done' where the epoch's end records 'epoch done'; resuming from
+    either redoes the same end-of-epoch work). Orbax refuses to save a step twice.
+    """
+    if step in manager.all_steps():
+        return
+    manager.save(step, args=args, force=True, **kwargs)
+
+
+def _brief(error: Exception) -> str:
+    """The error's type and first line (TensorStore's messages run to pages)."""
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0][:200] if lines else ""}'
 
 
 def _abstract(tree: Any) -> Any:

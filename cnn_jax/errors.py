@@ -13,6 +13,10 @@ class DataError(CnnJaxError, ValueError):
     """A dataset cannot be found, read or used as configured."""
 
 
+class CheckpointError(CnnJaxError, RuntimeError):
+    """No checkpoint in the workdir can be restored into the configured run."""
+
+
 class Diverged(CnnJaxError, FloatingPointError):
     """The training loss became NaN or infinite."""
 

@@ -5,7 +5,7 @@ the optimiser state (`optax.inject_hyperparams`), so a vectorised sweep can give
 stacked copy of the state its own values.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -67,6 +67,13 @@ def _chain(
     return optax.chain(*parts)
 
 
+def is_frozen(name: str, freeze: Sequence[str], head: str) -> bool:
+    """Whether config.freeze freezes the top-level module `name` (the head never is)."""
+    if name == head:
+        return False
+    return 'backbone' in freeze or any(name == f or name.startswith(f) for f in freeze)
+
+
 def param_labels(params: Any, freeze: tuple[str, ...], head: str, backbone_factor: float) -> Any:
     """'frozen' / 'backbone' / 'head' per parameter, by its top-level module name."""
     top = list(params.keys())
@@ -80,7 +87,7 @@ def param_labels(params: Any, freeze: tuple[str, ...], head: str, backbone_facto
         name = path[0]
         if name == head:
             return 'head'
-        if 'backbone' in freeze or any(name == f or name.startswith(f) for f in freeze):
+        if is_frozen(name, freeze, head):
             return 'frozen'
         return 'backbone' if backbone_factor != 1.0 else 'head'
 

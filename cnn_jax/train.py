@@ -49,20 +49,59 @@ def create_train_state(
     rng: jax.Array,
     steps_per_epoch: int,
 ) -> TrainState:
-    """Fresh variables (or pretrained ones from config.pretrained) and the optimiser."""
+    """Fresh variables (or pretrained ones from config.pretrained) and the optimiser.
+
+    With config.freeze, the frozen groups' BatchNorm layers keep their running statistics
+    in training too (`frozen_norm_apply`).
+    """
     variables = init_variables(model, input_shape, rng)
     if config.get('pretrained'):
         from cnn_jax.transfer.weights import load_torchvision  # torch/safetensors: lazy.
 
         variables = load_torchvision(config.pretrained, variables, arch=config.model)
     params = variables['params']
-    tx = optim.build_optimizer(config, steps_per_epoch, params)
+    tx = optim.build_optimizer(config, steps_per_epoch, params)  # Checks config.freeze too.
+    apply_fn = model.apply
+    freeze = tuple(config.get('freeze', ()) or ())
+    if freeze:
+        head = config.get('head_name', 'fc')
+        apply_fn = frozen_norm_apply(model, lambda name: optim.is_frozen(name, freeze, head))
     return TrainState.create(
-        apply_fn=model.apply,
+        apply_fn=apply_fn,
         params=params,
         tx=tx,
         batch_stats=variables.get('batch_stats', {}),
     )
+
+
+def frozen_norm_apply(model: nn.Module, frozen: Callable[[str], bool]) -> Callable[..., Any]:
+    """`model.apply` in which BatchNorm layers of frozen groups keep their running statistics.
+
+    `frozen(name)` says whether the top-level module `name` is frozen (config.freeze). In
+    training mode a frozen group's BatchNorm normalises with its running mean and variance
+    and leaves them as they are, as in evaluation: the optimiser keeps its scale and bias,
+    and this keeps the statistics (ImageNet's, after an import) and the features they give.
+    Other BatchNorm layers, and every layer in evaluation mode, run as before.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (
+            isinstance(module, nn.BatchNorm)
+            and context.method_name == '__call__'
+            and module.use_running_average is False
+            and module.path
+            and frozen(module.path[0])
+        ):
+            # The same layer bound to the same variables, in evaluation mode.
+            return module.clone(parent=module.scope, use_running_average=True)(*args, **kwargs)
+        return next_fun(*args, **kwargs)
+
+    def apply(*args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(interceptor):
+            return model.apply(*args, **kwargs)
+
+    return apply
 
 
 def _sums(
