@@ -1,5 +1,6 @@
 """`--summary` needs no data: every config prints its table offline, E1's total by formula."""
 
+import itertools
 import os
 import pathlib
 import subprocess
@@ -28,7 +29,7 @@ def test_e1_network_total_is_what_the_layer_formulas_give(capsys, monkeypatch):
     # EXPERIMENTS.md, E1: 3x3 convs (padding 1) 64,64,M,128,128,M,256,256,M,512,512,M,
     # 512,512,M on 64x64x3; flatten 2x2x512 -> 4096 -> 4096 -> 3 classes.
     channels = [3, 64, 64, 128, 128, 256, 256, 512, 512, 512, 512]
-    convs = sum(arithmetic.conv_params(3, a, b) for a, b in zip(channels, channels[1:]))
+    convs = sum(arithmetic.conv_params(3, a, b) for a, b in itertools.pairwise(channels))
     side = 64
     for _ in range(5):
         side = arithmetic.pool_output_size(side, 2, 2)
