@@ -47,6 +47,9 @@ class Experiment:
     planned_reason: str = ''  # Why the CPU run leaves it out.
     blocked: str = ''  # Why it cannot run here at all.
     tests: tuple[str, ...] = ()  # E9: a test file is the experiment.
+    # Config -> (config, study variant) whose speed stands in for it in --plan (a run that
+    # needs weights we lack is timed from scratch: the same computation).
+    probe_as: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     def target(self, config: str, variant: str | None) -> Target:
         for t in self.targets:
@@ -74,7 +77,12 @@ def schedule(config: str) -> dict[str, Any]:
     c = load_config(config)
     variants = tuple(v for v, _ in c.study.variants) if 'study' in c else ('',)
     seeds = max(1, len(c.study.seeds)) if 'study' in c else 1
-    return {'variants': variants, 'runs': len(variants) * seeds, 'epochs': c.num_epochs}
+    return {
+        'variants': variants,
+        'runs': len(variants) * seeds,
+        'epochs': c.num_epochs,
+        'task': c.task,
+    }
 
 
 def _ladder() -> tuple[Target, ...]:
@@ -165,6 +173,13 @@ EXPERIMENTS: tuple[Experiment, ...] = (
             ),
         ),
         blocked=NO_WEIGHTS + '; the from-scratch half ' + ACCELERATOR,
+        probe_as={
+            'transfer_resnet50.py:svm': ('transfer_resnet50.py:scratch', ''),
+            'ablations/transfer_finetune_vs_scratch.py': (
+                'ablations/transfer_finetune_vs_scratch.py',
+                'scratch',
+            ),
+        },
     ),
     Experiment(
         'E6-E7',
@@ -251,5 +266,6 @@ EXPERIMENTS: tuple[Experiment, ...] = (
             ),
         ),
         blocked=NO_WEIGHTS + ', and ' + ACCELERATOR,
+        probe_as={'transfer_resnet18.py': ('transfer_resnet18.py:scratch', '')},
     ),
 )

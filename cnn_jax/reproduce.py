@@ -60,6 +60,8 @@ def data_overrides(exp: Experiment, data: dict[str, str]) -> list[str]:
 def launch_command(
     exp: Experiment, config: str, workdir: pathlib.Path, data: dict[str, str]
 ) -> list[str]:
+    if workdir.is_relative_to(ROOT):  # As a user types it from the repository root.
+        workdir = workdir.relative_to(ROOT)
     return [
         'python',
         'launch.py',
@@ -194,10 +196,10 @@ def probe(exp: Experiment, config: str, root: pathlib.Path, data: dict[str, str]
         return cache[key]
     probe_dir = root / '_probe' / exp.id / config_stem(config)
     run_record.start_over(probe_dir)
-    first = schedule(config)['variants'][0]
-    only = [f'--config.only={first}'] if first else []
+    measured_config, variant = exp.probe_as.get(config, (config, schedule(config)['variants'][0]))
+    only = [f'--config.only={variant}'] if variant else []
     cmd = [
-        *launch_command(exp, config, probe_dir, data),
+        *launch_command(exp, measured_config, probe_dir, data),
         *only,
         '--config.num_epochs=1',
         f'--config.steps_per_epoch={PROBE_STEPS}',
@@ -228,10 +230,16 @@ def probe(exp: Experiment, config: str, root: pathlib.Path, data: dict[str, str]
 
 
 def estimate_seconds(config: str, measured: dict) -> float | None:
-    """Training time at full schedule (every variant and seed; evaluation not counted)."""
+    """Training time at full schedule (every variant and seed; evaluation not counted).
+
+    The SVM task trains no network: one forward pass over the training images, taken as
+    a third of a training step's cost.
+    """
     if not measured.get('train_images_per_s'):
         return None
     plan = schedule(config)
+    if plan['task'] == 'svm':
+        return measured['num_train_examples'] / (3 * measured['train_images_per_s'])
     images = measured['num_train_examples'] * plan['epochs'] * plan['runs']
     return images / measured['train_images_per_s']
 
@@ -543,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rc = 0
     if args.plan:
         for exp in chosen:
-            if exp.tests or exp.blocked:
+            if exp.tests:
                 continue
             for config in exp.configs:
                 if (workdir_of(root, exp, config) / 'summary.json').exists():
