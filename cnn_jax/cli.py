@@ -48,9 +48,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
 
             result = run_study(config, workdir)
             return 1 if result.get('failed') else 0
-        from cnn_jax.experiment import run as run_experiment
+        from cnn_jax.tasks import run as run_task
 
-        out = run_experiment(config, workdir)
+        out = run_task(config, workdir)
         return 1 if out.get('status') == 'diverged' else 0
     except Interrupted as e:
         print(f'\n{e}', file=sys.stderr)

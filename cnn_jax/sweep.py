@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnn_jax import losses, parallel, train
 from cnn_jax.errors import ConfigError
+from cnn_jax.models import build_model
 
 SWEEPABLE = ('learning_rate', 'weight_decay', 'momentum', 'label_smoothing', 'seed')
 
@@ -419,7 +420,7 @@ def run_vectorized(
     t0 = time.perf_counter()
     k_total = len(configs)
     dataset = load_dataset(config)
-    model = experiment.build_model(config, dataset.num_classes)
+    model = build_model(config, dataset.num_classes)
     shape = model_input_shape(config, dataset)
     layer_table = summary.layer_table(model, shape)
     mesh = parallel.make_mesh()
