@@ -223,8 +223,14 @@ def validate_study(config: ml_collections.ConfigDict) -> None:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f'study.seeds has duplicates: {seeds}')
     sweep_key = study.get('sweep_key', None)
+    from cnn_jax.config_checks import check_config  # Imports JAX: not at module level.
+
     for name in names:
         vc = variant_config(config, name, seeds[0])  # Raises on a bad override.
+        try:
+            check_config(vc)
+        except ConfigError as e:
+            raise ConfigError(f'study {study.name!r}, variant {name!r}: {e}') from None
         if sweep_key:
             value = _get_path(vc, sweep_key, name)
             if not isinstance(value, int | float) or isinstance(value, bool):

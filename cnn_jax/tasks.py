@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from cnn_jax import experiment
+from cnn_jax.config_checks import check_config
 from cnn_jax.errors import ConfigError
 from cnn_jax.transfer import svm
 
@@ -20,7 +21,8 @@ TASKS: dict[str, TaskFn] = {'train': experiment.run, 'svm': svm.run_svm}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Runs `config`'s task in `workdir`; returns its summary."""
+    """Checks `config`'s values, then runs its task in `workdir`; returns its summary."""
     if config.task not in TASKS:
         raise ConfigError(f'unknown task {config.task!r}; known tasks: {", ".join(TASKS)}')
+    check_config(config)
     return TASKS[config.task](config, workdir)
