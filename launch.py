@@ -5,6 +5,8 @@
 
 Re-running the same command on the same workdir resumes from its latest checkpoint; a
 workdir refuses a config that would change its results (--restart starts it over).
+Exit codes: 0 done, 1 diverged (or a study run failed), 2 a mistake in the command line,
+config or data (one 'error: ...' line on stderr, no traceback), 130 interrupted.
 """
 
 import pathlib
@@ -12,6 +14,9 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# Neither imports JAX: XLA_FLAGS can still be set after the flags are parsed.
+from cnn_jax import cli, xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True
@@ -33,13 +38,23 @@ def default_workdir(config_path: str) -> str:
     return str(pathlib.Path('results') / (f'{name}_{arg}' if arg else name))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, a mistake ending as one 'error:' line and exit code 2."""
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # ml_collections defers a config file's load error to first use.
+        return rest
+    except Exception as e:  # noqa: BLE001 - the config file itself can raise anything.
+        print(f'error: {cli.flag_error_message(e, argv)}', file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+        print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+        return 2
     if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO.
         logging.set_verbosity(logging.WARNING)
-    from cnn_jax import cli, xla_cpu  # After flag parsing: JAX has not started yet.
-
     xla_cpu.use_recommended_flags()  # CPU speed-ups XLA_FLAGS does not already set.
 
     config = _CONFIG.value
@@ -51,4 +66,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == '__main__':
     flags.mark_flag_as_required('config')
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=parse_flags))

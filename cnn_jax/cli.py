@@ -1,10 +1,18 @@
-"""What launch.py does after parsing flags: run, summarise, and turn errors into messages."""
+"""What launch.py does with its flags: run, summarise, and turn errors into messages.
+
+A mistake in the command line or the config ends as one line on stderr, 'error: ...',
+and exit code 2 (1 is a diverged run, 130 an interrupted one): `flag_error_message` for
+those found while absl parses the flags and loads the config file, `run` for the rest.
+"""
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Sequence
 
 import ml_collections
+from absl import flags as absl_flags
 
 from cnn_jax.errors import CnnJaxError, Interrupted
 
@@ -31,7 +39,7 @@ def print_summary(config: ml_collections.ConfigDict) -> int:
     try:
         from cnn_jax import summary
         from cnn_jax.data.metadata import dataset_metadata, model_input_shape
-        from cnn_jax.experiment import build_model
+        from cnn_jax.models import build_model
 
         meta = dataset_metadata(config)
         model = build_model(config, len(meta.class_names))
@@ -58,9 +66,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) 
 
             result = run_study(config, workdir)
             return 1 if result.get('failed') else 0
-        from cnn_jax.experiment import run as run_experiment
+        from cnn_jax.tasks import run as run_task
 
-        out = run_experiment(config, workdir)
+        out = run_task(config, workdir)
         return 1 if out.get('status') == 'diverged' else 0
     except Interrupted as e:
         print(f'\n{e}', file=sys.stderr)
@@ -68,3 +76,58 @@ def run(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) 
     except CnnJaxError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+
+
+def flag_error_message(error: BaseException, argv: Sequence[str], flag: str = 'config') -> str:
+    """One line saying what is wrong, for an exception raised while parsing the flags.
+
+    absl and ml_collections wrap what went wrong: an exception of the config file may come
+    as a flags error holding its traceback as text, an override of a key the config does
+    not have as an AttributeError over KeyErrors, an unreadable file as an OSError on
+    first use. The exception that says what is wrong is down the chain of causes.
+    """
+    chain = _chain(error)
+    ours = [e for e in chain if isinstance(e, CnnJaxError)]
+    if ours:  # A config file's own ConfigError (e.g. an unknown variant).
+        return _one_line(str(ours[-1]))
+    if isinstance(chain[-1], KeyError) and (message := _unknown_key(chain, argv, flag)):
+        return message
+    source = next((a for a in argv if a.startswith((f'--{flag}=', f'-{flag}='))), f'--{flag}')
+    if isinstance(chain[-1], OSError):  # ml_collections could not read the file.
+        why = str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__]
+        return _one_line(f'cannot load {source}: {why[-1]}')
+    wrapped = [i for i, e in enumerate(chain) if str(e).startswith('Error whilst parsing')]
+    if wrapped or not isinstance(error, absl_flags.Error):  # Raised by the config file.
+        cause = chain[wrapped[0] + 1] if wrapped and wrapped[0] + 1 < len(chain) else error
+        return _one_line(f'{source}: {type(cause).__name__}: {cause}')
+    return _one_line(str(error))
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error`, then what caused it, and so on (outermost first)."""
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _unknown_key(chain: list[BaseException], argv: Sequence[str], flag: str) -> str | None:
+    """'unknown config key ...' for the override that names a missing key, if one does."""
+    key = chain[-1].args[0] if chain[-1].args else None
+    for arg in argv:
+        match = re.match(rf'-{{1,2}}(?:no)?{flag}\.([^=]+)', arg)
+        parts = match.group(1).split('.') if match else []
+        if key in parts:
+            path = '.'.join(parts[: parts.index(key) + 1])
+            message = f'unknown config key {path!r} in {arg.split("=", 1)[0]}'
+            hint = re.search(r'Did you mean "([^"]+)"', ' '.join(map(str, chain)))
+            if hint:
+                message += f'; did you mean {".".join([*parts[: parts.index(key)], hint[1]])!r}?'
+            return message
+    return None
+
+
+def _one_line(text: str) -> str:
+    return ' '.join(text.split())

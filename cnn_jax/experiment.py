@@ -17,23 +17,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnn_jax import losses, parallel, report, run_record, summary, train
+from cnn_jax import losses, parallel, report, summary, train
 from cnn_jax.data import Dataset, load_dataset
 from cnn_jax.errors import ConfigError
-from cnn_jax.models import create_model
+from cnn_jax.models import build_model
 from cnn_jax.training_loop import input_spec, model_input_shape, train_and_evaluate
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    """The Flax module for config.model with config.model_options and config.dtype."""
-    if config.get('dtype', 'float32') not in DTYPES:
-        raise ConfigError(f'unknown dtype {config.dtype!r}; known: {", ".join(DTYPES)}')
-    options = config.get('model_options') or ml_collections.ConfigDict()
-    return create_model(
-        config.model, num_classes, DTYPES[config.get('dtype', 'float32')], **options.to_dict()
-    )
 
 
 def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) -> dict[str, Any]:
@@ -91,22 +79,13 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Runs the experiment `config` in `workdir`; returns what summary.json holds.
+    """Trains the experiment `config` in `workdir`; returns what summary.json holds.
 
-    A workdir that already holds a finished run of the same config returns its summary
-    without training again; one of another config is refused (run_record).
+    The 'train' task; cnn_jax.tasks.run dispatches on config.task (and records the config
+    in the workdir first). A workdir that already holds this finished run returns its
+    summary without training again.
     """
     workdir = pathlib.Path(workdir)
-    if jax.process_index() == 0:
-        run_record.record_config(config, workdir)
-    else:
-        run_record.check_config(config, workdir)
-    if config.get('task', 'train') == 'svm':
-        from cnn_jax.transfer.svm import run_svm
-
-        return run_svm(config, workdir)
-    if config.get('task', 'train') != 'train':
-        raise ConfigError(f"unknown task {config.task!r}; known tasks: 'train', 'svm'")
     finished = _finished_summary(workdir)
     if finished is not None:
         print(f'{workdir} already holds this run, {finished["status"]}; nothing to do.')

@@ -16,6 +16,7 @@ from cnn_jax.errors import ConfigError
 
 OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adam', 'adamw')
 SCHEDULES = ('constant', 'step', 'cosine', 'warmup_cosine')
+WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
 
 
 def build_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -103,7 +104,7 @@ def build_optimizer(
     if name not in OPTIMIZERS:
         raise ConfigError(f'unknown optimizer {name!r}; known optimizers: {", ".join(OPTIMIZERS)}')
     mode = config.get('weight_decay_mode', 'coupled')
-    if mode not in ('coupled', 'decoupled'):
+    if mode not in WEIGHT_DECAY_MODES:
         raise ConfigError(f"weight_decay_mode must be 'coupled' or 'decoupled', got {mode!r}")
     if config.learning_rate <= 0:
         raise ConfigError(f'learning_rate must be positive, got {config.learning_rate}')

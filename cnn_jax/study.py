@@ -26,8 +26,8 @@ so a variant wins for the keys it sets. An override key must exist in the config
 under `model_options`, where any field of the variant's model is accepted.
 
 `run_study(config, workdir)` runs every variant x seed in workdir/<variant>/ (one seed) or
-workdir/<variant>/seed_<s>/ through `cnn_jax.experiment.run`, which resumes an interrupted
-run from its checkpoints; a run whose summary.json has a status is skipped. A run that
+workdir/<variant>/seed_<s>/ through `cnn_jax.tasks.run` (training resumes an interrupted
+run from its checkpoints); a run whose summary.json has a status is skipped. A run that
 diverges is recorded as 'diverged at step N'; any other error is recorded as 'failed' and
 the study goes on. Then it writes, in workdir: summary.json and summary.md (one row per
 variant; mean +- sample std over seeds), comparison.png (per-epoch accuracy and loss of
@@ -224,8 +224,14 @@ def validate_study(config: ml_collections.ConfigDict) -> None:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f'study.seeds has duplicates: {seeds}')
     sweep_key = study.get('sweep_key', None)
+    from cnn_jax.config_checks import check_config  # Imports JAX: not at module level.
+
     for name in names:
         vc = variant_config(config, name, seeds[0])  # Raises on a bad override.
+        try:
+            check_config(vc)
+        except ConfigError as e:
+            raise ConfigError(f'study {study.name!r}, variant {name!r}: {e}') from None
         if sweep_key:
             value = _get_path(vc, sweep_key, name)
             if not isinstance(value, int | float) or isinstance(value, bool):
@@ -297,7 +303,7 @@ def run_study(
     Args:
       config: a study config (see the module docstring).
       workdir: the study's directory; each run gets a sub-directory.
-      run_fn: `run(config, workdir) -> summary dict`; default cnn_jax.experiment.run, and
+      run_fn: `run(config, workdir) -> summary dict`; default cnn_jax.tasks.run, and
         vectorised groups (`config.vectorize`). Given, every run goes through it.
 
     Returns:
@@ -309,7 +315,7 @@ def run_study(
     validate_study(config)
     vectorize = run_fn is None
     if run_fn is None:
-        from cnn_jax.experiment import run as run_fn
+        from cnn_jax.tasks import run as run_fn
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run_record.record_config(config, workdir)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from cnn_jax import arithmetic
 from cnn_jax.models import layers
+from cnn_jax.models.input_size import check_input_size
 
 
 class ParamCounts(NamedTuple):
@@ -183,6 +184,7 @@ def _batch_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> list[LayerRow]:
     """The rows of the layer table; raises ParamCountMismatch if a layer breaks a formula.
 
+    Raises ConfigError if the input is too small for the model (see models.input_size).
     input_shape is (H, W, C) or (N, H, W, C). Only shapes are computed (jax.eval_shape):
     no parameters are materialised, so a ResNet-50 at 224x224 costs almost nothing.
     """
@@ -190,6 +192,7 @@ def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> list[LayerRow]:
 
 
 def _trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[LayerRow], ParamCounts]:
+    check_input_size(model, input_shape)  # Every run traces here first: say what size fits.
     shape = _batch_shape(input_shape)
     calls: list[tuple[nn.Module, tuple[str, ...], tuple[int, ...], tuple[int, ...]]] = []
 

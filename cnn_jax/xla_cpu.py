@@ -14,7 +14,7 @@ import pathlib
 from collections.abc import Sequence
 
 # Kept because the numbers justify them. Evidence: 2 shared AMD EPYC (Zen 3) cores,
-# jax 0.10.2, `python -m cnn_jax.benchmark --compare-xla-flags` (each variant in its own
+# jax 0.10.2, `python -m benchmarks --compare-xla-flags` (each variant in its own
 # process, A/B/A/B, ratios to torch eager in the same process); results/benchmark/.
 # - '--xla_cpu_experimental_ynn_fusion_type=' (empty list: no YNNPACK fusions, so XLA's own
 #   emitters and Eigen run convolutions, dots and reductions): ResNet-20 batch 128 train step

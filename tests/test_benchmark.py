@@ -1,4 +1,4 @@
-"""The benchmark runs end to end on a tiny model and writes its table and JSON."""
+"""The benchmarks package (python -m benchmarks) runs end to end on a tiny model."""
 
 import json
 
@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import benchmark, experiment
+from benchmarks import cases, cli, tables, train_step
+from cnn_jax.models import build_model
 
 FIGURES = (
     'compile_s',
@@ -19,7 +20,7 @@ FIGURES = (
 
 def test_quick_benchmark_writes_positive_figures(tmp_path, capsys):
     out = tmp_path / 'bench.json'
-    assert benchmark.main(['--quick', '--xla-flags=', '--json', str(out)]) == 0
+    assert cli.main(['--quick', '--xla-flags=', '--json', str(out)]) == 0
     result = json.loads(out.read_text())
     assert result['device']['platform'] == jax.devices()[0].platform
     (row,) = result['results']
@@ -39,9 +40,7 @@ def test_quick_benchmark_writes_positive_figures(tmp_path, capsys):
 def test_quick_sweep_benchmark(tmp_path):
     out = tmp_path / 'sweep.json'
     assert (
-        benchmark.main(
-            ['--sweep', '--quick', '--xla-flags=', '--sweep-k', '1,2', '--json', str(out)]
-        )
+        cli.main(['--sweep', '--quick', '--xla-flags=', '--sweep-k', '1,2', '--json', str(out)])
         == 0
     )
     result = json.loads(out.read_text())
@@ -53,7 +52,7 @@ def test_quick_sweep_benchmark(tmp_path):
 
 
 def _flax_params(case):
-    model = experiment.build_model(case.config(), case.num_classes)
+    model = build_model(case.config(), case.num_classes)
     x = jax.ShapeDtypeStruct((1, *case.input_shape), np.float32)
     shapes = jax.eval_shape(
         lambda x: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x,
@@ -67,8 +66,8 @@ def _flax_params(case):
 )
 def test_torch_twin_has_the_same_parameters(name):
     torch = pytest.importorskip('torch')
-    case = benchmark.CASES[name]
-    net = benchmark.torch_model(case)
+    case = cases.CASES[name]
+    net = train_step.torch_model(case)
     assert sum(p.numel() for p in net.parameters()) == _flax_params(case)
     h, w, c = case.input_shape
     with torch.no_grad():
@@ -76,17 +75,17 @@ def test_torch_twin_has_the_same_parameters(name):
 
 
 def test_peak_table_and_flags():
-    assert benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4
-    assert benchmark.peak_tflops('NVIDIA H100 PCIe', 'float32') == 378.0
-    assert benchmark.peak_tflops('cpu', 'float32') is None
-    table = benchmark.format_table([{'model': 'm', 'jax_pipeline_ips': 1234.5}])
+    assert cases.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4
+    assert cases.peak_tflops('NVIDIA H100 PCIe', 'float32') == 378.0
+    assert cases.peak_tflops('cpu', 'float32') is None
+    table = tables.format_table([{'model': 'm', 'jax_pipeline_ips': 1234.5}])
     assert '| m | n/a | n/a | n/a | n/a | 1,234 |' in table
 
 
 def test_forward_backward_split_of_a_tiny_model(tmp_path):
     out = tmp_path / 'split.json'
     args = ['--split', '--quick', '--xla-flags=', '--json', str(out)]
-    assert benchmark.main(args) == 0
+    assert cli.main(args) == 0
     (row,) = json.loads(out.read_text())['results']
     assert row['jax_forward_ms'] > 0 and row['jax_forward_backward_ms'] > 0
     if 'torch_forward_ms' in row:  # torch is optional

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cnn_jax import experiment, run_record, study
+from cnn_jax import run_record, study, tasks
 from cnn_jax.errors import ConfigError
 from configs.ablations import make_study
 from tests.conftest import tiny_config
@@ -75,7 +75,7 @@ def test_a_study_reuses_a_finished_variant_only_if_its_config_matches(tmp_path):
 
     def run(c, workdir):
         calls.append(pathlib.Path(workdir).name)
-        return experiment.run(c, workdir)
+        return tasks.run(c, workdir)
 
     study.run_study(config(0.01), tmp_path, run)
     assert calls == ['a', 'b']

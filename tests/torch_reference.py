@@ -1,8 +1,9 @@
 """An independent reference of torchvision's ResNets in NCHW/OIHW, for the import tests.
 
 Written from torchvision's definition (torchvision/models/resnet.py), not from
-cnn_jax's model: it works on a torchvision state_dict directly. Two backends:
-torch.nn.functional (when torch is installed) and NumPy in float64 (always).
+cnn_jax's model: it works on a torchvision state_dict directly. Two backends: torch
+(when installed), benchmarks.torch_models.ResNet, the benchmark's twin, which loads the
+state_dict under torchvision's names; and NumPy in float64 (always), written here.
 `random_state_dict` draws random weights and BN running statistics with torchvision's
 tensor names and shapes.
 """
@@ -88,38 +89,21 @@ def random_state_dict(arch: str, num_classes: int = 1000, seed: int = 0) -> dict
     return {k: v if v.dtype == np.int64 else v.astype(np.float32) for k, v in sd.items()}
 
 
-# --- Ops: torch.nn.functional and NumPy -------------------------------------------------
+# --- Forward passes ------------------------------------------------------------------------
 
 
-class _TorchOps:
-    def __init__(self):
-        import torch
-        import torch.nn.functional as F
+def _torch_forward(state_dict: dict, images_nchw: np.ndarray, arch: str) -> np.ndarray:
+    import torch
 
-        self.torch, self.F = torch, F
+    from benchmarks.torch_models import ResNet
 
-    def tensor(self, x):
-        return self.torch.from_numpy(np.ascontiguousarray(x, np.float32))
-
-    def conv(self, x, w, stride, padding):
-        return self.F.conv2d(x, self.tensor(w), stride=stride, padding=padding)
-
-    def bn(self, x, g, b, m, v):
-        t = self.tensor
-        return self.F.batch_norm(x, t(m), t(v), t(g), t(b), training=False, eps=BN_EPS)
-
-    def relu(self, x):
-        return self.F.relu(x)
-
-    def maxpool(self, x):
-        return self.F.max_pool2d(x, 3, stride=2, padding=1)
-
-    def pool_fc(self, x, w, b):
-        x = self.F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.F.linear(x, self.tensor(w), self.tensor(b))
-
-    def numpy(self, x):
-        return x.detach().numpy()
+    kind, sizes = ARCHS[arch]
+    net = ResNet(kind, sizes, num_classes=state_dict['fc.weight'].shape[0])
+    # strict: every tensor name and shape must be torchvision's.
+    net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()})
+    with torch.no_grad():
+        logits = net.eval()(torch.from_numpy(np.ascontiguousarray(images_nchw, np.float32)))
+    return logits.numpy().astype(np.float64)
 
 
 class _NumpyOps:
@@ -175,7 +159,9 @@ def forward(state_dict: dict, images_nchw: np.ndarray, arch: str, backend: str =
             backend = 'torch'
         except ImportError:
             backend = 'numpy'
-    ops = _TorchOps() if backend == 'torch' else _NumpyOps()
+    if backend == 'torch':
+        return _torch_forward(state_dict, images_nchw, arch)
+    ops = _NumpyOps()
     sd = state_dict
 
     def bn(x, name):

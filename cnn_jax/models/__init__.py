@@ -11,12 +11,16 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import ml_collections
 
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import block_cnn, resnet, vgg
 from cnn_jax.models.cifar_cnn6 import CifarCNN6
 from cnn_jax.models.mnist_cnn import MnistCNN
 from cnn_jax.models.small_cnn import SmallCNN
+
+# config.dtype -> the compute dtype (parameters stay float32).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # name -> module class or functools.partial alias; config.model picks one.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -54,3 +58,11 @@ def create_model(
         return MODELS[name](num_classes=num_classes, dtype=dtype, **options)
     except TypeError as e:
         raise ConfigError(f'bad model_options for model {name!r}: {e}') from None
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The Flax module for config.model with config.model_options and config.dtype."""
+    if config.dtype not in DTYPES:
+        raise ConfigError(f'unknown dtype {config.dtype!r}; known: {", ".join(DTYPES)}')
+    options = config.get('model_options') or ml_collections.ConfigDict()
+    return create_model(config.model, num_classes, DTYPES[config.dtype], **options.to_dict())

@@ -100,7 +100,7 @@ def _tiled_max(x: jax.Array, wh: int, ww: int) -> jax.Array:
     """Non-overlapping max pooling as a reshape and a max: the same values as reduce_window.
 
     XLA's CPU backend turns reduce_window's gradient (select_and_scatter) into a slow loop;
-    a plain reduction trains faster there (2 CPU cores, cnn_jax.benchmark, same run:
+    a plain reduction trains faster there (2 CPU cores, python -m benchmarks, same run:
     cifar_cnn3 210 -> 310 img/s, VGG-16 at 64 px 6.9 -> 8.6, SimpleNN 3,015 -> 3,339). Ties
     share the gradient where select_and_scatter gives it to one position; after ReLU, ties
     are zeros, whose gradient ReLU stops anyway.

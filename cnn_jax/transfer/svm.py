@@ -31,6 +31,7 @@ from cnn_jax import parallel, report
 from cnn_jax.data import load_dataset
 from cnn_jax.data.augment import preprocess
 from cnn_jax.errors import ConfigError
+from cnn_jax.models import build_model
 from cnn_jax.transfer.weights import check_exists, load_torchvision
 
 # Config keys that change the features (the cache key hashes them with the weights file).
@@ -136,8 +137,6 @@ def load_or_extract(
         train_labels = np.concatenate([train.labels, ds.val.labels])
     else:
         train_images, train_labels = train.images, train.labels
-    from cnn_jax.experiment import build_model  # create_model with dtype and options.
-
     model = build_model(config, ds.num_classes)
     size = config.get('image_size')
     h, w, c = ds.image_shape

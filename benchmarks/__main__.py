@@ -1,0 +1,7 @@
+"""`python -m benchmarks [--help]`: see benchmarks.cli."""
+
+import sys
+
+from benchmarks.cli import main
+
+sys.exit(main())

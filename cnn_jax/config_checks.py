@@ -1,0 +1,120 @@
+"""The values of an experiment config, checked up front against what they can mean.
+
+`check_config(config)` raises a ConfigError naming the first bad key, before any data is
+read or anything compiled: a negative batch size or a validation fraction of 1 would
+otherwise fail deep inside JAX, or silently train nothing. It covers the keys of
+configs/default.py; keys a config does not have are not checked (the config's type
+checks and the modules that read a key cover the rest).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from cnn_jax.errors import ConfigError
+from cnn_jax.losses import LOSSES
+from cnn_jax.models import DTYPES, MODELS
+from cnn_jax.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES
+
+Check = Callable[[Any], bool]
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _at_least(low: float, whole: bool = False) -> Check:
+    kind = _whole if whole else _number
+    return lambda x: kind(x) and x >= low
+
+
+def _above(low: float) -> Check:
+    return lambda x: _number(x) and x > low
+
+
+def _fraction(x: Any) -> bool:
+    return _number(x) and 0 <= x < 1
+
+
+def _optional(check: Check) -> Check:
+    return lambda x: x is None or check(x)
+
+
+def _numbers_above_zero(x: Any) -> bool:
+    return isinstance(x, Sequence) and all(_above(0)(e) for e in x)
+
+
+# (dotted key, check, what the value must be).
+RULES: tuple[tuple[str, Check, str], ...] = (
+    ('val_fraction', _fraction, 'in [0, 1)'),
+    ('data_seed', _at_least(0, whole=True), 'a whole number >= 0'),
+    ('image_size', _optional(_at_least(0, whole=True)), 'a size in pixels (0 or None: as stored)'),
+    ('max_train_examples', _optional(_at_least(1, whole=True)), 'a whole number >= 1 or None'),
+    ('max_eval_examples', _optional(_at_least(1, whole=True)), 'a whole number >= 1 or None'),
+    ('augment.crop_padding', _at_least(0, whole=True), 'a whole number of pixels >= 0'),
+    ('augment.rotation_degrees', _at_least(0), '>= 0'),
+    ('augment.scale', _fraction, 'in [0, 1)'),
+    ('num_epochs', _at_least(1, whole=True), 'a whole number >= 1'),
+    ('batch_size', _at_least(1, whole=True), 'a whole number >= 1'),
+    ('eval_batch_size', _at_least(1, whole=True), 'a whole number >= 1'),
+    ('learning_rate', _above(0), '> 0'),
+    ('momentum', _fraction, 'in [0, 1)'),
+    ('b1', _fraction, 'in [0, 1)'),
+    ('b2', _fraction, 'in [0, 1)'),
+    ('eps', _above(0), '> 0'),
+    ('weight_decay', _at_least(0), '>= 0'),
+    ('warmup_epochs', _at_least(0), '>= 0'),
+    ('step_epochs', _numbers_above_zero, 'a tuple of epochs > 0'),
+    ('step_factor', _above(0), '> 0'),
+    ('grad_clip_norm', _optional(_above(0)), '> 0 or None'),
+    ('backbone_lr_factor', _at_least(0), '>= 0'),
+    ('label_smoothing', _fraction, 'in [0, 1)'),
+    ('early_stopping.patience', _at_least(0, whole=True), 'a whole number of epochs >= 0'),
+    ('early_stopping.min_delta', _at_least(0), '>= 0'),
+    ('seed', _at_least(0, whole=True), 'a whole number >= 0'),
+    ('log_every_steps', _at_least(1, whole=True), 'a whole number >= 1'),
+    ('checkpoint_every_epochs', _at_least(1, whole=True), 'a whole number >= 1'),
+    ('keep_checkpoints', _at_least(1, whole=True), 'a whole number >= 1'),
+    ('steps_per_epoch', _optional(_at_least(1, whole=True)), 'a whole number >= 1 or None'),
+)
+
+# (key, plural, the known values): the names the modules that read these keys accept.
+CHOICES: tuple[tuple[str, str, Sequence[str]], ...] = (
+    ('model', 'models', sorted(MODELS)),
+    ('dtype', 'dtypes', tuple(DTYPES)),
+    ('optimizer', 'optimizers', OPTIMIZERS),
+    ('schedule', 'schedules', SCHEDULES),
+    ('weight_decay_mode', 'weight_decay_modes', WEIGHT_DECAY_MODES),
+    ('loss', 'losses', LOSSES),
+)
+
+_MISSING = object()
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = config
+    for part in key.split('.'):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first key of RULES or CHOICES whose value is nonsense."""
+    for key, ok, must in RULES:
+        value = _lookup(config, key)
+        if value is not _MISSING and not ok(value):
+            raise ConfigError(f'config.{key} must be {must}, got {value!r}')
+    for key, plural, known in CHOICES:
+        value = _lookup(config, key)
+        if value is not _MISSING and value not in known:
+            raise ConfigError(f'unknown {key} {value!r}; known {plural}: {", ".join(known)}')
