@@ -9,9 +9,8 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-import ml_collections
-
 import jax
+import ml_collections
 
 from cnn_jax import experiment, run_record
 from cnn_jax.config_checks import check_config
