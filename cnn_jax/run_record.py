@@ -39,8 +39,7 @@ NON_RESULT_KEYS = frozenset(
         'manual_dir',
         'vectorize',
         'only',
-        'study.description',
-    }
+        }
 )
 ABSENT = '(absent)'  # A key one of the two configs does not have.
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -73,7 +72,10 @@ def result_changes(
     """
     defaults = defaults or {}
     changes = {}
-    for key in sorted(current.keys() - NON_RESULT_KEYS):
+    # A study's own keys do not count: each of its runs is checked in its own workdir, so a
+    # study can gain variants or seeds and keep the runs it has.
+    keys = {k for k in current.keys() - NON_RESULT_KEYS if not k.startswith('study.')}
+    for key in sorted(keys):
         old = recorded.get(key, ABSENT)
         if old == ABSENT and key in defaults and current[key] == defaults[key]:
             continue
