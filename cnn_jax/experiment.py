@@ -21,7 +21,7 @@ from cnn_jax import losses, parallel, report, run_record, summary, train
 from cnn_jax.data import Dataset, load_dataset
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import create_model
-from cnn_jax.training_loop import input_spec, model_input_shape, train_and_evaluate
+from cnn_jax.training_loop import TrainResult, input_spec, model_input_shape, train_and_evaluate
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -133,7 +133,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     )
     sanity = sanity_checks(config, model, dataset)
     result = train_and_evaluate(config, workdir, dataset, model, mesh)
+    return finish(config, workdir, result, dataset, sanity, layer_table, t0)
 
+
+def finish(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    result: TrainResult,
+    dataset: Dataset,
+    sanity: dict[str, Any],
+    layer_table: str,
+    t0: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A trained run's summary (final evaluation, counts, timing since `t0`, plus `extra`),
+    its reports written to `workdir`; returns what summary.json holds.
+
+    For `run` and for each variant of a vectorised run (cnn_jax.sweep).
+    """
     evals, predictions = {}, None
     for split in ('train', 'val', 'test'):
         if split in result.device_data:
@@ -176,6 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         'resumed_from_step': result.resumed_from_step,
         'class_names': dataset.class_names,
         'sanity': sanity,
+        **(extra or {}),
     }
     out = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()
