@@ -146,10 +146,9 @@ def finish(
     t0: float,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A trained run's summary (final evaluation, counts, timing since `t0`, plus `extra`),
-    its reports written to `workdir`; returns what summary.json holds.
+    """Evaluates a trained run (or a variant of cnn_jax.sweep's) and writes its reports.
 
-    For `run` and for each variant of a vectorised run (cnn_jax.sweep).
+    Returns what summary.json holds (timing since `t0`, `extra` keys last).
     """
     evals, predictions = {}, None
     for split in ('train', 'val', 'test'):

@@ -141,23 +141,21 @@ def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
 # --- Stacked states -------------------------------------------------------------------
 
 
-def stack(trees: Sequence[Any]) -> Any:
-    """One pytree whose leaves stack the corresponding leaves of `trees` on a new axis 0."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def state_axes(state: train.TrainState) -> train.TrainState:
     """vmap axes of a stacked state: every leaf on axis 0 except the shared step counter."""
     axes = jax.tree.map(lambda _: 0, state)
     return axes.replace(step=None)
 
 
-def stack_states(states: Sequence[train.TrainState]) -> train.TrainState:
+def stack_states(
+    states: Sequence[train.TrainState], join: Callable[..., jax.Array] = jnp.stack
+) -> train.TrainState:
     """K train states (same model and optimiser structure) as one stacked state.
 
     The step counter stays a scalar (all variants step together); the optimiser and
     apply function are those of the first state, which is right because the variants differ
-    only in the numbers held in `opt_state` (inject_hyperparams).
+    only in the numbers held in `opt_state` (inject_hyperparams). `join=jnp.concatenate`
+    joins stacks into one.
     """
     first = states[0]
     structure = jax.tree.structure(first.opt_state)
@@ -165,7 +163,7 @@ def stack_states(states: Sequence[train.TrainState]) -> train.TrainState:
         if jax.tree.structure(s.opt_state) != structure:
             raise ConfigError(f'variant {i} has a different optimiser state structure')
     trees = [(s.params, s.opt_state, s.batch_stats) for s in states]
-    params, opt_state, batch_stats = stack(trees)
+    params, opt_state, batch_stats = jax.tree.map(lambda *xs: join(xs), *trees)
     return first.replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
 
 
@@ -248,7 +246,7 @@ def make_vectorized_train(
 
     `group_size` g < K vmaps groups of g variants side by side in the one program (same
     numbers): a vmapped convolution with per-variant kernels is a grouped convolution,
-    whose cost on XLA's CPU backend grows faster than K (see default_group_size).
+    whose cost on XLA's CPU backend grows faster than K (benchmark_vectorized).
     """
     config = configs[0]
     loss_name = config.get('loss', 'cross_entropy')
@@ -309,24 +307,10 @@ def make_vectorized_train(
             st, ac = vmapped(st, ac, images, labels, p, step_in_epoch, r, smoothing_arr[part], a)
             states.append(st)
             accs.append(ac)
-        joined = stack_groups(states)
+        joined = stack_states(states, jnp.concatenate)
         return joined, jax.tree.map(lambda *xs: jnp.concatenate(xs), *accs)
 
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(repl, repl))
-
-
-def stack_groups(states: Sequence[train.TrainState]) -> train.TrainState:
-    """Stacked states of variant groups joined along the variant axis (one step counter)."""
-
-    def cat(*xs):
-        return jnp.concatenate(xs)
-
-    first = states[0]
-    return first.replace(
-        params=jax.tree.map(cat, *[s.params for s in states]),
-        opt_state=jax.tree.map(cat, *[s.opt_state for s in states]),
-        batch_stats=jax.tree.map(cat, *[s.batch_stats for s in states]),
-    )
 
 
 def zero_metrics(k: int) -> train.Metrics:

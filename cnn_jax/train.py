@@ -342,13 +342,6 @@ def evaluate_split(
     return result, predictions
 
 
-def loss_fn_value(state: TrainState, batch: dict[str, jnp.ndarray], loss: str) -> jnp.ndarray:
-    """Mean loss of `batch` in eval mode (for the first-batch sanity check)."""
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    logits = state.apply_fn(variables, batch['image'], train=False)
-    return jnp.mean(losses.per_example_loss(logits, batch['label'], loss))
-
-
 def optax_learning_rate(
     state: TrainState, config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> float:

@@ -213,9 +213,8 @@ def _restore_latest(
 ) -> tuple[train.TrainState, list[dict]] | None:
     """(state, each variant's loop record) at the newest step all variants saved, or None.
 
-    Each variant keeps its own checkpoints, so a plain run can resume a variant of a stack
-    and the other way round; variants found at different steps (a kill between their
-    saves) resume from the newest step they share, and without one start afresh.
+    Each variant has its own checkpoints (a plain run can resume a stack's variant and the
+    other way round); after a kill between their saves they resume from a shared step.
     """
     limit = None
     while True:
@@ -302,14 +301,7 @@ def train_variants(
             if loop.get('diverged_at_step') is not None:
                 r.status, r.diverged_at = 'diverged', loop['diverged_at_step']
         resumed_from = int(state.step)
-        where = ', '.join(str(r.workdir) for r in runs)
-        logging.info(
-            'Resuming from step %d (epoch %d, step %d of it) in %s',
-            resumed_from,
-            start_epoch + 1,
-            start_step,
-            where,
-        )
+        logging.info('Resuming from step %d in %s', resumed_from, [str(r.workdir) for r in runs])
         print(
             f'Resuming from checkpoint at step {resumed_from} '
             f'(epoch {start_epoch + 1}, step {start_step} of {steps_per_epoch}).',
@@ -355,13 +347,9 @@ def train_variants(
                         loss = a['loss'] / max(a['count'], 1.0)
                         if r.active and not math.isfinite(loss):
                             r.status, r.diverged_at = 'diverged', gstep
-                            logging.warning(
-                                'Diverged%s: training loss %s at step %d', r.tag, loss, gstep
-                            )
-                            print(
-                                f'\nDiverged{r.tag} at step {gstep}: training loss is {loss}.',
-                                flush=True,
-                            )
+                            message = f'Diverged{r.tag} at step {gstep}: training loss is {loss}.'
+                            logging.warning(message)
+                            print('\n' + message, flush=True)
                             active = mask()
                         elif r.active:
                             live.append((loss, a['correct'] / max(a['count'], 1.0)))
@@ -398,18 +386,14 @@ def train_variants(
                 if not r.active:
                     continue
                 state_k = steps.variant(state, k)
-                evals = {}
-                for split in ('val', 'test'):
-                    if split in device_data and (
-                        split == 'val' or config.get('eval_test_each_epoch')
-                    ):
-                        evals[split], _ = train.evaluate_split(
-                            steps.evaluation,
-                            state_k,
-                            *device_data[split],
-                            config.eval_batch_size,
-                            mesh,
-                        )
+                evals = {
+                    split: train.evaluate_split(
+                        steps.evaluation, state_k, *device_data[split], config.eval_batch_size, mesh
+                    )[0]
+                    for split in ('val', 'test')
+                    if split in device_data
+                    and (split == 'val' or config.get('eval_test_each_epoch'))
+                }
                 lr = train.optax_learning_rate(state_k, r.config, steps_per_epoch)
                 elapsed = time.perf_counter() - t_start
                 row = _epoch_row(epoch + 1, int(state.step), a, lr, elapsed, evals)
@@ -419,7 +403,7 @@ def train_variants(
                 print(
                     f'epoch {epoch + 1}{r.tag}: '
                     + '  '.join(
-                        f'{k} {v:.4f}' for k, v in row.items() if k.endswith(('loss', 'accuracy'))
+                        f'{n} {v:.4f}' for n, v in row.items() if n.endswith(('loss', 'accuracy'))
                     ),
                     flush=True,
                 )
