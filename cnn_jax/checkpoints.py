@@ -61,8 +61,10 @@ class Checkpoints:
             metrics={'value': float(value)},
         )
 
-    def restore_latest(self, template: Any) -> tuple[Any, dict] | None:
+    def restore_latest(self, template: Any, max_step: int | None = None) -> tuple[Any, dict] | None:
         """(state, loop record) of the newest readable checkpoint, laid out like `template`.
+
+        `max_step` ignores newer steps (the variants of a stack resume from a shared step).
 
         Newer checkpoints that cannot be read are deleted (so the re-run can save those
         steps again) once an older one restores; if none restores, nothing is deleted and
@@ -70,6 +72,8 @@ class Checkpoints:
         """
         failed: list[tuple[int, Exception]] = []
         for step in sorted(self.latest.all_steps(), reverse=True):
+            if max_step is not None and step > max_step:
+                continue
             try:
                 restored = self.latest.restore(
                     step,

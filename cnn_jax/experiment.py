@@ -21,7 +21,7 @@ from cnn_jax import losses, parallel, report, summary, train
 from cnn_jax.data import Dataset, load_dataset
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
-from cnn_jax.training_loop import input_spec, model_input_shape, train_and_evaluate
+from cnn_jax.training_loop import TrainResult, input_spec, model_input_shape, train_and_evaluate
 
 
 def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) -> dict[str, Any]:
@@ -112,7 +112,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     )
     sanity = sanity_checks(config, model, dataset)
     result = train_and_evaluate(config, workdir, dataset, model, mesh)
+    return finish(config, workdir, result, dataset, sanity, layer_table, t0)
 
+
+def finish(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    result: TrainResult,
+    dataset: Dataset,
+    sanity: dict[str, Any],
+    layer_table: str,
+    t0: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluates a trained run (or a variant of cnn_jax.sweep's) and writes its reports.
+
+    Returns what summary.json holds (timing since `t0`, `extra` keys last).
+    """
     evals, predictions = {}, None
     for split in ('train', 'val', 'test'):
         if split in result.device_data:
@@ -155,6 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         'resumed_from_step': result.resumed_from_step,
         'class_names': dataset.class_names,
         'sanity': sanity,
+        **(extra or {}),
     }
     out = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()

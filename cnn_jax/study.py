@@ -426,7 +426,7 @@ def _run_group(
             paths,
             names=[run_name(config, v) for v, _ in group],
         )
-    except KeyboardInterrupt:  # An interrupted group starts again (no checkpoints).
+    except KeyboardInterrupt:  # Each run keeps its checkpoints: the group resumes.
         raise
     except Exception as e:  # noqa: BLE001 - one bad group must not stop the study
         if not isinstance(e, CnnJaxError):

@@ -12,12 +12,12 @@ the loss) and seed (initial weights, dropout masks, augmentation and the epoch s
 per-variant batches then). Everything else, dropout rates included (the models check them
 in Python and leave the layer out at 0), changes the program: ConfigError.
 
-Each variant gives exactly the numbers of its sequential run (`cnn_jax.experiment.run` on
-the variant's config), up to float rounding: same initial weights, same batches, same
-dropout masks, same divergence and early-stopping decisions (per variant), and the same
-files in its workdir: metrics.jsonl, summary.json, curves.png, confusion_matrix.png,
-report.md. Unlike a sequential run it writes no checkpoints: an interrupted vectorised run
-starts again from scratch.
+The stacked variants train through the one training loop
+(`cnn_jax.training_loop.train_variants` with `stacked_steps`), so each variant gives the
+numbers of its sequential run (`cnn_jax.experiment.run` on the variant's config), up to
+float rounding: same initial weights, batches and dropout masks, its own divergence and
+early stopping (a variant that stops keeps its state while the others train on), its own
+checkpoints (an interrupted group resumes), and the same files in its workdir.
 
     from cnn_jax import sweep
     summaries = sweep.run_vectorized(config, [{'learning_rate': 0.1}, {'learning_rate': 0.01}],
@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import math
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cnn_jax import losses, parallel, train
+from cnn_jax import experiment, losses, parallel, summary, train, training_loop
+from cnn_jax.data import load_dataset
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
 
@@ -142,23 +142,21 @@ def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
 # --- Stacked states -------------------------------------------------------------------
 
 
-def stack(trees: Sequence[Any]) -> Any:
-    """One pytree whose leaves stack the corresponding leaves of `trees` on a new axis 0."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def state_axes(state: train.TrainState) -> train.TrainState:
     """vmap axes of a stacked state: every leaf on axis 0 except the shared step counter."""
     axes = jax.tree.map(lambda _: 0, state)
     return axes.replace(step=None)
 
 
-def stack_states(states: Sequence[train.TrainState]) -> train.TrainState:
+def stack_states(
+    states: Sequence[train.TrainState], join: Callable[..., jax.Array] = jnp.stack
+) -> train.TrainState:
     """K train states (same model and optimiser structure) as one stacked state.
 
     The step counter stays a scalar (all variants step together); the optimiser and
     apply function are those of the first state, which is right because the variants differ
-    only in the numbers held in `opt_state` (inject_hyperparams).
+    only in the numbers held in `opt_state` (inject_hyperparams). `join=jnp.concatenate`
+    joins stacks into one.
     """
     first = states[0]
     structure = jax.tree.structure(first.opt_state)
@@ -166,12 +164,12 @@ def stack_states(states: Sequence[train.TrainState]) -> train.TrainState:
         if jax.tree.structure(s.opt_state) != structure:
             raise ConfigError(f'variant {i} has a different optimiser state structure')
     trees = [(s.params, s.opt_state, s.batch_stats) for s in states]
-    params, opt_state, batch_stats = stack(trees)
+    params, opt_state, batch_stats = jax.tree.map(lambda *xs: join(xs), *trees)
     return first.replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
 
 
-def unstack_state(state: train.TrainState, k: int) -> train.TrainState:
-    """Variant `k` of a stacked state, as an ordinary train state."""
+def unstack_state(state: train.TrainState, k: int | slice) -> train.TrainState:
+    """Variant `k` of a stacked state, as an ordinary train state (a slice: a smaller stack)."""
 
     def take(x):
         return x[k]
@@ -242,13 +240,14 @@ def make_vectorized_train(
 ) -> Callable[..., tuple[train.TrainState, train.Metrics]]:
     """The jitted vectorised counterpart of `train.compile_steps(...).train`.
 
-    train(state, acc, images, labels, perm, step_in_epoch, rng) -> (state, acc), with the
-    stacked state and metric sums (K,); `perm` and `rng` carry a leading K axis unless the
-    variants share their seed. The body is compile_steps' train function, vmapped.
+    train(state, acc, images, labels, perm, step_in_epoch, rng, active=None) -> (state, acc),
+    with the stacked state and metric sums (K,); `perm` and `rng` carry a leading K axis
+    unless the variants share their seed. The body is compile_steps' train function,
+    vmapped. `active`, (K,) bool, keeps the state of the variants it marks False.
 
     `group_size` g < K vmaps groups of g variants side by side in the one program (same
     numbers): a vmapped convolution with per-variant kernels is a grouped convolution,
-    whose cost on XLA's CPU backend grows faster than K (see default_group_size).
+    whose cost on XLA's CPU backend grows faster than K (benchmark_vectorized).
     """
     config = configs[0]
     loss_name = config.get('loss', 'cross_entropy')
@@ -258,70 +257,61 @@ def make_vectorized_train(
     repl = parallel.replicated(mesh)
     smoothing_arr = jnp.asarray(smoothings, jnp.float32)
 
-    def one(state, acc, images, labels, perm, step_in_epoch, rng, smoothing):
+    def one(state, acc, images, labels, perm, step_in_epoch, rng, smoothing, active):
         indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
         aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
         batch = spec.make_batch(images, labels, indices, aug_rng)
         step_rng = jax.random.fold_in(rng, 0)
         if shared_smoothing:
-            state, metrics = train.train_step(
+            new, metrics = train.train_step(
                 state, batch, step_rng, loss=loss_name, label_smoothing=smoothings[0]
             )
         else:  # A traced smoothing, one per variant.
-            state, metrics = train.train_step(
+            new, metrics = train.train_step(
                 state, batch, step_rng, loss=loss_name, label_smoothing=smoothing
             )
-        return state, jax.tree.map(jnp.add, acc, metrics)
+        if active is not None:  # A stopped variant's numbers stay as they were.
+
+            def keep(a, b):
+                return jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)
+
+            new = new.replace(
+                params=keep(new.params, state.params),
+                opt_state=keep(new.opt_state, state.opt_state),
+                batch_stats=keep(new.batch_stats, state.batch_stats),
+            )
+        return new, jax.tree.map(jnp.add, acc, metrics)
 
     per_variant = 0 if not rngs.shared else None
     axes = state_axes(state)
     vmapped = jax.vmap(
         one,
-        in_axes=(axes, 0, None, None, per_variant, None, per_variant, 0),
+        in_axes=(axes, 0, None, None, per_variant, None, per_variant, 0, 0),
         out_axes=(axes, 0),
     )
 
     k_total = len(configs)
     group = min(group_size or k_total, k_total)
 
-    def step(state, acc, images, labels, perm, step_in_epoch, rng):
+    def step(state, acc, images, labels, perm, step_in_epoch, rng, active=None):
         if group == k_total:
-            return vmapped(state, acc, images, labels, perm, step_in_epoch, rng, smoothing_arr)
+            return vmapped(
+                state, acc, images, labels, perm, step_in_epoch, rng, smoothing_arr, active
+            )
         states, accs = [], []
         for start in range(0, k_total, group):
             part = slice(start, start + group)
-
-            def take(x, part=part):
-                return x[part]
-
-            st = state.replace(
-                params=jax.tree.map(take, state.params),
-                opt_state=jax.tree.map(take, state.opt_state),
-                batch_stats=jax.tree.map(take, state.batch_stats),
-            )
+            st = unstack_state(state, part)
             p, r = (perm[part], rng[part]) if per_variant == 0 else (perm, rng)
-            ac = jax.tree.map(take, acc)
-            st, ac = vmapped(st, ac, images, labels, p, step_in_epoch, r, smoothing_arr[part])
+            ac = jax.tree.map(lambda x, part=part: x[part], acc)
+            a = None if active is None else active[part]
+            st, ac = vmapped(st, ac, images, labels, p, step_in_epoch, r, smoothing_arr[part], a)
             states.append(st)
             accs.append(ac)
-        joined = stack_groups(states)
+        joined = stack_states(states, jnp.concatenate)
         return joined, jax.tree.map(lambda *xs: jnp.concatenate(xs), *accs)
 
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(repl, repl))
-
-
-def stack_groups(states: Sequence[train.TrainState]) -> train.TrainState:
-    """Stacked states of variant groups joined along the variant axis (one step counter)."""
-
-    def cat(*xs):
-        return jnp.concatenate(xs)
-
-    first = states[0]
-    return first.replace(
-        params=jax.tree.map(cat, *[s.params for s in states]),
-        opt_state=jax.tree.map(cat, *[s.opt_state for s in states]),
-        batch_stats=jax.tree.map(cat, *[s.batch_stats for s in states]),
-    )
 
 
 def zero_metrics(k: int) -> train.Metrics:
@@ -354,26 +344,31 @@ def permutations(
 # --- Running studies ------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Variant:
-    """Per-variant loop state: what train_and_evaluate keeps for one run."""
-
-    config: ml_collections.ConfigDict
-    workdir: pathlib.Path
-    log: Any
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    status: str = 'completed'
-    diverged_at: int | None = None
-    stopped_early: bool = False
-    best_value: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0
-    best_state: Any = None
-    final_state: Any = None  # Frozen when it stops (diverged or stopped early).
-
-    @property
-    def active(self) -> bool:
-        return self.status == 'completed' and not self.stopped_early
+def stacked_steps(
+    configs: Sequence[ml_collections.ConfigDict],
+    model: Any,
+    input_shape: tuple[int, ...],
+    spec: train.InputSpec,
+    mesh: Mesh,
+    num_train: int,
+    steps_per_epoch: int,
+) -> train.VariantSteps:
+    """The training loop's steps for K stacked variants (cnn_jax.training_loop.train_variants)."""
+    rngs = VariantRngs.from_seeds([c.seed for c in configs])
+    state = create_stacked_state(configs, model, input_shape, rngs, steps_per_epoch)
+    batch_size = configs[0].batch_size
+    return train.VariantSteps(
+        state=state,
+        train=make_vectorized_train(configs, mesh, spec, state, rngs),
+        permutation=lambda epoch: permutations(
+            rngs, epoch, num_train, steps_per_epoch, batch_size, mesh
+        ),
+        rng=rngs.train[0] if rngs.shared else rngs.train,
+        zero_metrics=lambda: zero_metrics(len(configs)),
+        variant=unstack_state,
+        stack=stack_states,
+        evaluation=train.compile_steps(configs[0], mesh, spec, num_train, steps_per_epoch),
+    )
 
 
 def run_vectorized(
@@ -381,6 +376,7 @@ def run_vectorized(
     variants: Sequence[dict[str, Any]],
     workdirs: Sequence[str | pathlib.Path],
     names: Sequence[str] | None = None,
+    hooks: Sequence[training_loop.Hook] = (),
 ) -> list[dict[str, Any]]:
     """Trains every variant of `config` as one vectorised program; one summary per variant.
 
@@ -389,28 +385,13 @@ def run_vectorized(
       variants: one dict of overrides per variant, keys from SWEEPABLE, e.g.
         [{'learning_rate': 0.1}, {'learning_rate': 0.01, 'seed': 1}].
       workdirs: one directory per variant; each receives what `cnn_jax.experiment.run`
-        would write there (metrics.jsonl, summary.json, curves.png, confusion_matrix.png,
-        report.md), checkpoints excepted.
+        would write there, checkpoints included (an interrupted group resumes from them).
       names: optional `name` of each variant's config (the title of its reports).
+      hooks: called after each step, as in cnn_jax.training_loop.
 
     Returns:
       What each variant's summary.json holds, in order, plus `vectorized`: {'k', 'index'}.
     """
-    from cnn_jax import experiment, summary
-    from cnn_jax.data import load_dataset
-    from cnn_jax.records import MetricsLog
-    from cnn_jax.training_loop import (
-        _epoch_row,
-        _host_acc,
-        device_splits,
-        epoch_plan,
-        improved,
-        input_spec,
-        model_input_shape,
-    )
-
-    if len(variants) != len(workdirs):
-        raise ConfigError(f'{len(variants)} variants but {len(workdirs)} workdirs')
     configs = variant_configs(config, variants)
     if names is not None:
         if len(names) != len(configs):
@@ -418,202 +399,37 @@ def run_vectorized(
         for c, name in zip(configs, names, strict=True):
             c.name = name
     t0 = time.perf_counter()
-    k_total = len(configs)
+    workdirs = [pathlib.Path(w) for w in workdirs]
+    for w in workdirs:
+        w.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(config)
     model = build_model(config, dataset.num_classes)
-    shape = model_input_shape(config, dataset)
-    layer_table = summary.layer_table(model, shape)
+    layer_table = summary.layer_table(model, training_loop.model_input_shape(config, dataset))
     mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.batch_size, mesh)
-    parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
     print(
-        f'{config.model} on {dataset.name}: {k_total} variants vectorised '
+        f'{config.model} on {dataset.name}: {len(configs)} variants vectorised '
         f'({", ".join(str(v) for v in variants)}); {mesh.devices.size} '
         f'{jax.devices()[0].platform} device(s).',
         flush=True,
     )
-    sanity_by_seed = {}
+    sanity = {}  # The checks depend on the seed only.
     for c in configs:
-        if c.seed not in sanity_by_seed:
-            sanity_by_seed[c.seed] = experiment.sanity_checks(c, model, dataset)
-
-    num_train = len(dataset.train)
-    steps_per_epoch, monitor, mode = epoch_plan(config, dataset)
-    es = config.early_stopping
-
-    rngs = VariantRngs.from_seeds([c.seed for c in configs])
-    spec = input_spec(config, dataset)
-    state = create_stacked_state(configs, model, shape, rngs, steps_per_epoch)
-    state = jax.device_put(state, parallel.replicated(mesh))
-    device_data = device_splits(dataset, mesh)
-    vtrain = make_vectorized_train(configs, mesh, spec, state, rngs)
-    steps = train.compile_steps(config, mesh, spec, num_train, steps_per_epoch)  # evaluate
-    train_rng = rngs.train[0] if rngs.shared else rngs.train
-    runs = []
-    for c, w in zip(configs, workdirs, strict=True):
-        w = pathlib.Path(w)
-        w.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(w, enabled=jax.process_index() == 0)
-        log.truncate(0)  # No checkpoints to resume from: start the records afresh.
-        runs.append(_Variant(config=c, workdir=w, log=log))
-
-    train_images, train_labels = device_data['train']
-    log_every = max(1, config.get('log_every_steps', 50))
-    acc = jax.device_put(zero_metrics(k_total), parallel.replicated(mesh))
-    compile_s, timed_steps, timed_s = 0.0, 0, 0.0
-    t_start = time.perf_counter()
-    for epoch in range(config.num_epochs):
-        if not any(r.active for r in runs):
-            break
-        perm = permutations(rngs, epoch, num_train, steps_per_epoch, config.batch_size, mesh)
-        t_epoch = None
-        for s in range(steps_per_epoch):
-            state, acc = vtrain(
-                state, acc, train_images, train_labels, perm, np.int32(s), train_rng
-            )
-            gstep = epoch * steps_per_epoch + s + 1
-            if t_epoch is None:
-                jax.block_until_ready(acc)
-                if compile_s == 0.0:
-                    compile_s = time.perf_counter() - t_start
-                t_epoch, first_timed = time.perf_counter(), gstep
-            if gstep % log_every == 0 or s == steps_per_epoch - 1:
-                host = jax.device_get(acc)  # The only host sync inside an epoch.
-                for k, r in enumerate(runs):
-                    loss = float(host['loss'][k]) / max(float(host['count'][k]), 1.0)
-                    if r.active and not math.isfinite(loss):
-                        r.status, r.diverged_at = 'diverged', gstep
-                        r.final_state = jax.device_get(unstack_state(state, k))
-                        print(f'variant {k}: diverged at step {gstep}: training loss is {loss}.')
-                if not any(r.active for r in runs):
-                    break
-        jax.block_until_ready(state)
-        if t_epoch is not None:
-            timed_steps += gstep - first_timed
-            timed_s += time.perf_counter() - t_epoch
-        host_acc = jax.device_get(acc)
-        for k, r in enumerate(runs):
-            if not r.active:
-                continue
-            state_k = unstack_state(state, k)
-            evals = {}
-            for split in ('val', 'test'):
-                if split in device_data and (split == 'val' or config.get('eval_test_each_epoch')):
-                    evals[split], _ = train.evaluate_split(
-                        steps, state_k, *device_data[split], config.eval_batch_size, mesh
-                    )
-            lr = train.optax_learning_rate(state_k, r.config, steps_per_epoch)
-            acc_k = _host_acc({n: v[k] for n, v in host_acc.items()})
-            row = _epoch_row(
-                epoch + 1, int(state.step), acc_k, lr, time.perf_counter() - t_start, evals
-            )
-            r.history.append(row)
-            r.log.write_epoch(row)
-            if improved(row[monitor], r.best_value, mode, es.min_delta):
-                r.best_value, r.best_epoch, r.bad_epochs = row[monitor], epoch + 1, 0
-                if es.patience > 0:
-                    r.best_state = jax.device_get(state_k)
-            else:
-                r.bad_epochs += 1
-            if es.patience > 0 and r.bad_epochs >= es.patience:
-                r.stopped_early = True  # Keras' restore_best_weights, as the loop does.
-                best = r.best_state
-                r.final_state = best if best is not None else jax.device_get(state_k)
-        print(
-            f'epoch {epoch + 1}: '
-            + '  '.join(
-                f'[{k}] {r.history[-1].get("val_accuracy", r.history[-1]["train_accuracy"]):.4f}'
-                for k, r in enumerate(runs)
-                if r.history and r.history[-1]['epoch'] == epoch + 1
-            ),
-            flush=True,
+        if c.seed not in sanity:
+            sanity[c.seed] = experiment.sanity_checks(c, model, dataset)
+    results = training_loop.train_variants(
+        configs, workdirs, dataset, model, mesh, hooks, make_steps=stacked_steps
+    )
+    return [
+        experiment.finish(
+            c,
+            w,
+            result,
+            dataset,
+            sanity[c.seed],
+            layer_table,
+            t0,
+            extra={'vectorized': {'k': len(configs), 'index': k}},
         )
-        acc = jax.device_put(zero_metrics(k_total), parallel.replicated(mesh))
+        for k, (c, w, result) in enumerate(zip(configs, workdirs, results, strict=True))
+    ]
 
-    steps_per_s = timed_steps / timed_s if timed_s > 0 else float('nan')
-    outs = []
-    for k, r in enumerate(runs):
-        if r.final_state is not None:
-            state_k = jax.device_put(r.final_state, parallel.replicated(mesh))
-        elif es.patience > 0 and r.status == 'completed' and r.best_state is not None:
-            state_k = jax.device_put(r.best_state, parallel.replicated(mesh))
-        else:
-            state_k = unstack_state(state, k)
-        out = _summary(
-            r, k, k_total, state_k, steps, device_data, dataset, mesh, sanity_by_seed[r.config.seed]
-        )
-        out.update(
-            steps_per_epoch=steps_per_epoch,
-            wall_time_s=round(time.perf_counter() - t0, 2),
-            compile_s=round(compile_s, 2),
-            train_steps_per_s=round(steps_per_s, 3),
-            train_images_per_s=round(steps_per_s * config.batch_size, 1),
-        )
-        out = {
-            key: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for key, v in out.items()
-        }
-        if jax.process_index() == 0:
-            experiment.write_outputs(
-                r.workdir, out, r.history, r.config, layer_table, dataset.class_names
-            )
-        r.log.close()
-        outs.append(out)
-    return outs
-
-
-def _summary(
-    r: _Variant,
-    k: int,
-    k_total: int,
-    state: train.TrainState,
-    steps: train.CompiledSteps,
-    device_data: dict[str, tuple[jax.Array, jax.Array]],
-    dataset: Any,
-    mesh: Mesh,
-    sanity: dict[str, Any],
-) -> dict[str, Any]:
-    """The keys of experiment.run's summary, in its order, for one variant."""
-    from cnn_jax import report, summary
-
-    config = r.config
-    evals, predictions = {}, None
-    for split in ('train', 'val', 'test'):
-        if split in device_data:
-            evals[split], preds = train.evaluate_split(
-                steps,
-                state,
-                *device_data[split],
-                config.eval_batch_size,
-                mesh,
-                with_predictions=split == 'test',
-            )
-            predictions = preds if split == 'test' else predictions
-    metrics = report.classification_metrics(dataset.test.labels, predictions, dataset.num_classes)
-    counts = summary.param_counts({'params': state.params, 'batch_stats': state.batch_stats})
-    return {
-        'name': config.get('name', None) or config.model,
-        'status': r.status,
-        'diverged_at_step': r.diverged_at,
-        'stopped_early': r.stopped_early,
-        'best_epoch': r.best_epoch,
-        **{f'{s}_accuracy': m['accuracy'] for s, m in evals.items()},
-        **{f'{s}_loss': m['loss'] for s, m in evals.items()},
-        **metrics,
-        'total_params': counts.total,
-        'trainable_params': counts.trainable,
-        'non_trainable_params': counts.non_trainable,
-        'batch_norm_statistics': counts.batch_stats,
-        'epochs_run': len(r.history),
-        'steps_per_epoch': None,
-        'wall_time_s': None,
-        'compile_s': None,
-        'train_steps_per_s': None,
-        'train_images_per_s': None,
-        'num_devices': int(mesh.devices.size),
-        'platform': jax.devices()[0].platform,
-        'resumed_from_step': None,
-        'class_names': dataset.class_names,
-        'sanity': sanity,
-        'vectorized': {'k': k_total, 'index': k},
-    }

@@ -4,13 +4,15 @@
 arrays (testable on their own). `compile_steps` wraps them with the on-device input
 pipeline (gather from the device-resident dataset, augment, normalise) into functions
 compiled once with `jax.jit` over the 'data' mesh, the train state donated.
+`plain_steps` packs them for the training loop, which trains K variants of a run in step
+(cnn_jax.sweep stacks K > 1; a plain run is K = 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -254,6 +256,61 @@ def compile_steps(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class VariantSteps:
+    """What the loop runs for its K variants: `plain_steps` (K=1) or cnn_jax.sweep's stack.
+
+    `train(state, acc, images, labels, perm, step_in_epoch, rng, active)` is one step of
+    every variant; `active` (K,) bool says which still train: the others' states stay as
+    they are. `variant(state, k)` is variant k as an ordinary train state (what its
+    checkpoints and evaluation see) and `stack` joins K of those back into `state`'s form.
+    """
+
+    state: TrainState  # Fresh, on the host or any device.
+    train: Callable[..., tuple[TrainState, Metrics]]
+    permutation: Callable[[int], jax.Array]  # epoch -> batch indices.
+    rng: jax.Array  # The `rng` argument of `train`.
+    zero_metrics: Callable[[], Metrics]
+    variant: Callable[[TrainState, int], TrainState]
+    stack: Callable[[Sequence[TrainState]], TrainState]
+    evaluation: CompiledSteps  # Its `evaluate` takes `variant(state, k)`.
+
+
+# (configs, model, input_shape, spec, mesh, num_train, steps_per_epoch) -> VariantSteps
+MakeSteps = Callable[..., VariantSteps]
+
+
+def plain_steps(
+    configs: Sequence[ml_collections.ConfigDict],
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    spec: InputSpec,
+    mesh: Mesh,
+    num_train: int,
+    steps_per_epoch: int,
+) -> VariantSteps:
+    """One ordinary train state and cnn_jax.train's compiled steps: a plain run (K=1)."""
+    (config,) = configs  # A plain run trains one config.
+    init_rng, train_rng, data_rng = jax.random.split(jax.random.key(config.seed), 3)
+    state = create_train_state(config, model, input_shape, init_rng, steps_per_epoch)
+    compiled = compile_steps(config, mesh, spec, num_train, steps_per_epoch)
+
+    def step(state, acc, images, labels, perm, step_in_epoch, rng, active):
+        del active  # One variant: the loop ends when it stops.
+        return compiled.train(state, acc, images, labels, perm, step_in_epoch, rng)
+
+    return VariantSteps(
+        state=state,
+        train=step,
+        permutation=lambda epoch: compiled.permutation(data_rng, epoch),
+        rng=train_rng,
+        zero_metrics=zero_metrics,
+        variant=lambda state, k: state,
+        stack=lambda states: states[0],
+        evaluation=compiled,
+    )
+
+
 def evaluate_split(
     steps: CompiledSteps,
     state: TrainState,
@@ -283,13 +340,6 @@ def evaluate_split(
     result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
     predictions = np.concatenate(jax.device_get(preds))[:n] if with_predictions else None
     return result, predictions
-
-
-def loss_fn_value(state: TrainState, batch: dict[str, jnp.ndarray], loss: str) -> jnp.ndarray:
-    """Mean loss of `batch` in eval mode (for the first-batch sanity check)."""
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    logits = state.apply_fn(variables, batch['image'], train=False)
-    return jnp.mean(losses.per_example_loss(logits, batch['label'], loss))
 
 
 def optax_learning_rate(

@@ -2,7 +2,9 @@
 
 `train_and_evaluate` resumes from the workdir's latest checkpoint, stops cleanly on
 Ctrl-C/SIGTERM (saving first), detects divergence, and returns the state to test with
-(the best one when early stopping is on) and the per-epoch history.
+(the best one when early stopping is on) and the per-epoch history. `train_variants` is
+the same loop over K variants trained in step (cnn_jax.sweep stacks them), each with
+the records, checkpoints and early stopping of a run of its own; a plain run is K = 1.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ Hook = Callable[[int], bool | None]  # Called after each step; True asks the loo
 
 @dataclasses.dataclass
 class TrainResult:
+    """One run's (one variant's) outcome; the fields from steps_per_epoch on are shared."""
+
     state: train.TrainState
     history: list[dict[str, Any]]
     status: str  # 'completed' | 'diverged'
@@ -145,10 +149,6 @@ def _epoch_row(
     return row
 
 
-def _host_acc(acc: dict[str, jax.Array]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(acc).items()}
-
-
 def device_splits(dataset: Any, mesh: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{'train'|'val'|'test': (images, labels)} of `dataset`, replicated on every device."""
     return {
@@ -161,6 +161,72 @@ def device_splits(dataset: Any, mesh: Any) -> dict[str, tuple[jax.Array, jax.Arr
     }
 
 
+# --- The K variants one loop trains ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Variant:
+    """One variant's records and early-stopping state (a plain run has one)."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    log: MetricsLog
+    ckpt: Checkpoints
+    tag: str  # Prefix of its printed lines ('' for a plain run).
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    status: str = 'completed'  # 'completed' | 'diverged'
+    diverged_at: int | None = None
+    stopped_early: bool = False
+    best_value: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.status == 'completed' and not self.stopped_early
+
+    def observe(self, row: dict[str, Any], monitor: str, mode: str, es: Any) -> bool:
+        """Updates early stopping with an epoch's row; whether it is the best so far."""
+        better = monitor in row and improved(row[monitor], self.best_value, mode, es.min_delta)
+        if better:
+            self.best_value, self.best_epoch, self.bad_epochs = row[monitor], row['epoch'], 0
+        else:
+            self.bad_epochs += 1
+        self.stopped_early = es.patience > 0 and self.bad_epochs >= es.patience
+        return better
+
+    def loop_record(self, epoch: int, step_in_epoch: int, acc: dict[str, float]) -> dict:
+        record = {'epoch': epoch, 'step_in_epoch': step_in_epoch, 'acc': acc}
+        if self.diverged_at is not None:  # Only a stack saves after a variant diverged.
+            record['diverged_at_step'] = self.diverged_at
+        return record
+
+
+def _host_acc(acc: train.Metrics) -> list[dict[str, float]]:
+    """Each variant's running metric sums, on the host."""
+    host = {name: np.atleast_1d(v) for name, v in jax.device_get(acc).items()}
+    return [{name: float(v[k]) for name, v in host.items()} for k in range(len(host['loss']))]
+
+
+def _restore_latest(
+    runs: Sequence[_Variant], steps: train.VariantSteps, state: train.TrainState
+) -> tuple[train.TrainState, list[dict]] | None:
+    """(state, each variant's loop record) at the newest step all variants saved, or None.
+
+    Each variant has its own checkpoints (a plain run can resume a stack's variant and the
+    other way round); after a kill between their saves they resume from a shared step.
+    """
+    limit = None
+    while True:
+        found = [r.ckpt.restore_latest(steps.variant(state, k), limit) for k, r in enumerate(runs)]
+        if any(f is None for f in found):
+            return None
+        at = {int(s.step) for s, _ in found}
+        if len(at) == 1:
+            return steps.stack([s for s, _ in found]), [loop for _, loop in found]
+        limit = min(at)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
@@ -170,77 +236,103 @@ def train_and_evaluate(
     hooks: Sequence[Hook] = (),
 ) -> TrainResult:
     """Trains `model` on `dataset` as `config` says, resuming from `workdir` if possible."""
-    workdir = pathlib.Path(workdir)
+    return train_variants([config], [workdir], dataset, model, mesh, hooks)[0]
+
+
+def train_variants(
+    configs: Sequence[ml_collections.ConfigDict],
+    workdirs: Sequence[str | pathlib.Path],
+    dataset: Dataset,
+    model: nn.Module,
+    mesh: Mesh | None = None,
+    hooks: Sequence[Hook] = (),
+    make_steps: train.MakeSteps = train.plain_steps,
+) -> list[TrainResult]:
+    """Trains K variants of one experiment in step, each as its own run in its workdir.
+
+    The configs differ only in numbers `make_steps` can hold per variant (cnn_jax.sweep);
+    `plain_steps` and one config is a plain run. Each variant resumes, logs, checkpoints
+    (latest and best in its workdir), diverges and stops early on its own; one that stops
+    keeps its state while the others train on. Returns each variant's TrainResult.
+    """
+    if len(configs) != len(workdirs):
+        raise ConfigError(f'{len(configs)} variants but {len(workdirs)} workdirs')
+    config = configs[0]  # Everything the variants share.
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+    repl = parallel.replicated(mesh)
     num_train = len(dataset.train)
     steps_per_epoch, monitor, mode = epoch_plan(config, dataset)
     es = config.early_stopping
 
-    rng = jax.random.key(config.seed)
-    init_rng, train_rng, data_rng = jax.random.split(rng, 3)
-    spec = input_spec(config, dataset)
-    state = train.create_train_state(
-        config, model, model_input_shape(config, dataset), init_rng, steps_per_epoch
-    )
-    state = jax.device_put(state, parallel.replicated(mesh))
+    shape, spec = model_input_shape(config, dataset), input_spec(config, dataset)
+    steps = make_steps(configs, model, shape, spec, mesh, num_train, steps_per_epoch)
+    state = jax.device_put(steps.state, repl)
     device_data = device_splits(dataset, mesh)
-    steps = train.compile_steps(config, mesh, spec, num_train, steps_per_epoch)
-    ckpt = Checkpoints(workdir, keep=config.get('keep_checkpoints', 2), best_mode=mode)
-    log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+    writer = jax.process_index() == 0
+    keep = config.get('keep_checkpoints', 2)
+    runs = [
+        _Variant(
+            config=c,
+            workdir=pathlib.Path(w),
+            log=MetricsLog(w, enabled=writer),
+            ckpt=Checkpoints(w, keep=keep, best_mode=mode),
+            tag='' if len(configs) == 1 else f' [{c.get("name", None) or k}]',
+        )
+        for k, (c, w) in enumerate(zip(configs, workdirs, strict=True))
+    ]
 
-    acc = train.zero_metrics()
+    acc = steps.zero_metrics()
     start_epoch = start_step = 0
     resumed_from = None
-    restored = ckpt.restore_latest(state)
+    restored = _restore_latest(runs, steps, state)
     if restored is not None:
-        state, loop = restored
-        start_epoch, start_step = loop['epoch'], loop['step_in_epoch']
-        acc = jax.device_put(
-            {k: jnp.float32(v) for k, v in loop['acc'].items()}, parallel.replicated(mesh)
+        state, loops = restored
+        state = jax.device_put(state, repl)
+        start_epoch, start_step = loops[0]['epoch'], loops[0]['step_in_epoch']
+        acc = jax.tree.map(
+            lambda zero, *vs: jnp.asarray(vs, jnp.float32).reshape(zero.shape),
+            acc,
+            *[loop['acc'] for loop in loops],
         )
+        acc = jax.device_put(acc, repl)
+        for r, loop in zip(runs, loops, strict=True):
+            if loop.get('diverged_at_step') is not None:
+                r.status, r.diverged_at = 'diverged', loop['diverged_at_step']
         resumed_from = int(state.step)
-        logging.info(
-            'Resuming from step %d (epoch %d, step %d of it) in %s',
-            resumed_from,
-            start_epoch + 1,
-            start_step,
-            workdir,
-        )
+        logging.info('Resuming from step %d in %s', resumed_from, [str(r.workdir) for r in runs])
         print(
             f'Resuming from checkpoint at step {resumed_from} '
             f'(epoch {start_epoch + 1}, step {start_step} of {steps_per_epoch}).',
             flush=True,
         )
-    history = log.truncate(start_epoch)
+    for r in runs:
+        r.history = r.log.truncate(start_epoch)
+        for row in r.history:  # Rebuild early-stopping state from the epochs already run.
+            r.observe(row, monitor, mode, es)
 
-    best_value, best_epoch, bad_epochs = None, None, 0
-    for row in history:  # Rebuild early-stopping state from the epochs already run.
-        if monitor in row and improved(row[monitor], best_value, mode, es.min_delta):
-            best_value, best_epoch, bad_epochs = row[monitor], row['epoch'], 0
-        else:
-            bad_epochs += 1
-    stopped_early = es.patience > 0 and bad_epochs >= es.patience
+    def mask() -> jax.Array:
+        return jax.device_put(np.array([r.active for r in runs]), repl)
 
+    active = mask()
     train_images, train_labels = device_data['train']
     total_steps = config.num_epochs * steps_per_epoch
-    progress = Progress(total_steps, enabled=jax.process_index() == 0)
+    progress = Progress(total_steps, enabled=writer)
     log_every = max(1, config.get('log_every_steps', 50))
-    status, diverged_at = 'completed', None
     compile_s, timed_steps, timed_s = 0.0, 0, 0.0
     t_start = time.perf_counter()
     stop = StopRequest()
     with stop.installed():
         for epoch in range(start_epoch, config.num_epochs):
-            if stopped_early or status == 'diverged':
+            if not any(r.active for r in runs):
                 break
-            perm = steps.permutation(data_rng, epoch)
+            perm = steps.permutation(epoch)
             first_step = start_step if epoch == start_epoch else 0
             t_epoch = None
             for s in range(first_step, steps_per_epoch):
                 state, acc = steps.train(
-                    state, acc, train_images, train_labels, perm, np.int32(s), train_rng
+                    state, acc, train_images, train_labels, perm, np.int32(s), steps.rng, active
                 )
                 gstep = epoch * steps_per_epoch + s + 1
                 if t_epoch is None:  # First step of this process: includes compilation.
@@ -250,97 +342,115 @@ def train_and_evaluate(
                     progress.start(gstep)
                     t_epoch, first_timed = time.perf_counter(), gstep
                 if gstep % log_every == 0 or s == steps_per_epoch - 1:
-                    host = _host_acc(acc)  # The only host sync inside an epoch.
-                    loss = host['loss'] / max(host['count'], 1.0)
-                    if not math.isfinite(loss):
-                        status, diverged_at = 'diverged', gstep
-                        logging.warning('Diverged: training loss %s at step %d', loss, gstep)
-                        print(f'\nDiverged at step {gstep}: training loss is {loss}.', flush=True)
+                    live = []  # The only host sync inside an epoch.
+                    for r, a in zip(runs, _host_acc(acc), strict=True):
+                        loss = a['loss'] / max(a['count'], 1.0)
+                        if r.active and not math.isfinite(loss):
+                            r.status, r.diverged_at = 'diverged', gstep
+                            message = f'Diverged{r.tag} at step {gstep}: training loss is {loss}.'
+                            logging.warning(message)
+                            print('\n' + message, flush=True)
+                            active = mask()
+                        elif r.active:
+                            live.append((loss, a['correct'] / max(a['count'], 1.0)))
+                            r.log.write_step(gstep, {'train_loss_running': loss})
+                    if not live:
                         break
                     progress.update(
                         gstep,
                         epoch + 1,
                         config.num_epochs,
-                        loss=loss,
-                        accuracy=host['correct'] / max(host['count'], 1.0),
+                        loss=float(np.mean([x[0] for x in live])),
+                        accuracy=float(np.mean([x[1] for x in live])),
                     )
-                    log.write_step(gstep, {'train_loss_running': loss})
                 hook_stop = any([bool(h(gstep)) for h in hooks])
                 if stop.requested or hook_stop:
                     jax.block_until_ready(state)
-                    ckpt.save_latest(
-                        gstep,
-                        state,
-                        {'epoch': epoch, 'step_in_epoch': s + 1, 'acc': _host_acc(acc)},
-                    )
-                    ckpt.wait()
+                    for k, (r, a) in enumerate(zip(runs, _host_acc(acc), strict=True)):
+                        r.ckpt.save_latest(
+                            gstep, steps.variant(state, k), r.loop_record(epoch, s + 1, a)
+                        )
+                    for r in runs:
+                        r.ckpt.wait()
                     progress.end_line()
-                    raise Interrupted(gstep, str(workdir))
-            if status == 'diverged':
-                break
+                    raise Interrupted(gstep, ', '.join(str(r.workdir) for r in runs))
+            if not any(r.active for r in runs):
+                break  # Every variant diverged.
             jax.block_until_ready(state)
             if t_epoch is not None:
                 timed_steps += gstep - first_timed
                 timed_s += time.perf_counter() - t_epoch
             progress.end_line()
-            evals = {}
-            for split in ('val', 'test'):
-                if split in device_data and (split == 'val' or config.get('eval_test_each_epoch')):
-                    evals[split], _ = train.evaluate_split(
-                        steps, state, *device_data[split], config.eval_batch_size, mesh
-                    )
-            lr = train.optax_learning_rate(state, config, steps_per_epoch)
-            row = _epoch_row(
-                epoch + 1, int(state.step), _host_acc(acc), lr, time.perf_counter() - t_start, evals
-            )
-            history.append(row)
-            log.write_epoch(row)
-            logging.info('epoch %d: %s', epoch + 1, row)
-            print(
-                'epoch {epoch}: '.format(**row)
-                + '  '.join(
-                    f'{k} {v:.4f}' for k, v in row.items() if k.endswith(('loss', 'accuracy'))
-                ),
-                flush=True,
-            )
-            if improved(row[monitor], best_value, mode, es.min_delta):
-                best_value, best_epoch, bad_epochs = row[monitor], epoch + 1, 0
-                ckpt.save_best(int(state.step), state, best_value)
-            else:
-                bad_epochs += 1
-            acc = jax.device_put(train.zero_metrics(), parallel.replicated(mesh))
+            stopping = []
+            for k, (r, a) in enumerate(zip(runs, _host_acc(acc), strict=True)):
+                if not r.active:
+                    continue
+                state_k = steps.variant(state, k)
+                evals = {
+                    split: train.evaluate_split(
+                        steps.evaluation, state_k, *device_data[split], config.eval_batch_size, mesh
+                    )[0]
+                    for split in ('val', 'test')
+                    if split in device_data
+                    and (split == 'val' or config.get('eval_test_each_epoch'))
+                }
+                lr = train.optax_learning_rate(state_k, r.config, steps_per_epoch)
+                elapsed = time.perf_counter() - t_start
+                row = _epoch_row(epoch + 1, int(state.step), a, lr, elapsed, evals)
+                r.history.append(row)
+                r.log.write_epoch(row)
+                logging.info('epoch %d%s: %s', epoch + 1, r.tag, row)
+                print(
+                    f'epoch {epoch + 1}{r.tag}: '
+                    + '  '.join(
+                        f'{n} {v:.4f}' for n, v in row.items() if n.endswith(('loss', 'accuracy'))
+                    ),
+                    flush=True,
+                )
+                if r.observe(row, monitor, mode, es):
+                    r.ckpt.save_best(int(state.step), state_k, r.best_value)
+                if r.stopped_early:
+                    stopping.append(r)
+            acc = jax.device_put(steps.zero_metrics(), repl)
             last = epoch + 1 == config.num_epochs
             if (epoch + 1) % max(1, config.get('checkpoint_every_epochs', 1)) == 0 or last:
-                ckpt.save_latest(
-                    int(state.step),
-                    state,
-                    {'epoch': epoch + 1, 'step_in_epoch': 0, 'acc': _host_acc(acc)},
-                )
-            if es.patience > 0 and bad_epochs >= es.patience:
-                stopped_early = True
+                for k, (r, a) in enumerate(zip(runs, _host_acc(acc), strict=True)):
+                    r.ckpt.save_latest(
+                        int(state.step), steps.variant(state, k), r.loop_record(epoch + 1, 0, a)
+                    )
+            for r in stopping:
                 print(
-                    f'Early stopping after epoch {epoch + 1}: {monitor} has not improved for '
-                    f'{bad_epochs} epochs (best {best_value:.4f} at epoch {best_epoch}).'
+                    f'Early stopping{r.tag} after epoch {epoch + 1}: {monitor} has not improved '
+                    f'for {r.bad_epochs} epochs (best {r.best_value:.4f} at epoch {r.best_epoch}).'
                 )
-    ckpt.wait()
-    if es.patience > 0 and status == 'completed':
-        best = ckpt.restore_best(state)  # Keras' restore_best_weights.
-        if best is not None:
-            state = best
-    ckpt.close()
-    log.close()
-    return TrainResult(
-        state=state,
-        history=history,
-        status=status,
-        diverged_at_step=diverged_at,
-        stopped_early=stopped_early,
-        best_epoch=best_epoch,
-        steps_per_epoch=steps_per_epoch,
-        train_steps_per_s=timed_steps / timed_s if timed_s > 0 else float('nan'),
-        compile_s=compile_s,
-        resumed_from_step=resumed_from,
-        device_data=device_data,
-        steps=steps,
-        mesh=mesh,
-    )
+            if stopping:
+                active = mask()
+    steps_per_s = timed_steps / timed_s if timed_s > 0 else float('nan')
+    results = []
+    for k, r in enumerate(runs):
+        r.ckpt.wait()
+        state_k = steps.variant(state, k)
+        if es.patience > 0 and r.status == 'completed':
+            best = r.ckpt.restore_best(state_k)  # Keras' restore_best_weights.
+            if best is not None:
+                state_k = best
+        r.ckpt.close()
+        r.log.close()
+        results.append(
+            TrainResult(
+                state=state_k,
+                history=r.history,
+                status=r.status,
+                diverged_at_step=r.diverged_at,
+                stopped_early=r.stopped_early,
+                best_epoch=r.best_epoch,
+                steps_per_epoch=steps_per_epoch,
+                train_steps_per_s=steps_per_s,
+                compile_s=compile_s,
+                resumed_from_step=resumed_from,
+                device_data=device_data,
+                steps=steps.evaluation,
+                mesh=mesh,
+            )
+        )
+    return results
