@@ -39,7 +39,7 @@ NON_RESULT_KEYS = frozenset(
         'manual_dir',
         'vectorize',
         'only',
-        }
+    }
 )
 ABSENT = '(absent)'  # A key one of the two configs does not have.
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -432,4 +432,3 @@ def run_vectorized(
         )
         for k, (c, w, result) in enumerate(zip(configs, workdirs, results, strict=True))
     ]
-

@@ -1,4 +1,5 @@
-"""The library's import graph: cnn_jax never imports the benchmarks, and has no cycles.
+"""The library's import graph: cnn_jax never imports its tooling (benchmarks, reproduce),
+and has no cycles.
 
 Every import statement counts, those inside function bodies included: a lazy import is a
 dependency all the same, and a cycle hidden in a function is still a cycle. An import
@@ -100,12 +101,12 @@ def test_find_cycle():
     assert find_cycle({'a': {'a'}}) == ['a', 'a']
 
 
-def test_cnn_jax_never_imports_benchmarks():
+def test_cnn_jax_never_imports_benchmarks_or_the_reproduction_runner():
     offenders = [
         f'{name} imports {module}'
         for name, path in MODULES.items()
         for module, _ in _imports(path)
-        if module.split('.')[0] == 'benchmarks'
+        if module.split('.')[0] in ('benchmarks', 'reproduce')
     ]
     assert not offenders
 

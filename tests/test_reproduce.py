@@ -2,8 +2,9 @@
 
 import json
 
-from cnn_jax import reproduce, run_record, study
-from cnn_jax.reported import EXPERIMENTS, load_config
+from cnn_jax import run_record, study
+from reproduce import runner as reproduce
+from reproduce.reported import EXPERIMENTS, load_config
 
 QUICK = [
     '--data',

@@ -10,7 +10,7 @@ import pytest
 
 from cnn_jax import arithmetic, cli
 from cnn_jax.data.metadata import dataset_metadata, model_input_shape, source_metadata
-from cnn_jax.reported import load_config
+from reproduce.reported import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(
@@ -71,7 +71,7 @@ def test_every_config_prints_its_table_offline_without_loading_data(tmp_path):
     script = (
         'import sys\n'
         'from cnn_jax import cli\n'
-        'from cnn_jax.reported import load_config\n'
+        'from reproduce.reported import load_config\n'
         'import cnn_jax.data as data\n'
         'from cnn_jax.data import sources\n'
         'def no_load(*a, **k):\n'

@@ -1,6 +1,6 @@
 """The experiments of EXPERIMENTS.md, with the figures their reports published.
 
-`cnn_jax.reproduce` runs them and sets our figures beside these. A figure here is a
+`python -m reproduce` runs them and sets our figures beside these. A figure here is a
 target to meet on the same data, never an input to training. Variant names are those of
 the study configs under configs/ablations/.
 """

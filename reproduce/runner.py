@@ -1,8 +1,8 @@
 """Reproduces ../shared/EXPERIMENTS.md: runs experiments at full schedule, writes the table.
 
-    python -m cnn_jax.reproduce --plan                    # what would run, and for how long
-    python -m cnn_jax.reproduce --only E10,E2             # run them (finished ones reused)
-    python -m cnn_jax.reproduce --table                   # rewrite the table from the workdirs
+    python -m reproduce --plan                    # what would run, and for how long
+    python -m reproduce --only E10,E2             # run them (finished ones reused)
+    python -m reproduce --table                   # rewrite the table from the workdirs
 
 Every experiment runs from its own config(s) through `launch.py`, one workdir per config
 under `--root` (default results/reproduction/<id>/<config>), so an interrupted one resumes
@@ -14,7 +14,7 @@ The table (results/REPRODUCTION.md and .json with the default root) has one row 
 experiment and per study variant: the reported figure and its metric, ours (mean +- std
 over seeds), epochs, wall time, device, data, commit and the exact command. A row not yet
 run says why and how long it would take on this device, from a short measured probe.
-Nothing here is imported by the library.
+Tooling beside the library: nothing in cnn_jax/ imports it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 from cnn_jax import run_record
 from cnn_jax.records import format_duration
-from cnn_jax.reported import EXPERIMENTS, Experiment, load_config, schedule
+from reproduce.reported import EXPERIMENTS, Experiment, load_config, schedule
 
 ROOT = run_record.REPO_ROOT
 DEFAULT_ROOT = pathlib.Path('results') / 'reproduction'
@@ -457,7 +457,7 @@ def render_markdown(rows: list[dict]) -> str:
     lines = [
         '# Reproduction of EXPERIMENTS.md',
         '',
-        'Written by `python -m cnn_jax.reproduce` from the workdirs under results/reproduction/ '
+        'Written by `python -m reproduce` from the workdirs under results/reproduction/ '
         '(rerun one row with its command below). Reported: the published figure (a target '
         'on the same data). Ours: mean ± sample std over seeds where several ran. Metric: '
         '`test_accuracy` after the last epoch (the best epoch where early stopping restores '
@@ -499,9 +499,7 @@ def write_table(rows: list[dict], path_md: pathlib.Path) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog='python -m cnn_jax.reproduce', description=__doc__.split('\n')[0]
-    )
+    p = argparse.ArgumentParser(prog='python -m reproduce', description=__doc__.split('\n')[0])
     p.add_argument('--only', default='', help='comma-separated ids, e.g. E2,E10 (default all)')
     p.add_argument('--root', default=str(DEFAULT_ROOT), help='where the workdirs live')
     p.add_argument(
@@ -568,7 +566,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_table(rows, table)
     print(f'Table: {table}', flush=True)
     return rc
-
-
-if __name__ == '__main__':
-    sys.exit(main())
