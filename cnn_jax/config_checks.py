@@ -18,6 +18,7 @@ import ml_collections
 from cnn_jax.errors import ConfigError
 from cnn_jax.losses import LOSSES
 from cnn_jax.models import DTYPES, MODELS
+from cnn_jax.models.torch_init import INITS
 from cnn_jax.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES
 
 Check = Callable[[Any], bool]
@@ -90,6 +91,7 @@ RULES: tuple[tuple[str, Check, str], ...] = (
 CHOICES: tuple[tuple[str, str, Sequence[str]], ...] = (
     ('model', 'models', sorted(MODELS)),
     ('dtype', 'dtypes', tuple(DTYPES)),
+    ('init', 'inits', INITS),
     ('optimizer', 'optimizers', OPTIMIZERS),
     ('schedule', 'schedules', SCHEDULES),
     ('weight_decay_mode', 'weight_decay_modes', WEIGHT_DECAY_MODES),

@@ -32,7 +32,7 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
     (summary.layer_table raises on any disagreement).
     """
     shape = model_input_shape(config, dataset)
-    variables = train.init_variables(model, shape, jax.random.key(config.seed))
+    variables = train.init_variables(model, shape, jax.random.key(config.seed), config.init)
     spec = input_spec(config, dataset)
     n = min(config.batch_size, len(dataset.train))
     batch = spec.make_batch(

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from cnn_jax import losses, optim, parallel
 from cnn_jax.data import augment as augment_lib
+from cnn_jax.models import torch_init
 
 Metrics = dict[str, jax.Array]
 
@@ -35,13 +36,20 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
-def init_variables(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array) -> dict:
-    """Initialises the model's variables on one dummy example of `input_shape` (H, W, C)."""
+def init_variables(
+    model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array, init: str = 'module'
+) -> dict:
+    """Initialises the model's variables on one dummy example of `input_shape` (H, W, C).
+
+    `init` is config.init: 'module' keeps each layer's initialiser, 'torch' re-draws conv
+    and dense layers as PyTorch's defaults do (cnn_jax.models.torch_init).
+    """
     params_rng, dropout_rng = jax.random.split(rng)
     x = jnp.zeros((1, *input_shape), jnp.float32)
-    return jax.jit(functools.partial(model.init, train=False))(
+    variables = jax.jit(functools.partial(model.init, train=False))(
         {'params': params_rng, 'dropout': dropout_rng}, x
     )
+    return torch_init.apply_init(variables, init, jax.random.fold_in(params_rng, 1))
 
 
 def create_train_state(
@@ -56,7 +64,7 @@ def create_train_state(
     With config.freeze, the frozen groups' BatchNorm layers keep their running statistics
     in training too (`frozen_norm_apply`).
     """
-    variables = init_variables(model, input_shape, rng)
+    variables = init_variables(model, input_shape, rng, config.init)
     if config.get('pretrained'):
         from cnn_jax.transfer.weights import load_torchvision  # torch/safetensors: lazy.
 

@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.val_fraction = 0.1
 
     c.model = 'cifar_cnn3'
+    c.init = 'torch'  # The report's PyTorch layers, default-initialised.
 
     c.num_epochs = 50
     c.batch_size = 64

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.augment.crop_padding = 4
 
     c.model = 'cifar_cnn4'
+    c.init = 'torch'  # The report's PyTorch layers, default-initialised.
     c.model_options.activation = 'leaky_relu'
     c.model_options.norm_rate = 0.05
     c.model_options.dense_norm_rate = 0.05

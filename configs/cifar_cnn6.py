@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset = 'cifar10'
 
     c.model = 'cifar_cnn6'
+    c.init = 'torch'  # The report's PyTorch layers, default-initialised.
     c.model_options.activation = 'relu'
     c.model_options.norm = 'batchnorm'
     c.model_options.norm_rate = 0.5  # Used by norm='dropout' only.

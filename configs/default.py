@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = 'small_cnn'  # See cnn_jax.models.MODELS.
     c.model_options = ml_collections.ConfigDict()  # Keyword arguments of the model.
     c.dtype = 'float32'  # Compute dtype: 'float32' | 'bfloat16' (parameters stay fp32).
+    # 'module': each layer's own initialiser (Flax's default; torchvision's in VGG/ResNet).
+    # 'torch': conv and dense layers as PyTorch's defaults draw them, as the reports' were.
+    c.init = 'module'
 
     # --- Optimisation -----------------------------------------------------------
     c.num_epochs = 10

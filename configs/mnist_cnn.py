@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset = 'mnist'
 
     c.model = 'mnist_cnn'
+    c.init = 'torch'  # The report's PyTorch layers, default-initialised.
 
     c.num_epochs = 10
     c.batch_size = 20

@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.val_fraction = 0.1
 
     c.model = 'simplenn'
+    c.init = 'torch'  # The report's PyTorch layers, default-initialised.
     c.model_options.activation = 'relu'
     c.model_options.norm = 'none'
 
