@@ -135,6 +135,7 @@ BAD_VALUES = {
     'steps_per_epoch': [0],
     'model': ['resnet9000'],
     'dtype': ['float16'],
+    'init': ['xavier'],
     'optimizer': ['lbfgs'],
     'schedule': ['linear'],
     'weight_decay_mode': ['both'],

@@ -46,7 +46,7 @@ def random_variables(model, seed=0):
 def make_state(model, freeze, monkeypatch):
     variables = random_variables(model)
     # The random variables stand in for the init (and its compile: tens of CPU seconds).
-    monkeypatch.setattr(train, 'init_variables', lambda m, shape, rng: variables)
+    monkeypatch.setattr(train, 'init_variables', lambda m, shape, rng, init: variables)
     config = default.get_config()
     config.model = 'resnet'
     config.optimizer = 'sgd'

@@ -272,7 +272,9 @@ def test_frozen_layers_stay_and_backbone_lr_is_scaled(tmp_path, monkeypatch):
     pretrained = random_variables(model, seed=6, size=32)
     # Every variable comes from the file: skip the real init, whose compile (truncated
     # normal initialisers) costs tens of CPU seconds.
-    monkeypatch.setattr(train, 'init_variables', lambda m, shape, rng: abstract_variables(m, 32))
+    monkeypatch.setattr(
+        train, 'init_variables', lambda m, shape, rng, init: abstract_variables(m, 32)
+    )
     path = str(tmp_path / 'pretrained.safetensors')
     weights.export_torchvision(pretrained, path)
     config = default.get_config()
