@@ -479,6 +479,10 @@ def render_markdown(rows: list[dict]) -> str:
             _fmt_winner(r), r['epochs'] or '', wall, r['device'], r['data'], r['status'],
         ]  # fmt: skip
         lines.append('| ' + ' | '.join(str(c).replace('|', '/') for c in cells) + ' |')
+    findings = [e for e in EXPERIMENTS if e.finding]
+    if findings:
+        lines += ['', '## Findings', '']
+        lines += [f'- {e.id}: {e.finding}' for e in findings]
     lines += ['', '## Commands and commits', '']
     seen = set()
     for r in rows:
