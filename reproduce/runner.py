@@ -37,6 +37,7 @@ from reproduce.reported import EXPERIMENTS, Experiment, load_config, schedule
 ROOT = run_record.REPO_ROOT
 DEFAULT_ROOT = pathlib.Path('results') / 'reproduction'
 TIME_FILE = 'reproduce_time.json'  # Seconds spent by every launch in this workdir.
+TESTS_FILE = 'tests.json'  # E9: the last run's pytest result line, exit code and commit.
 PROBE_STEPS = 6
 
 
@@ -160,6 +161,14 @@ def run_experiments(
         if exp.tests:
             rc = _run_logged(['python', '-m', 'pytest', '-q', *exp.tests], root / exp.id)
             worst = max(worst, rc)
+            log = (root / exp.id / 'launch.log').read_text().strip().splitlines()
+            last = next((ln for ln in reversed(log) if ' passed' in ln or ' failed' in ln), '')
+            result = {
+                'result': last.strip('= '),
+                'exit_code': rc,
+                'commit': run_record.git_commit(),
+            }
+            (root / exp.id / TESTS_FILE).write_text(json.dumps(result) + '\n')
             continue
         for config in exp.configs:
             workdir = workdir_of(root, exp, config)
@@ -398,10 +407,9 @@ def _planned_rows(exp: Experiment, config: str, base: dict, plan: dict | None) -
 
 
 def _tests_row(exp: Experiment, root: pathlib.Path) -> dict[str, Any]:
-    """E9's row: the test file's pass count from its last logged run."""
-    log = root / exp.id / 'launch.log'
-    lines = log.read_text().strip().splitlines() if log.exists() else []
-    last = next((ln for ln in reversed(lines) if ' passed' in ln or ' failed' in ln), '')
+    """E9's row: the test file's result from its last run."""
+    result = _read_json(root / exp.id / TESTS_FILE) or {}
+    last = result.get('result', '')
     return {
         'experiment': exp.id,
         'title': exp.title,
@@ -418,7 +426,7 @@ def _tests_row(exp: Experiment, root: pathlib.Path) -> dict[str, Any]:
         else ('failed' if last else 'not run yet'),
         'device': '',
         'data': '',
-        'commit': run_record.git_commit(),
+        'commit': result.get('commit'),
         'command': shlex.join(['python', '-m', 'pytest', '-q', *exp.tests]),
         'wall_time_s': _seconds_spent(root / exp.id),
     }
