@@ -97,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     without training again; one of another config is refused (run_record).
     """
     workdir = pathlib.Path(workdir)
-    if jax.process_index() == 0:
+    if parallel.is_main_process():  # Only process 0 writes files.
         run_record.record_config(config, workdir)
     else:
         run_record.check_config(config, workdir)
@@ -118,7 +118,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         from cnn_jax.transfer.weights import check_exists
 
         check_exists(config.pretrained, config.model)
-    parallel.maybe_initialize_distributed()
     dataset = load_dataset(config)
     model = build_model(config, dataset.num_classes)
     shape = model_input_shape(config, dataset)
@@ -180,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     out = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()
     }
-    if jax.process_index() == 0:
+    if parallel.is_main_process():
         write_outputs(workdir, out, result.history, config, layer_table, dataset.class_names)
     return out
 

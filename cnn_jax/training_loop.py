@@ -145,6 +145,26 @@ def _epoch_row(
     return row
 
 
+def agreed_stop(wanted: bool, sync_point: bool) -> bool:
+    """Whether the loop stops after this step, the same answer on every process.
+
+    One process stops at once. In a multi-process job all must stop at the same step (the
+    checkpoint save is collective), so a request made on any of them (a signal, a hook)
+    waits for the next log point or epoch end, where one tiny all-gather agrees on it:
+    nothing is added to the steps in between.
+    """
+    if jax.process_count() == 1:
+        return wanted
+    return sync_point and parallel.any_process(wanted)
+
+
+def agreed_improvement(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """`improved(...)` as process 0 decides it, on every process (the best checkpoint's
+    save is collective, and the early stop follows from the count of epochs without one)."""
+    better = improved(value, best, mode, min_delta)
+    return better if jax.process_count() == 1 else bool(parallel.from_main(better))
+
+
 def _host_acc(acc: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(acc).items()}
 
@@ -213,7 +233,8 @@ def train_and_evaluate(
             f'(epoch {start_epoch + 1}, step {start_step} of {steps_per_epoch}).',
             flush=True,
         )
-    history = log.truncate(start_epoch)
+    # Process 0 reads (and truncates) metrics.jsonl; the others get its rows.
+    history = parallel.main_computes(lambda: log.truncate(start_epoch))
 
     best_value, best_epoch, bad_epochs = None, None, 0
     for row in history:  # Rebuild early-stopping state from the epochs already run.
@@ -230,7 +251,7 @@ def train_and_evaluate(
     status, diverged_at = 'completed', None
     compile_s, timed_steps, timed_s = 0.0, 0, 0.0
     t_start = time.perf_counter()
-    stop = StopRequest()
+    stop, stop_wanted = StopRequest(), False
     with stop.installed():
         for epoch in range(start_epoch, config.num_epochs):
             if stopped_early or status == 'diverged':
@@ -249,7 +270,8 @@ def train_and_evaluate(
                         compile_s = time.perf_counter() - t_start
                     progress.start(gstep)
                     t_epoch, first_timed = time.perf_counter(), gstep
-                if gstep % log_every == 0 or s == steps_per_epoch - 1:
+                log_point = gstep % log_every == 0 or s == steps_per_epoch - 1
+                if log_point:
                     host = _host_acc(acc)  # The only host sync inside an epoch.
                     loss = host['loss'] / max(host['count'], 1.0)
                     if not math.isfinite(loss):
@@ -266,7 +288,8 @@ def train_and_evaluate(
                     )
                     log.write_step(gstep, {'train_loss_running': loss})
                 hook_stop = any([bool(h(gstep)) for h in hooks])
-                if stop.requested or hook_stop:
+                stop_wanted = stop_wanted or stop.requested or hook_stop
+                if agreed_stop(stop_wanted, log_point):
                     jax.block_until_ready(state)
                     ckpt.save_latest(
                         gstep,
@@ -303,7 +326,7 @@ def train_and_evaluate(
                 ),
                 flush=True,
             )
-            if improved(row[monitor], best_value, mode, es.min_delta):
+            if agreed_improvement(row[monitor], best_value, mode, es.min_delta):
                 best_value, best_epoch, bad_epochs = row[monitor], epoch + 1, 0
                 ckpt.save_best(int(state.step), state, best_value)
             else:
