@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -48,13 +49,18 @@ def cluster_process_count() -> int:
 
     Reads the launcher's environment only: no backend starts.
     """
-    try:  # JAX's own detection, as jax.distributed.initialize() uses it; private API.
+    # JAX's own detection, as jax.distributed.initialize() uses it (a private API). Best
+    # effort and quiet: e.g. any Kubernetes pod, CI runners included, looks like a cluster
+    # to it and warns when the `kubernetes` package is missing.
+    try:
         from jax._src.clusters import ClusterEnv
 
-        for env in ClusterEnv._cluster_types:
-            if not env.opt_in_only_method and env.is_env_present():
-                return int(env.get_process_count())
-    except (ImportError, AttributeError, KeyError, ValueError):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            for env in ClusterEnv._cluster_types:
+                if not env.opt_in_only_method and env.is_env_present():
+                    return int(env.get_process_count())
+    except Exception:  # noqa: BLE001 - an undetectable cluster is a single-process run.
         pass
     return 1
 

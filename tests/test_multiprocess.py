@@ -17,7 +17,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from cnn_jax import parallel
+from cnn_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 900  # Two CPU cores shared with other work: compiling takes most of a run.
@@ -161,6 +162,37 @@ def max_difference(got, want, where: str = '') -> float:
     return 0.0
 
 
+def test_a_single_process_job_does_not_start_jax_distributed(monkeypatch):
+    for key in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID):
+        monkeypatch.delenv(key, raising=False)
+    assert parallel.initialize_distributed() is False
+    monkeypatch.setenv(parallel.ENV_NUM_PROCESSES, '1')
+    assert parallel.initialize_distributed('localhost:1') is False
+
+
+def test_a_slurm_job_of_several_tasks_is_detected(monkeypatch):
+    for key in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID):
+        monkeypatch.delenv(key, raising=False)
+    slurm = {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'node1', 'SLURM_PROCID': '0'}
+    for key, value in {**slurm, 'SLURM_LOCALID': '0', 'SLURM_NTASKS': '2'}.items():
+        monkeypatch.setenv(key, value)
+    assert parallel.cluster_process_count() == 2
+    monkeypatch.setenv('SLURM_NTASKS', '1')  # One task (sbatch of one process): no join.
+    assert parallel.cluster_process_count() == 1
+    assert parallel.initialize_distributed() is False
+
+
+def test_a_half_described_job_is_an_error_not_a_hang(monkeypatch):
+    for key in (parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(parallel.ENV_COORDINATOR, 'localhost:1')
+    with pytest.raises(ConfigError, match='num_processes=None, process_id=None'):
+        parallel.initialize_distributed()
+    monkeypatch.setenv(parallel.ENV_PROCESS_ID, 'one')
+    with pytest.raises(ConfigError, match="JAX_PROCESS_ID='one' is not an integer"):
+        parallel.initialize_distributed(num_processes=2)
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
     """The uninterrupted runs: one process with 2 devices, two processes with 1 each."""
@@ -173,6 +205,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_processes_give_one_process_numbers(runs):
     one, two = results(runs / 'one'), results(runs / 'two')
     assert [r['epoch'] for r in two[1]] == [1, 2, 3]
@@ -180,6 +213,7 @@ def test_two_processes_give_one_process_numbers(runs):
     assert max_difference(two, one) <= TOL
 
 
+@pytest.mark.slow
 def test_only_process_0_writes_files(runs):
     workdir = str(runs / 'two')
 
@@ -194,6 +228,7 @@ def test_only_process_0_writes_files(runs):
     assert {p for p in files('two_p1') if not p.startswith(checkpoints)} == set()
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_then_rerun_resumes(runs, tmp_path):
     workdir = tmp_path / 'stopped'
     procs = start_pair(runs, workdir, 'stop')
