@@ -117,15 +117,24 @@ def start(root: pathlib.Path, workdir: pathlib.Path, name: str, devices: int, jo
 
 
 def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
-    """(exit code, output) of each process; kills them all if one times out."""
+    """(exit code, output's end) of each process; kills them all if one times out.
+
+    Whole outputs go to output.log in each process's cwd (beside written.json, argv[3]).
+    """
     try:
         outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+        for p, out in zip(procs, outs, strict=True):
+            (pathlib.Path(p.args[3]).parent / 'output.log').write_text(out)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
+    # The end of each output says why a process failed (faulthandler's module list cut).
+    return [
+        (p.returncode, out.split('\nExtension modules:')[0][-3000:])
+        for p, out in zip(procs, outs, strict=True)
+    ]
 
 
 def start_pair(root: pathlib.Path, workdir: pathlib.Path, tag: str) -> list[subprocess.Popen]:
