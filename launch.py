@@ -3,6 +3,10 @@
     python launch.py --config=configs/quickstart.py [--config.key=value ...] [--workdir=DIR]
     python launch.py --config=configs/vgg.py --summary       # layer table, no training
 
+Multi-process (hosts, or processes on one host): the same command in each process, with
+--coordinator=HOST:PORT --num_processes=N --process_id=I (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID; SLURM and other clusters JAX detects need neither).
+
 Re-running the same command on the same workdir resumes from its latest checkpoint; a
 workdir refuses a config that would change its results (--restart starts it over).
 Exit codes: 0 done, 1 diverged (or a study run failed), 2 a mistake in the command line,
@@ -27,6 +31,15 @@ _WORKDIR = flags.DEFINE_string(
 _SUMMARY = flags.DEFINE_bool('summary', False, "Print the model's layer table and exit.")
 _RESTART = flags.DEFINE_bool(
     'restart', False, 'Delete what an earlier run left in the workdir and start over.'
+)
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator', None, 'Multi-process: HOST:PORT of process 0 (JAX_COORDINATOR_ADDRESS).'
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Multi-process: how many processes (JAX_NUM_PROCESSES).'
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, "Multi-process: this process's index, 0 to N-1 (JAX_PROCESS_ID)."
 )
 
 
@@ -55,6 +68,17 @@ def main(argv: list[str]) -> int:
         return 2
     if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO.
         logging.set_verbosity(logging.WARNING)
+    from cnn_jax import parallel  # Imports JAX, which has not started a backend yet.
+    from cnn_jax.errors import ConfigError
+
+    if not _SUMMARY.value:  # First: before anything starts a JAX backend.
+        try:
+            parallel.initialize_distributed(
+                _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+            )
+        except ConfigError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
     xla_cpu.use_recommended_flags()  # CPU speed-ups XLA_FLAGS does not already set.
 
     config = _CONFIG.value

@@ -32,7 +32,10 @@ class Checkpoints:
         self.latest = ocp.CheckpointManager(
             root / 'latest',
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max(1, keep), create=True, cleanup_tmp_directories=True
+                max_to_keep=max(1, keep),
+                create=True,
+                cleanup_tmp_directories=True,
+                multiprocessing_options=_barriers('latest'),
             ),
         )
         self.best = ocp.CheckpointManager(
@@ -43,6 +46,7 @@ class Checkpoints:
                 cleanup_tmp_directories=True,
                 best_fn=lambda m: m['value'],
                 best_mode=best_mode,
+                multiprocessing_options=_barriers('best'),
             ),
         )
 
@@ -118,6 +122,12 @@ class Checkpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+    """Multi-process saves synchronise at barriers named by the step: the two managers save
+    the same step at an epoch's end, concurrently (async), so their names must differ."""
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
 def _save(manager: ocp.CheckpointManager, step: int, args: Any, **kwargs: Any) -> None:

@@ -58,9 +58,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) 
     enable_compilation_cache()
     try:
         if restart:
+            from cnn_jax import parallel
             from cnn_jax.run_record import start_over
 
-            start_over(workdir)
+            if parallel.is_main_process():  # The others wait, then find it empty.
+                start_over(workdir)
+            parallel.barrier('restart')
         if 'study' in config:
             from cnn_jax.study import run_study
 

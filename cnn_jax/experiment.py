@@ -97,7 +97,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         from cnn_jax.transfer.weights import check_exists
 
         check_exists(config.pretrained, config.model)
-    parallel.maybe_initialize_distributed()
     dataset = load_dataset(config)
     model = build_model(config, dataset.num_classes)
     shape = model_input_shape(config, dataset)
@@ -176,7 +175,7 @@ def finish(
     out = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()
     }
-    if jax.process_index() == 0:
+    if parallel.is_main_process():
         write_outputs(workdir, out, result.history, config, layer_table, dataset.class_names)
     return out
 

@@ -4,23 +4,146 @@ The train state and the device-resident datasets are replicated; each step's bat
 indices are sharded, so each device gathers, augments and runs its slice of the batch.
 Under `jax.jit` XLA inserts the gradient all-reduce; BatchNorm statistics are computed
 over the global batch, so N devices give the same numbers as one.
+
+Multi-process jobs (several hosts, or several processes on one): `initialize_distributed`
+joins them before anything starts a JAX backend; every process then runs the same program
+on the same data, process 0 alone writes files, and the helpers below give every process
+the same host values (`to_host`, `any_process`, `from_main`, `barrier`).
 """
 
+from __future__ import annotations
+
+import json
 import os
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnn_jax.errors import ConfigError
 
 DATA_AXIS = 'data'
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
+    'JAX_COORDINATOR_ADDRESS',
+    'JAX_NUM_PROCESSES',
+    'JAX_PROCESS_ID',
+)
 
 
-def maybe_initialize_distributed() -> None:
-    """Joins a multi-host job when the launcher set JAX's coordinator variables."""
-    if os.environ.get('JAX_COORDINATOR_ADDRESS') and jax.process_count() == 1:
-        jax.distributed.initialize()
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, '').strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f'{name}={value!r} is not an integer') from None
+
+
+def cluster_process_count() -> int:
+    """Processes in the cluster job JAX detects (SLURM, Open MPI, TPU pod, ...); 1 if none.
+
+    Reads the launcher's environment only: no backend starts.
+    """
+    # JAX's own detection, as jax.distributed.initialize() uses it (a private API). Best
+    # effort and quiet: e.g. any Kubernetes pod, CI runners included, looks like a cluster
+    # to it and warns when the `kubernetes` package is missing.
+    try:
+        from jax._src.clusters import ClusterEnv
+
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            for env in ClusterEnv._cluster_types:
+                if not env.opt_in_only_method and env.is_env_present():
+                    return int(env.get_process_count())
+    except Exception:  # noqa: BLE001 - an undetectable cluster is a single-process run.
+        pass
+    return 1
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Joins a multi-process job when this is one; True if it did.
+
+    Call it first, before anything starts a JAX backend (jax.distributed.initialize
+    refuses afterwards). The job is multi-process when the arguments (launch.py's
+    --coordinator/--num_processes/--process_id) or JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID say so, or when JAX detects a cluster job of
+    more than one process; a missing value is left to that detection.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    given = (coordinator, num_processes, process_id)
+    if all(v is None for v in given):
+        if cluster_process_count() <= 1:
+            return False
+    elif num_processes == 1:
+        return False
+    elif None in given and cluster_process_count() <= 1:
+        raise ConfigError(
+            'a multi-process job needs the coordinator address, the number of processes and '
+            f'this process id (--coordinator/--num_processes/--process_id or {ENV_COORDINATOR}'
+            f', {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got {coordinator=}, '
+            f'{num_processes=}, {process_id=}'
+        )
+    # Cross-process collectives on CPU need an implementation (gloo is JAX's default
+    # from 0.5 on; older versions have none), chosen before the CPU backend starts.
+    if getattr(jax.config, 'jax_cpu_collectives_implementation', None) is None:
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+    return True
+
+
+def is_main_process() -> bool:
+    """Process 0: the one that writes a multi-process job's files."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process gets here (files one wrote are then there for all)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of `x` as a NumPy array on every process (gathered if sharded across)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any (a collective: all must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.int32(bool(flag)))
+    return bool(np.any(flags))
+
+
+def from_main(value: Any) -> Any:
+    """Process 0's `value` (a JSON-able object) on every process (a collective)."""
+    if jax.process_count() == 1:
+        return value
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_main_process() else None
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
+    padded = np.zeros(size, np.uint8) if data is None else data
+    return json.loads(bytes(multihost_utils.broadcast_one_to_all(padded)).decode())
+
+
+def main_computes(fn: Callable[[], Any]) -> Any:
+    """`fn()` run on process 0 only (it reads files the others must not), its JSON-able
+    result given to every process."""
+    return from_main(fn() if is_main_process() else None)
 
 
 def make_mesh(devices: list | None = None) -> Mesh:

@@ -52,7 +52,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cnn_jax import run_record
+from cnn_jax import parallel, run_record
 from cnn_jax.errors import CnnJaxError, ConfigError, Diverged
 
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -317,8 +317,12 @@ def run_study(
     if run_fn is None:
         from cnn_jax.tasks import run as run_fn
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    run_record.record_config(config, workdir)
+    main = parallel.is_main_process()  # Only process 0 writes files.
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        run_record.record_config(config, workdir)
+    else:
+        run_record.check_config(config, workdir)
     name = config.study.name
     seeds = study_seeds(config)
     jobs = [(v, s) for v in selected_variants(config) for s in seeds]
@@ -346,7 +350,11 @@ def run_study(
         failure = _run_one(config, workdir, job, tags[job], run_fn)
         if failure is not None:
             failures.append(failure)
-    result = write_study_outputs(config, workdir, failures)
+    if main:
+        write_study_outputs(config, workdir, failures)
+    parallel.barrier('study outputs')  # Then every process reads what process 0 wrote.
+    result = collect_study(config, workdir, failures)
+    result['outputs'] = [str(workdir / o) for o in study_outputs(result)]
     result['failed'] = len(failures)
     _say(f'study {name}: {workdir / "summary.md"}, summary.json, comparison.png')
     if failures:
@@ -417,7 +425,8 @@ def _run_group(
     paths = [run_dir(workdir, v, s, seeds) for v, s in group]
     sweepables = [sweep.split_overrides({'seed': s, **variants[v]})[1] for v, s in group]
     for job, path in zip(group, paths, strict=True):
-        run_record.record_config(variant_config(config, *job), path)
+        if parallel.is_main_process():
+            run_record.record_config(variant_config(config, *job), path)
         _say(f'{tags[job]}: running vectorised with {len(group) - 1} other run(s) in {path}')
     try:
         summaries = sweep.run_vectorized(
@@ -468,7 +477,8 @@ def _run_one(
             'diverged_loss': str(e.loss),
             'wall_time_s': round(time.time() - start, 2),
         }
-        _write_json(path / 'summary.json', summary)
+        if parallel.is_main_process():
+            _write_json(path / 'summary.json', summary)
     except Exception as e:  # noqa: BLE001 - one bad variant must not stop the study
         if not isinstance(e, CnnJaxError):
             traceback.print_exc()
@@ -792,18 +802,23 @@ def plot_sweep(study: dict, path: str | Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def study_outputs(study: dict) -> list[str]:
+    """The files write_study_outputs writes for `study` (collect_study's result)."""
+    return ['summary.json', 'summary.md', 'comparison.png'] + (
+        ['sweep.png'] if study['sweep_key'] else []
+    )
+
+
 def write_study_outputs(
     config: ml_collections.ConfigDict, workdir: str | Path, failures: Sequence[dict] = ()
 ) -> dict:
     """Writes summary.json, summary.md, comparison.png (and sweep.png) into workdir."""
     workdir = Path(workdir)
     study = collect_study(config, workdir, failures)
-    outputs = ['summary.json', 'summary.md', 'comparison.png']
     plot_comparison(study, workdir / 'comparison.png')
     if study['sweep_key']:
         plot_sweep(study, workdir / 'sweep.png')
-        outputs.append('sweep.png')
-    study['outputs'] = [str(workdir / o) for o in outputs]
+    study['outputs'] = [str(workdir / o) for o in study_outputs(study)]
     (workdir / 'summary.md').write_text(summary_markdown(study))
     _write_json(workdir / 'summary.json', study)
     return study

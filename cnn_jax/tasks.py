@@ -9,10 +9,9 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import ml_collections
 
-from cnn_jax import experiment, run_record
+from cnn_jax import experiment, parallel, run_record
 from cnn_jax.config_checks import check_config
 from cnn_jax.errors import ConfigError
 from cnn_jax.transfer import svm
@@ -27,7 +26,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     if config.task not in TASKS:
         raise ConfigError(f'unknown task {config.task!r}; known tasks: {", ".join(TASKS)}')
     check_config(config)
-    if jax.process_index() == 0:
+    if parallel.is_main_process():  # Only process 0 writes files.
         run_record.record_config(config, workdir)
     else:
         run_record.check_config(config, workdir)

@@ -346,7 +346,8 @@ def evaluate_split(
     total = jax.device_get(total)
     count = max(float(total['count']), 1.0)
     result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
-    predictions = np.concatenate(jax.device_get(preds))[:n] if with_predictions else None
+    # Predictions are sharded over the devices, across processes too: gathered whole.
+    predictions = np.concatenate([parallel.to_host(p) for p in preds])[:n] if preds else None
     return result, predictions
 
 

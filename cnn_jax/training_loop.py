@@ -149,6 +149,26 @@ def _epoch_row(
     return row
 
 
+def agreed_stop(wanted: bool, sync_point: bool) -> bool:
+    """Whether the loop stops after this step, the same answer on every process.
+
+    One process stops at once. In a multi-process job all must stop at the same step (the
+    checkpoint save is collective), so a request made on any of them (a signal, a hook)
+    waits for the next log point or epoch end, where one tiny all-gather agrees on it:
+    nothing is added to the steps in between.
+    """
+    if jax.process_count() == 1:
+        return wanted
+    return sync_point and parallel.any_process(wanted)
+
+
+def agreed_improvement(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """`improved(...)` as process 0 decides it, on every process (the best checkpoint's
+    save is collective, and the early stop follows from the count of epochs without one)."""
+    better = improved(value, best, mode, min_delta)
+    return better if jax.process_count() == 1 else bool(parallel.from_main(better))
+
+
 def device_splits(dataset: Any, mesh: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{'train'|'val'|'test': (images, labels)} of `dataset`, replicated on every device."""
     return {
@@ -187,7 +207,9 @@ class _Variant:
 
     def observe(self, row: dict[str, Any], monitor: str, mode: str, es: Any) -> bool:
         """Updates early stopping with an epoch's row; whether it is the best so far."""
-        better = monitor in row and improved(row[monitor], self.best_value, mode, es.min_delta)
+        better = monitor in row and agreed_improvement(
+            row[monitor], self.best_value, mode, es.min_delta
+        )
         if better:
             self.best_value, self.best_epoch, self.bad_epochs = row[monitor], row['epoch'], 0
         else:
@@ -308,7 +330,8 @@ def train_variants(
             flush=True,
         )
     for r in runs:
-        r.history = r.log.truncate(start_epoch)
+        # Process 0 reads (and truncates) metrics.jsonl; the others get its rows.
+        r.history = parallel.main_computes(lambda r=r: r.log.truncate(start_epoch))
         for row in r.history:  # Rebuild early-stopping state from the epochs already run.
             r.observe(row, monitor, mode, es)
 
@@ -322,7 +345,7 @@ def train_variants(
     log_every = max(1, config.get('log_every_steps', 50))
     compile_s, timed_steps, timed_s = 0.0, 0, 0.0
     t_start = time.perf_counter()
-    stop = StopRequest()
+    stop, stop_wanted = StopRequest(), False
     with stop.installed():
         for epoch in range(start_epoch, config.num_epochs):
             if not any(r.active for r in runs):
@@ -341,7 +364,8 @@ def train_variants(
                         compile_s = time.perf_counter() - t_start
                     progress.start(gstep)
                     t_epoch, first_timed = time.perf_counter(), gstep
-                if gstep % log_every == 0 or s == steps_per_epoch - 1:
+                log_point = gstep % log_every == 0 or s == steps_per_epoch - 1
+                if log_point:
                     live = []  # The only host sync inside an epoch.
                     for r, a in zip(runs, _host_acc(acc), strict=True):
                         loss = a['loss'] / max(a['count'], 1.0)
@@ -364,7 +388,8 @@ def train_variants(
                         accuracy=float(np.mean([x[1] for x in live])),
                     )
                 hook_stop = any([bool(h(gstep)) for h in hooks])
-                if stop.requested or hook_stop:
+                stop_wanted = stop_wanted or stop.requested or hook_stop
+                if agreed_stop(stop_wanted, log_point):
                     jax.block_until_ready(state)
                     for k, (r, a) in enumerate(zip(runs, _host_acc(acc), strict=True)):
                         r.ckpt.save_latest(

@@ -112,8 +112,8 @@ def extract_features(
         pending.append((features(variables, jax.device_put(batch, shard)), n))
         if len(pending) > 2:  # Keep the device busy while earlier results come back.
             f, k = pending.pop(0)
-            out.append(np.asarray(jax.device_get(f))[:k])
-    out += [np.asarray(jax.device_get(f))[:k] for f, k in pending]
+            out.append(parallel.to_host(f)[:k])
+    out += [parallel.to_host(f)[:k] for f, k in pending]  # Gathered across processes too.
     return np.concatenate(out).astype(np.float32)
 
 
@@ -181,10 +181,11 @@ def load_or_extract(
         test_labels=ds.test.labels.astype(np.int32),
         class_names=np.asarray(ds.class_names),
     )
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix('.tmp.npz')
-    np.savez(tmp, **arrays)
-    tmp.replace(cache)
+    if parallel.is_main_process():  # Only process 0 writes files.
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix('.tmp.npz')
+        np.savez(tmp, **arrays)
+        tmp.replace(cache)
     return arrays, False
 
 
@@ -329,7 +330,6 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     t0 = time.time()
     wd = pathlib.Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
     data, cached = load_or_extract(config, wd)
     names = [str(n) for n in data['class_names']]
     k = len(names)
@@ -378,6 +378,9 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'num_devices': jax.device_count(),
         'wall_time_s': time.time() - t0,
     }
+    if not parallel.is_main_process():  # Only process 0 writes files.
+        return summary
+    wd.mkdir(parents=True, exist_ok=True)
     title = f'{config.model} features + linear SVM'
     plot_roc(curves, names, wd / 'roc.png', title=f'ROC: {title}')
     report.plot_confusion_matrix(cm, names, wd / 'confusion_matrix.png', title=title)
