@@ -200,7 +200,23 @@ def to_device(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
 # --- image folders ----------------------------------------------------------------------
 
 
-class FolderStream:
+class _StepCounts:
+    """Steps per epoch and evaluation steps of a stream's shard (both stream kinds)."""
+
+    num_examples: int
+    batch_size: int
+    process_count: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.num_examples, self.batch_size, self.process_count)
+
+    @property
+    def eval_steps(self) -> int:
+        return eval_steps(self.num_examples, self.batch_size, self.process_count)
+
+
+class FolderStream(_StepCounts):
     """Batches of an image folder's split, decoded by Pillow threads as they are needed.
 
     `image_size` resizes every image to a square of that size on the host (Pillow
@@ -262,14 +278,6 @@ class FolderStream:
         return len(self.paths)
 
     @property
-    def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.num_examples, self.batch_size, self.process_count)
-
-    @property
-    def eval_steps(self) -> int:
-        return eval_steps(self.num_examples, self.batch_size, self.process_count)
-
-    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of every batch's images (the first image's, without image_size)."""
         if self._image_shape is None:
@@ -323,7 +331,7 @@ class FolderStream:
 # --- TFDS -------------------------------------------------------------------------------
 
 
-class TfdsStream:
+class TfdsStream(_StepCounts):
     """Batches of a prepared TFDS split; each process reads only its shard's records.
 
     Within an epoch a process's shard is read in a file order and through a shuffle
@@ -371,14 +379,6 @@ class TfdsStream:
     ) -> TfdsStream:
         builder = sources.tfds_builder(name, data_dir=data_dir, manual_dir=manual_dir)
         return cls(builder, split, **kwargs)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.num_examples, self.batch_size, self.process_count)
-
-    @property
-    def eval_steps(self) -> int:
-        return eval_steps(self.num_examples, self.batch_size, self.process_count)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
