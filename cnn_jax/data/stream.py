@@ -355,7 +355,7 @@ class TfdsStream(Stream):
     def labels(self) -> np.ndarray:
         """The labels, read (not decoding any image) on first use."""
         if self._labels is None:
-            ds = self._records(0, len(self)).map(lambda i, image, label: label)
+            ds = self._records(np.arange(len(self))).map(lambda i, image, label: label)
             self._labels = np.fromiter(ds.as_numpy_iterator(), np.int32, len(self))
         return self._labels
 
@@ -375,15 +375,15 @@ class TfdsStream(Stream):
             )
         return shape
 
-    def _records(self, start: int, stop: int, shuffle_seed: int | None = None):
-        """(position, encoded image, label) of examples [start, stop) of this stream, in
+    def _records(self, positions: np.ndarray, shuffle_seed: int | None = None):
+        """(position, encoded image, label) of the ascending `positions` of this stream, in
         order (the files are read in order so that positions are known before a shuffle)."""
         import tensorflow as tf
         import tensorflow_datasets as tfds
 
-        first, last = self.index[start], self.index[stop - 1] + 1
+        first, last = self.index[positions[0]], self.index[positions[-1]] + 1
         position = np.full(last - first, -1, np.int64)
-        position[self.index[start:stop] - first] = np.arange(start, stop)
+        position[self.index[positions] - first] = positions
         ds = self.builder.as_dataset(
             split=f'{self.split}[{first}:{last}]',
             as_supervised=True,
@@ -418,7 +418,9 @@ class TfdsStream(Stream):
         b = local_batch_size(order.shape[1], self.process_count)
         entropy = [*order[0, :8].tolist(), self.process_index]
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
-        ds = self._records(*shard_bounds(len(self), self.process_index, self.process_count), seed)
+        ds = self._records(
+            np.arange(*shard_bounds(len(self), self.process_index, self.process_count)), seed
+        )
         ds = ds.take(len(order) * b).skip(start_step * b)
         ds = self._decoded(ds).batch(b, drop_remainder=True).prefetch(2)
         batches = (
@@ -434,7 +436,7 @@ class TfdsStream(Stream):
             raise ValueError('a TFDS stream reads examples in ascending order only')
         records = iter(())
         if real.size:
-            records = self._decoded(self._records(real[0], real[-1] + 1)).as_numpy_iterator()
+            records = self._decoded(self._records(real)).as_numpy_iterator()
         for index in order:
             images = np.zeros((len(index), *self.image_shape), np.uint8)
             for j in np.flatnonzero(index >= 0):
