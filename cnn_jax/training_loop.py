@@ -220,21 +220,16 @@ def evaluate(
     """`train.evaluate_split` of a device-resident split or a stream (padding masked)."""
     if not isinstance(data, stream.Stream):
         return train.evaluate_split(steps, state, *data, batch_size, mesh, with_predictions)
-    total, preds, index, rows = train.zero_metrics(), [], [], _identity(mesh, batch_size)
+    total, preds, rows = train.zero_metrics(), [], _identity(mesh, batch_size)
     for a in stream.prefetch((stream.to_device(b, mesh) for b in data.eval(batch_size)), 1):
         m, p = steps.evaluate(state, a['image'], a['label'], rows, a['mask'])
         total = jax.tree.map(jnp.add, total, m)
-        if with_predictions:  # Sharded across processes: gathered whole, then reordered.
+        if with_predictions:  # Sharded across processes: gathered whole.
             preds.append(parallel.to_host(p))
-            index.append(parallel.to_host(a['index']))
     total = jax.device_get(total)
     count = max(float(total['count']), 1.0)
     result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
-    if not with_predictions:
-        return result, None
-    predictions, index = np.zeros(len(data), np.int32), np.concatenate(index)
-    predictions[index[index >= 0]] = np.concatenate(preds)[index >= 0]
-    return result, predictions
+    return result, np.concatenate(preds)[: len(data)] if preds else None
 
 
 # --- The K variants one loop trains ------------------------------------------------------

@@ -63,7 +63,7 @@ def toy_dir(tmp_path_factory):
 def folder_stream(root, split='train', **kwargs):
     """A stream of the folder `root` with 2 decode threads."""
     kwargs.setdefault('workers', 2)
-    return stream.FolderStream.from_folder(str(root), split, **kwargs)
+    return stream.open_stream(f'folder:{root}', split, **kwargs)
 
 
 def stacked(batches):
@@ -142,7 +142,7 @@ def test_eval_padding_counts_every_example_once(folder, processes, batch_size):
             assert (b.index[~real] == -1).all() and (b.images[~real] == 0).all()
             np.testing.assert_array_equal(b.labels[real], resident.test_labels[b.index[real]])
             counted.extend(b.index[real])
-    assert steps == {stream.eval_steps(N_TRAIN, batch_size, processes)}  # Same on all.
+    assert steps == {-(-N_TRAIN // batch_size)}  # Global batches, the same on all.
     np.testing.assert_array_equal(np.sort(counted), np.arange(N_TRAIN))
 
 
@@ -189,7 +189,7 @@ def test_tfds_stream_shards_order_resume_selection_and_pixels(toy_dir):
     resident = sources.read_tfds('stream_toy', data_dir=toy_dir, manual_dir=None)
     seen = []
     for p in range(2):
-        s = stream.TfdsStream.from_name(
+        s = stream.open_stream(
             'stream_toy', 'train', data_dir=toy_dir, process_index=p, process_count=2
         )
         np.testing.assert_array_equal(s.labels, resident.train_labels)
@@ -208,7 +208,7 @@ def test_tfds_stream_shards_order_resume_selection_and_pixels(toy_dir):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 36  # 2 x 6 steps x 3.
     # A selection (a validation split's, relabelled) reads only its examples.
     chosen = np.arange(1, 40, 3)
-    s = stream.TfdsStream.from_name('stream_toy', 'train', data_dir=toy_dir, process_count=1)
+    s = stream.open_stream('stream_toy', 'train', data_dir=toy_dir, process_count=1)
     part = s.take(chosen, labels=np.arange(len(chosen)) % 2)
     index, images, labels, _ = stacked(list(part.train(epoch_order(len(chosen), 2))))
     np.testing.assert_array_equal(images, resident.train_images[chosen[index]])
@@ -220,11 +220,11 @@ def test_tfds_eval_counts_every_example_once(toy_dir):
     resident = sources.read_tfds('stream_toy', data_dir=toy_dir, manual_dir=None)
     counted = []
     for p in range(3):
-        s = stream.TfdsStream.from_name(
+        s = stream.open_stream(
             'stream_toy', 'test', data_dir=toy_dir, process_index=p, process_count=3
         )
         batches = list(s.eval(6))
-        assert len(batches) == stream.eval_steps(13, 6, 3) == 3
+        assert len(batches) == 3  # ceil(13 / 6) global batches.
         for b in batches:
             assert b.images.shape == (2, 6, 5, 3)
             real = b.mask == 1
@@ -279,7 +279,7 @@ def test_to_device_shards_the_global_batch_over_the_data_axis(folder):
     assert arrays['image'].sharding.is_equivalent_to(parallel.data_sharding(mesh), 4)
     for shard in arrays['image'].addressable_shards:  # Row i on device i.
         np.testing.assert_array_equal(shard.data, batch.images[shard.index])
-    for key, field in (('label', 'labels'), ('mask', 'mask'), ('index', 'index')):
+    for key, field in (('label', 'labels'), ('mask', 'mask')):
         np.testing.assert_array_equal(jax.device_get(arrays[key]), getattr(batch, field))
 
 

@@ -17,9 +17,8 @@ A TFDS stream cannot follow an order (TFRecord files give no random access): eac
 reads a contiguous shard of the split through a shuffle buffer seeded from the order's
 first row, so its order is a function of (seed, epoch, process) and resumes exactly, but
 it is not the device path's.
-Evaluation visits each process's contiguous shard in order and pads the last batches
-(mask 0, index -1) so that every process runs the same number of steps and each example
-counts once; `index` puts gathered predictions back in example order.
+Evaluation batches are the device path's too: the examples in order, the last batch padded
+(mask 0, index -1), each process reading its share: every example counts once.
 
 Decoding. Image folders are decoded by Pillow in a thread pool: Pillow releases the GIL
 while it decodes and resizes, so threads scale without TensorFlow, `pool.map` keeps the
@@ -32,11 +31,13 @@ dataset's own image feature, as `sources.read_tfds` does.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -89,33 +90,20 @@ def shard_bounds(num_examples: int, process_index: int, process_count: int) -> t
     return start, start + base + (process_index < extra)
 
 
-def local_batch_size(batch_size: int, process_count: int) -> int:
-    if batch_size % process_count:
-        raise ConfigError(f'batch_size={batch_size} does not divide over {process_count} processes')
-    return batch_size // process_count
-
-
 def process_share(order: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
     """Columns [p b, (p+1) b) of a (steps, B) global order: process p's part of each batch."""
-    b = local_batch_size(order.shape[1], process_count)
+    b, rest = divmod(order.shape[1], process_count)
+    if rest:
+        raise ConfigError(
+            f'batch_size={order.shape[1]} does not divide over {process_count} processes'
+        )
     return order[:, process_index * b : (process_index + 1) * b]
 
 
-def eval_steps(num_examples: int, batch_size: int, process_count: int) -> int:
-    """Batches that hold the largest shard: every process runs this many."""
-    b = local_batch_size(batch_size, process_count)
-    largest = -(-num_examples // process_count)  # Integer ceilings, exact for any n.
-    return -(-largest // b)
-
-
-def eval_order(
-    num_examples: int, *, batch_size: int, process_index: int, process_count: int
-) -> np.ndarray:
-    """(steps, B // P) example numbers of this process's shard in order, -1 = padding."""
-    start, stop = shard_bounds(num_examples, process_index, process_count)
-    steps = eval_steps(num_examples, batch_size, process_count)
-    index = start + np.arange(steps * (batch_size // process_count))
-    return np.where(index < stop, index, -1).reshape(steps, -1)
+def eval_order(num_examples: int, batch_size: int) -> np.ndarray:
+    """(steps, B) global evaluation batches: the examples in order, then -1 (padding)."""
+    index = np.arange(-(-num_examples // batch_size) * batch_size)
+    return np.where(index < num_examples, index, -1).reshape(-1, batch_size)
 
 
 # --- prefetch and devices ---------------------------------------------------------------
@@ -181,7 +169,6 @@ def to_device(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     """
     sharding = parallel.data_sharding(mesh)
     arrays = {'image': batch.images, 'label': batch.labels, 'mask': batch.mask}
-    arrays['index'] = batch.index
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
 
 
@@ -203,34 +190,43 @@ class Stream:
         process_count: int | None = None,
         prefetch: int = 4,
     ):
-        self.image_size = image_size
-        self.process_index, self.process_count = resolve_processes(process_index, process_count)
-        self.prefetch = prefetch
-        self._options = dict(
-            image_size=image_size,
-            process_index=self.process_index,
-            process_count=self.process_count,
-            prefetch=prefetch,
-        )
+        self.image_size, self.prefetch = image_size, prefetch
+        self._process = resolve_processes(process_index, process_count)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def eval(self, batch_size: int) -> Iterator[Batch]:
-        """This process's shard in order, padded to eval_steps full batches."""
-        order = eval_order(
-            len(self),
-            batch_size=batch_size,
-            process_index=self.process_index,
-            process_count=self.process_count,
-        )
-        return prefetch(self._batches(order), self.prefetch)
+        """This process's share of every example in order, padded (module doc)."""
+        share = process_share(eval_order(len(self), batch_size), *self._process)
+        return prefetch(self._batches(share), self.prefetch)
 
     def examples(self, index: np.ndarray) -> np.ndarray:
         """The decoded images of `index` (ascending for TFDS), e.g. a statistics sample."""
         return next(self._batches(np.asarray(index)[None])).images
 
+    def take(self, index: np.ndarray, labels: np.ndarray) -> Stream:
+        """The examples `index` (e.g. a validation split's), relabelled to `labels`."""
+        part = copy.copy(self)
+        part._select(np.asarray(index), np.asarray(labels, np.int32))
+        return part
+
     def _batches(self, order: np.ndarray) -> Iterator[Batch]:
+        """Batches of `order`'s rows (-1 = padding: zeros, mask 0)."""
+        with self._decoder(order[order >= 0]) as decode:
+            for index in order:
+                real = index >= 0
+                images = np.zeros((len(index), *self.image_shape), np.uint8)
+                if real.any():
+                    images[real] = np.stack(decode(index[real]))
+                labels = np.where(real, self.labels[np.maximum(index, 0)], 0).astype(np.int32)
+                yield Batch(images, labels, real.astype(np.float32), index.astype(np.int32))
+
+    def _select(self, index: np.ndarray, labels: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _decoder(self, examples: np.ndarray) -> contextlib.AbstractContextManager:
+        """A context giving decode(index) -> images, to be called on `examples` in order."""
         raise NotImplementedError
 
 
@@ -252,30 +248,13 @@ class FolderStream(Stream):
         **options: Any,
     ):
         super().__init__(**options)
-        if len(paths) != len(labels):
-            raise ValueError(f'{len(paths)} paths but {len(labels)} labels')
-        self.paths = list(paths)
-        self.labels = np.asarray(labels, np.int32)
+        self.paths, self.labels = list(paths), np.asarray(labels, np.int32)
         self.class_names = list(class_names)
         self.workers = workers or images_lib.default_workers()
-        self._options['workers'] = self.workers
         self._image_shape: tuple[int, int, int] | None = None
 
-    @classmethod
-    def from_folder(
-        cls, path: str, split: str, *, cache_dir: str | None = None, **kwargs: Any
-    ) -> FolderStream:
-        """`split` ('train' or 'test') of folder:PATH, in tfds.ImageFolder's order."""
-        root = sources.folder_root(path, cache_dir=cache_dir)
-        class_names = sources.check_folder(root)
-        paths, labels = images_lib.list_examples(root, split, class_names)
-        return cls(paths, labels, class_names, **kwargs)
-
-    def take(self, index: np.ndarray, labels: np.ndarray | None = None) -> FolderStream:
-        """The examples `index` (e.g. a validation split's), relabelled to `labels`."""
-        labels = self.labels[index] if labels is None else labels
-        paths = [self.paths[i] for i in index]
-        return FolderStream(paths, labels, self.class_names, **self._options)
+    def _select(self, index: np.ndarray, labels: np.ndarray) -> None:
+        self.paths, self.labels = [self.paths[i] for i in index], labels
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -286,8 +265,8 @@ class FolderStream(Stream):
 
     def train(self, order: np.ndarray, start_step: int = 0) -> Iterator[Batch]:
         """This process's share of the (steps, B) global `order`'s rows from `start_step`."""
-        share = process_share(order, self.process_index, self.process_count)
-        return prefetch(self._batches(share[start_step:]), self.prefetch)
+        share = process_share(order, *self._process)[start_step:]
+        return prefetch(self._batches(share), self.prefetch)
 
     def _load(self, i: int) -> np.ndarray:
         image = images_lib.load(self.paths[i], self.image_size)
@@ -298,15 +277,10 @@ class FolderStream(Stream):
             )
         return image
 
-    def _batches(self, order: np.ndarray) -> Iterator[Batch]:
+    @contextlib.contextmanager
+    def _decoder(self, examples: np.ndarray) -> Iterator[Callable]:
         with ThreadPoolExecutor(self.workers) as pool:
-            for index in order:
-                real = index >= 0
-                images = np.zeros((len(index), *self.image_shape), np.uint8)
-                if real.any():
-                    images[real] = np.stack(list(pool.map(self._load, index[real])))
-                labels = np.where(real, self.labels[np.maximum(index, 0)], 0).astype(np.int32)
-                yield Batch(images, labels, real.astype(np.float32), index.astype(np.int32))
+            yield lambda index: list(pool.map(self._load, index))
 
 
 class TfdsStream(Stream):
@@ -323,30 +297,14 @@ class TfdsStream(Stream):
         builder: Any,
         split: str,
         *,
-        index: np.ndarray | None = None,
-        labels: np.ndarray | None = None,
         shuffle_buffer: int = 10_000,
         **options: Any,
     ):
         super().__init__(**options)
         self.builder, self.split, self.shuffle_buffer = builder, split, shuffle_buffer
-        n = builder.info.splits[split].num_examples
-        self.index = np.arange(n) if index is None else np.asarray(index)
-        self._labels = labels
+        self.index = np.arange(builder.info.splits[split].num_examples)
+        self._labels: np.ndarray | None = None
         self.class_names = list(builder.info.features['label'].names)
-
-    @classmethod
-    def from_name(
-        cls,
-        name: str,
-        split: str,
-        *,
-        data_dir: str | None = None,
-        manual_dir: str | None = None,
-        **kwargs: Any,
-    ) -> TfdsStream:
-        builder = sources.tfds_builder(name, data_dir=data_dir, manual_dir=manual_dir)
-        return cls(builder, split, **kwargs)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -359,10 +317,8 @@ class TfdsStream(Stream):
             self._labels = np.fromiter(ds.as_numpy_iterator(), np.int32, len(self))
         return self._labels
 
-    def take(self, index: np.ndarray, labels: np.ndarray | None = None) -> TfdsStream:
-        labels = self.labels[index] if labels is None else labels
-        return TfdsStream(self.builder, self.split, index=self.index[index], labels=labels,
-                          shuffle_buffer=self.shuffle_buffer, **self._options)  # fmt: skip
+    def _select(self, index: np.ndarray, labels: np.ndarray) -> None:
+        self.index, self._labels = self.index[index], labels
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -415,12 +371,10 @@ class TfdsStream(Stream):
 
     def train(self, order: np.ndarray, start_step: int = 0) -> Iterator[Batch]:
         """len(order) batches of this process's shard from `start_step` (the module doc)."""
-        b = local_batch_size(order.shape[1], self.process_count)
-        entropy = [*order[0, :8].tolist(), self.process_index]
+        b = process_share(order, *self._process).shape[1]
+        entropy = [*order[0, :8].tolist(), self._process[0]]
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
-        ds = self._records(
-            np.arange(*shard_bounds(len(self), self.process_index, self.process_count)), seed
-        )
+        ds = self._records(np.arange(*shard_bounds(len(self), *self._process)), seed)
         ds = ds.take(len(order) * b).skip(start_step * b)
         ds = self._decoded(ds).batch(b, drop_remainder=True).prefetch(2)
         batches = (
@@ -429,21 +383,15 @@ class TfdsStream(Stream):
         )
         return prefetch(batches, self.prefetch)
 
-    def _batches(self, order: np.ndarray) -> Iterator[Batch]:
-        """`order`'s rows, read in one pass: its examples must ascend (-1 = padding)."""
-        real = order[order >= 0]
-        if np.any(np.diff(real) <= 0):
+    @contextlib.contextmanager
+    def _decoder(self, examples: np.ndarray) -> Iterator[Callable]:
+        """One pass over the records: `examples` must ascend."""
+        if np.any(np.diff(examples) <= 0):
             raise ValueError('a TFDS stream reads examples in ascending order only')
-        records = iter(())
-        if real.size:
-            records = self._decoded(self._records(real)).as_numpy_iterator()
-        for index in order:
-            images = np.zeros((len(index), *self.image_shape), np.uint8)
-            for j in np.flatnonzero(index >= 0):
-                _, images[j], _ = next(records)
-            real = index >= 0
-            labels = np.where(real, self.labels[np.maximum(index, 0)], 0).astype(np.int32)
-            yield Batch(images, labels, real.astype(np.float32), index.astype(np.int32))
+        records = (
+            self._decoded(self._records(examples)).as_numpy_iterator() if examples.size else None
+        )
+        yield lambda index: [next(records)[1] for _ in index]
 
 
 def open_stream(
@@ -455,15 +403,20 @@ def open_stream(
     cache_dir: str | None = None,
     **options: Any,
 ) -> FolderStream | TfdsStream:
-    """A stream of `split` of config.dataset: 'folder:...' or a TFDS name."""
+    """A stream of `split` of config.dataset, 'folder:...' (in tfds.ImageFolder's order)
+    or a TFDS name; `options` are Stream's."""
     if dataset.startswith('folder:'):
-        return FolderStream.from_folder(dataset[7:], split, cache_dir=cache_dir, **options)
+        root = sources.folder_root(dataset[7:], cache_dir=cache_dir)
+        class_names = sources.check_folder(root)
+        paths, labels = images_lib.list_examples(root, split, class_names)
+        return FolderStream(paths, labels, class_names, **options)
     if dataset == 'digits' or ':' in dataset or '/' in dataset:
         raise ConfigError(
             f'{dataset!r} cannot stream: streaming reads folder:DIR or a TFDS name '
             "(digits and idx: datasets fit in memory: use input_mode='device')"
         )
-    return TfdsStream.from_name(dataset, split, data_dir=data_dir, manual_dir=manual_dir, **options)
+    builder = sources.tfds_builder(dataset, data_dir=data_dir, manual_dir=manual_dir)
+    return TfdsStream(builder, split, **options)
 
 
 # --- device-resident or streamed --------------------------------------------------------
