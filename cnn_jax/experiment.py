@@ -17,17 +17,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnn_jax import losses, parallel, report, summary, train
+from cnn_jax import losses, parallel, report, summary, train, training_loop
 from cnn_jax.data import Dataset, stream
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
-from cnn_jax.training_loop import (
-    TrainResult,
-    evaluate,
-    input_spec,
-    model_input_shape,
-    train_and_evaluate,
-)
+from cnn_jax.training_loop import TrainResult, input_spec, model_input_shape, train_and_evaluate
 
 
 def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) -> dict[str, Any]:
@@ -138,7 +132,7 @@ def finish(
     evals, predictions = {}, None
     for split in ('train', 'val', 'test'):
         if split in result.device_data:
-            evals[split], preds = evaluate(
+            evals[split], preds = training_loop.evaluate(
                 result.steps,
                 result.state,
                 result.device_data[split],

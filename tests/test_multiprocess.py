@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import parallel
+from cnn_jax.data import sources
 from cnn_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -226,6 +227,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp('multiprocess')
     (root / 'tiny.py').write_text(CONFIG)
     write_digits(root / 'digits')
+    # The device-resident runs' decoded cache, made here: no TensorFlow import in each.
+    sources.read_folder(str(root / 'digits'), cache_dir=str(root / 'cache'))
     ((rc, out),) = finish([start(root, root / 'one', 'one', 2)])
     assert rc == 0, out
     outs = finish(start_pair(root, root / 'two', 'two', ['--config.input_mode=stream']))

@@ -1,10 +1,11 @@
-"""Training from a stream: the device-resident run's numbers; a stop mid-epoch resumes exactly.
+"""Training from a stream: the device-resident run's numbers, through a stop mid-epoch.
 
-A folder of tiny images trains device-resident and streamed, the stream chosen by 'auto'
-under a tiny device_memory_budget_gb as a dataset past the budget would be. Both draw the
-same batches in the same order through the same compiled steps (augmentation and dropout
-on), so the metrics agree to float precision. A streamed run stopped in the middle of an
-epoch and re-run ends as the uninterrupted one. Two processes streaming: test_multiprocess.
+A folder of tiny images trains device-resident, and streamed: the stream chosen by 'auto'
+under a tiny device_memory_budget_gb, as a dataset past the budget would be, stopped in the
+middle of an epoch and re-run. Both draw the same batches in the same order through the
+same compiled steps (augmentation and dropout on) and a resumed stream starts at the
+restored step, so the metrics agree to float precision. (One run pair for both checks:
+each run costs seconds of CI. Two processes streaming against one: test_multiprocess.)
 """
 
 import pytest
@@ -41,29 +42,11 @@ def results(out, workdir):
     return {k: v for k, v in out.items() if k not in VOLATILE}, epoch_rows(workdir)
 
 
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-    """(folder, device-resident results, streamed results, the streamed run's output)."""
-    root = make_folder(tmp_path_factory.mktemp('data') / 'imgs', per_class=20)
-    base = tmp_path_factory.mktemp('runs')
-    device = experiment.run(config(root, input_mode='device'), base / 'device')
-    with pytest.MonkeyPatch.context() as mp:
-        printed = []
-        mp.setattr('builtins.print', lambda *a, **k: printed.append(' '.join(map(str, a))))
-        stream = experiment.run(streamed(root), base / 'stream')
-    return root, results(device, base / 'device'), results(stream, base / 'stream'), printed
-
-
-def test_streamed_training_equals_device_resident(runs):
-    _, device, stream, printed = runs
-    assert any(line.startswith('Input: streamed from the host (') for line in printed)
-    assert stream[0]['status'] == 'completed' and [r['epoch'] for r in stream[1]] == [1, 2]
-    assert stream[0]['steps_per_epoch'] == STEPS
-    assert_close(stream, device)
-
-
-def test_stop_mid_streamed_epoch_then_rerun_equals_uninterrupted(runs, tmp_path, monkeypatch):
-    root, _, stream, _ = runs
+def test_streamed_run_stopped_mid_epoch_and_resumed_equals_device_resident(
+    tmp_path, monkeypatch, capsys
+):
+    root = make_folder(tmp_path / 'imgs', per_class=20)
+    device = experiment.run(config(root, input_mode='device'), tmp_path / 'device')
     stop_at = STEPS + 2  # In the middle of epoch 2.
     with monkeypatch.context() as m:
         hooked = training_loop.train_and_evaluate
@@ -73,7 +56,9 @@ def test_stop_mid_streamed_epoch_then_rerun_equals_uninterrupted(runs, tmp_path,
 
         m.setattr(experiment, 'train_and_evaluate', stopping)
         with pytest.raises(Interrupted, match=f'interrupted at step {stop_at};'):
-            experiment.run(streamed(root), tmp_path)
-    out = experiment.run(streamed(root), tmp_path)
-    assert out['resumed_from_step'] == stop_at
-    assert_close(results(out, tmp_path), stream)
+            experiment.run(streamed(root), tmp_path / 'stream')
+    assert 'Input: streamed from the host (' in capsys.readouterr().out
+    out = experiment.run(streamed(root), tmp_path / 'stream')
+    assert out['status'] == 'completed' and out['resumed_from_step'] == stop_at
+    assert out['steps_per_epoch'] == STEPS and out['epochs_run'] == 2
+    assert_close(results(out, tmp_path / 'stream'), results(device, tmp_path / 'device'))
