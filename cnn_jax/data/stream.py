@@ -48,7 +48,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from cnn_jax import parallel
-from cnn_jax.data import Dataset, load_dataset, sources
+from cnn_jax.data import Dataset, load_dataset, metadata, sources
 from cnn_jax.data import images as images_lib
 from cnn_jax.errors import ConfigError, DataError
 
@@ -176,9 +176,11 @@ def to_device(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
 
 
 class Stream:
-    """What both stream kinds share: the process, host resize, evaluation, decoding."""
+    """What both stream kinds share: the process, host resize, evaluation, decoding, and
+    `index`, the numbers in the split of the examples it serves, with their `labels`."""
 
-    labels: np.ndarray
+    index: np.ndarray
+    _labels: np.ndarray
     class_names: list[str]
     image_shape: tuple[int, int, int]
 
@@ -194,7 +196,11 @@ class Stream:
         self._process = resolve_processes(process_index, process_count)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
 
     def eval(self, batch_size: int) -> Iterator[Batch]:
         """This process's share of every example in order, padded (module doc)."""
@@ -208,7 +214,7 @@ class Stream:
     def take(self, index: np.ndarray, labels: np.ndarray) -> Stream:
         """The examples `index` (e.g. a validation split's), relabelled to `labels`."""
         part = copy.copy(self)
-        part._select(np.asarray(index), np.asarray(labels, np.int32))
+        part.index, part._labels = self.index[index], np.asarray(labels, np.int32)
         return part
 
     def _batches(self, order: np.ndarray) -> Iterator[Batch]:
@@ -221,9 +227,6 @@ class Stream:
                     images[real] = np.stack(decode(index[real]))
                 labels = np.where(real, self.labels[np.maximum(index, 0)], 0).astype(np.int32)
                 yield Batch(images, labels, real.astype(np.float32), index.astype(np.int32))
-
-    def _select(self, index: np.ndarray, labels: np.ndarray) -> None:
-        raise NotImplementedError
 
     def _decoder(self, examples: np.ndarray) -> contextlib.AbstractContextManager:
         """A context giving decode(index) -> images, to be called on `examples` in order."""
@@ -248,13 +251,10 @@ class FolderStream(Stream):
         **options: Any,
     ):
         super().__init__(**options)
-        self.paths, self.labels = list(paths), np.asarray(labels, np.int32)
-        self.class_names = list(class_names)
+        self.paths, self.index = list(paths), np.arange(len(paths))
+        self._labels, self.class_names = np.asarray(labels, np.int32), list(class_names)
         self.workers = workers or images_lib.default_workers()
         self._image_shape: tuple[int, int, int] | None = None
-
-    def _select(self, index: np.ndarray, labels: np.ndarray) -> None:
-        self.paths, self.labels = [self.paths[i] for i in index], labels
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -268,11 +268,11 @@ class FolderStream(Stream):
         share = process_share(order, *self._process)[start_step:]
         return prefetch(self._batches(share), self.prefetch)
 
-    def _load(self, i: int) -> np.ndarray:
-        image = images_lib.load(self.paths[i], self.image_size)
+    def _load(self, path: str) -> np.ndarray:
+        image = images_lib.load(path, self.image_size)
         if image.shape != self.image_shape:
             raise DataError(
-                f'{self.paths[i]}: image is {image.shape[:2]}, not {self.image_shape[:2]} as '
+                f'{path}: image is {image.shape[:2]}, not {self.image_shape[:2]} as '
                 'the first one; set --config.image_size to resize them to one square size'
             )
         return image
@@ -280,7 +280,9 @@ class FolderStream(Stream):
     @contextlib.contextmanager
     def _decoder(self, examples: np.ndarray) -> Iterator[Callable]:
         with ThreadPoolExecutor(self.workers) as pool:
-            yield lambda index: list(pool.map(self._load, index))
+            yield lambda index: list(
+                pool.map(self._load, [self.paths[i] for i in self.index[index]])
+            )
 
 
 class TfdsStream(Stream):
@@ -306,9 +308,6 @@ class TfdsStream(Stream):
         self._labels: np.ndarray | None = None
         self.class_names = list(builder.info.features['label'].names)
 
-    def __len__(self) -> int:
-        return len(self.index)
-
     @property
     def labels(self) -> np.ndarray:
         """The labels, read (not decoding any image) on first use."""
@@ -316,9 +315,6 @@ class TfdsStream(Stream):
             ds = self._records(np.arange(len(self))).map(lambda i, image, label: label)
             self._labels = np.fromiter(ds.as_numpy_iterator(), np.int32, len(self))
         return self._labels
-
-    def _select(self, index: np.ndarray, labels: np.ndarray) -> None:
-        self.index, self._labels = self.index[index], labels
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -448,9 +444,9 @@ def device_memory_budget(budget_gb: float = 0, device: Any = None) -> int:
 def load(config: ml_collections.ConfigDict) -> Dataset:
     """config.dataset with device-resident splits or streams, as config.input_mode says.
 
-    'auto' opens the streams (a file listing, one header; TFDS's split sizes) and streams
-    when the dataset's bytes exceed the device memory budget; `load_dataset` then selects
-    the same examples either way.
+    'auto' opens the streams (a file listing; TFDS's split sizes), reads one image header,
+    and streams when the dataset's bytes exceed the device memory budget; `load_dataset`
+    then selects the same examples either way.
     """
     mode, streamable = config.input_mode, config.dataset.split(':')[0] not in ('digits', 'idx')
     if mode == 'device' or (mode == 'auto' and not streamable):
@@ -466,7 +462,10 @@ def load(config: ml_collections.ConfigDict) -> Dataset:
         )
         for split in ('train', 'test')
     ]
-    needed = dataset_bytes(sum(len(s) for s in streams), streams[0].image_shape) / 2**30
+    # As the device path holds them: as stored (resized on the device) where sizes agree.
+    h, w, c = metadata.source_metadata(config.dataset, data_dir=config.data_dir).image_shape
+    shape = (h or config.image_size or 1, w or config.image_size or 1, c)
+    needed = dataset_bytes(sum(len(s) for s in streams), shape) / 2**30
     budget = device_memory_budget(config.device_memory_budget_gb) / 2**30
     why = f'{needed:.3g} GiB of images, device memory budget {budget:.3g} GiB'
     if mode == 'auto':
