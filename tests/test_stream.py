@@ -12,7 +12,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cnn_jax import data, parallel
-from cnn_jax.config_checks import check_config
 from cnn_jax.data import sources, stream
 from cnn_jax.errors import ConfigError, DataError
 from tests.conftest import tiny_config
@@ -312,18 +311,6 @@ def test_dataset_bytes_and_budget():
     # The CPU backend reports no limit: the fixed default.
     assert jax.local_devices()[0].memory_stats() is None
     assert stream.device_memory_budget() == stream.CPU_BUDGET_BYTES
-
-
-@pytest.mark.parametrize(
-    'key, value, match',
-    [
-        ('input_mode', 'disk', "unknown input_mode 'disk'; known input_modes: auto, device"),
-        ('device_memory_budget_gb', -1.0, r'device_memory_budget_gb must be >= 0'),
-    ],
-)
-def test_bad_input_settings_are_config_errors(key, value, match):
-    with pytest.raises(ConfigError, match=match):
-        check_config(tiny_config(**{key: value}))
 
 
 def test_auto_streams_what_exceeds_the_budget(folder, capsys):
