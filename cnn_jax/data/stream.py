@@ -176,8 +176,10 @@ def to_device(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
 
 
 class Stream:
-    """What both stream kinds share: the process, host resize, evaluation, decoding, and
-    `index`, the numbers in the split of the examples it serves, with their `labels`."""
+    """What both stream kinds share: `index` (the split's examples it serves) and their
+    `labels`, evaluation, decoding. Options: `image_size` (a square resize on the host),
+    `process_index` and `process_count` (JAX's by default), `prefetch` (batches ahead).
+    """
 
     index: np.ndarray
     _labels: np.ndarray
@@ -288,10 +290,10 @@ class FolderStream(Stream):
 class TfdsStream(Stream):
     """Batches of a prepared TFDS split; each process reads only its shard's records.
 
-    `index` selects examples of the split (ascending numbers; all by default) and `labels`
-    relabels them. Within an epoch a process's shard is read through a shuffle buffer
-    seeded from the epoch's order (see the module doc). Resuming skips the records of the
-    steps already run before they are decoded.
+    `take` selects (ascending) and relabels examples: the rest are skipped undecoded.
+    Within an epoch a process's shard is read through a shuffle buffer seeded from the
+    epoch's order (see the module doc). Resuming skips the records of the steps already
+    run before they are decoded.
     """
 
     def __init__(
@@ -322,9 +324,7 @@ class TfdsStream(Stream):
         if self.image_size:
             return (self.image_size, self.image_size, shape[-1])
         if None in shape:
-            raise DataError(
-                f'{self.builder.name}: images have no fixed size; set --config.image_size'
-            )
+            raise DataError(f'{self.builder.name}: images vary in size; set --config.image_size')
         return shape
 
     def _records(self, positions: np.ndarray, shuffle_seed: int | None = None):
