@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from cnn_jax.data.stream import INPUT_MODES
 from cnn_jax.errors import ConfigError
 from cnn_jax.losses import LOSSES
 from cnn_jax.models import DTYPES, MODELS
@@ -60,6 +61,7 @@ RULES: tuple[tuple[str, Check, str], ...] = (
     ('image_size', _optional(_at_least(0, whole=True)), 'a size in pixels (0 or None: as stored)'),
     ('max_train_examples', _optional(_at_least(1, whole=True)), 'a whole number >= 1 or None'),
     ('max_eval_examples', _optional(_at_least(1, whole=True)), 'a whole number >= 1 or None'),
+    ('device_memory_budget_gb', _at_least(0), '>= 0 (0: from the device)'),
     ('augment.crop_padding', _at_least(0, whole=True), 'a whole number of pixels >= 0'),
     ('augment.rotation_degrees', _at_least(0), '>= 0'),
     ('augment.scale', _fraction, 'in [0, 1)'),
@@ -89,6 +91,7 @@ RULES: tuple[tuple[str, Check, str], ...] = (
 
 # (key, plural, the known values): the names the modules that read these keys accept.
 CHOICES: tuple[tuple[str, str, Sequence[str]], ...] = (
+    ('input_mode', 'input_modes', INPUT_MODES),
     ('model', 'models', sorted(MODELS)),
     ('dtype', 'dtypes', tuple(DTYPES)),
     ('init', 'inits', INITS),

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnn_jax import losses, parallel, report, summary, train
-from cnn_jax.data import Dataset, load_dataset
+from cnn_jax import losses, parallel, report, summary, train, training_loop
+from cnn_jax.data import Dataset, stream
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
 from cnn_jax.training_loop import TrainResult, input_spec, model_input_shape, train_and_evaluate
@@ -35,8 +35,9 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
     variables = train.init_variables(model, shape, jax.random.key(config.seed), config.init)
     spec = input_spec(config, dataset)
     n = min(config.batch_size, len(dataset.train))
+    images = dataset.train.examples(np.arange(n))
     batch = spec.make_batch(
-        jnp.asarray(dataset.train.images[:n]), jnp.asarray(dataset.train.labels[:n]), jnp.arange(n)
+        jnp.asarray(images), jnp.asarray(dataset.train.labels[:n]), jnp.arange(n)
     )
     logits = model.apply(variables, batch['image'][:1], train=False)
     expected_shape = (1, dataset.num_classes)
@@ -97,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         from cnn_jax.transfer.weights import check_exists
 
         check_exists(config.pretrained, config.model)
-    dataset = load_dataset(config)
+    dataset = stream.load(config)
     model = build_model(config, dataset.num_classes)
     shape = model_input_shape(config, dataset)
     layer_table = summary.layer_table(model, shape)  # Raises if a count breaks its formula.
@@ -131,10 +132,10 @@ def finish(
     evals, predictions = {}, None
     for split in ('train', 'val', 'test'):
         if split in result.device_data:
-            evals[split], preds = train.evaluate_split(
+            evals[split], preds = training_loop.evaluate(
                 result.steps,
                 result.state,
-                *result.device_data[split],
+                result.device_data[split],
                 config.eval_batch_size,
                 result.mesh,
                 with_predictions=split == 'test',

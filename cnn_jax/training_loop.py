@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from cnn_jax import parallel, train
 from cnn_jax.checkpoints import Checkpoints
-from cnn_jax.data import Dataset
+from cnn_jax.data import Dataset, stream
 from cnn_jax.data.augment import AugmentConfig
 from cnn_jax.errors import ConfigError, Interrupted
 from cnn_jax.records import MetricsLog, Progress
@@ -51,7 +51,7 @@ class TrainResult:
     train_steps_per_s: float
     compile_s: float
     resumed_from_step: int | None
-    device_data: dict[str, tuple[jax.Array, jax.Array]]
+    device_data: dict[str, Any]  # device_splits': arrays on the devices, or streams
     steps: train.CompiledSteps
     mesh: Mesh
 
@@ -169,16 +169,67 @@ def agreed_improvement(value: float, best: float | None, mode: str, min_delta: f
     return better if jax.process_count() == 1 else bool(parallel.from_main(better))
 
 
-def device_splits(dataset: Any, mesh: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{'train'|'val'|'test': (images, labels)} of `dataset`, replicated on every device."""
+def device_splits(dataset: Any, mesh: Any) -> dict[str, Any]:
+    """{'train'|'val'|'test': (images, labels) replicated on every device, or a stream}."""
     return {
-        name: (
+        name: split
+        if isinstance(split, stream.Stream)
+        else (
             parallel.put_replicated(split.images, mesh),
             parallel.put_replicated(split.labels, mesh),
         )
         for name, split in (('train', dataset.train), ('val', dataset.val), ('test', dataset.test))
         if split is not None
     }
+
+
+def _identity(mesh: Mesh, batch_size: int, axis: tuple = ()) -> jax.Array:
+    """Gather indices that take a streamed batch whole (arange, sharded as the batch)."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axis, 'data'))
+    return jax.device_put(
+        np.arange(batch_size, dtype=np.int32).reshape(*[1] * len(axis), -1), sharding
+    )
+
+
+def _train_inputs(data: Any, perm: jax.Array, first_step: int, mesh: Mesh) -> Iterator[tuple]:
+    """(images, labels, perm, step_in_epoch) of each step from `first_step` on.
+
+    A stream follows `perm` on the host (the device path's order: the same batches) and
+    its batches go to the devices a step ahead; the compiled step then gathers a whole
+    batch from its own rows.
+    """
+    if not isinstance(data, stream.Stream):
+        yield from ((*data, perm, np.int32(s)) for s in range(first_step, perm.shape[-2]))
+        return
+    if perm.ndim != 2:
+        raise ConfigError('a stream serves one order: a sweep over seed cannot stream')
+    order, rows = parallel.to_host(perm), _identity(mesh, perm.shape[1], (None,))
+    arrays = (stream.to_device(b, mesh) for b in data.train(order, first_step))
+    for a in stream.prefetch(arrays, 1):
+        yield a['image'], a['label'], rows, np.int32(0)
+
+
+def evaluate(
+    steps: train.CompiledSteps,
+    state: train.TrainState,
+    data: Any,
+    batch_size: int,
+    mesh: Mesh,
+    with_predictions: bool = False,
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """`train.evaluate_split` of a device-resident split or a stream (padding masked)."""
+    if not isinstance(data, stream.Stream):
+        return train.evaluate_split(steps, state, *data, batch_size, mesh, with_predictions)
+    total, preds, rows = train.zero_metrics(), [], _identity(mesh, batch_size)
+    for a in stream.prefetch((stream.to_device(b, mesh) for b in data.eval(batch_size)), 1):
+        m, p = steps.evaluate(state, a['image'], a['label'], rows, a['mask'])
+        total = jax.tree.map(jnp.add, total, m)
+        if with_predictions:  # Sharded across processes: gathered whole.
+            preds.append(parallel.to_host(p))
+    total = jax.device_get(total)
+    count = max(float(total['count']), 1.0)
+    result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
+    return result, np.concatenate(preds)[: len(data)] if preds else None
 
 
 # --- The K variants one loop trains ------------------------------------------------------
@@ -339,7 +390,6 @@ def train_variants(
         return jax.device_put(np.array([r.active for r in runs]), repl)
 
     active = mask()
-    train_images, train_labels = device_data['train']
     total_steps = config.num_epochs * steps_per_epoch
     progress = Progress(total_steps, enabled=writer)
     log_every = max(1, config.get('log_every_steps', 50))
@@ -350,13 +400,11 @@ def train_variants(
         for epoch in range(start_epoch, config.num_epochs):
             if not any(r.active for r in runs):
                 break
-            perm = steps.permutation(epoch)
             first_step = start_step if epoch == start_epoch else 0
             t_epoch = None
-            for s in range(first_step, steps_per_epoch):
-                state, acc = steps.train(
-                    state, acc, train_images, train_labels, perm, np.int32(s), steps.rng, active
-                )
+            inputs = _train_inputs(device_data['train'], steps.permutation(epoch), first_step, mesh)
+            for s, args in zip(range(first_step, steps_per_epoch), inputs, strict=False):
+                state, acc = steps.train(state, acc, *args, steps.rng, active)
                 gstep = epoch * steps_per_epoch + s + 1
                 if t_epoch is None:  # First step of this process: includes compilation.
                     jax.block_until_ready(acc)
@@ -398,7 +446,9 @@ def train_variants(
                     for r in runs:
                         r.ckpt.wait()
                     progress.end_line()
+                    inputs.close()  # Stops a stream's decoding threads.
                     raise Interrupted(gstep, ', '.join(str(r.workdir) for r in runs))
+            inputs.close()
             if not any(r.active for r in runs):
                 break  # Every variant diverged.
             jax.block_until_ready(state)
@@ -412,8 +462,8 @@ def train_variants(
                     continue
                 state_k = steps.variant(state, k)
                 evals = {
-                    split: train.evaluate_split(
-                        steps.evaluation, state_k, *device_data[split], config.eval_batch_size, mesh
+                    split: evaluate(
+                        steps.evaluation, state_k, device_data[split], config.eval_batch_size, mesh
                     )[0]
                     for split in ('val', 'test')
                     if split in device_data

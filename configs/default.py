@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.normalize = 'dataset'  # 'dataset' (train mean/std) | 'imagenet' | 'none'.
     c.max_train_examples = config_dict.placeholder(int)  # Subsample train (quick runs).
     c.max_eval_examples = config_dict.placeholder(int)  # Subsample val and test (quick runs).
+    # 'device': every split on every device; 'stream': each process decodes its share of
+    # each batch on the host (folder: and TFDS); 'auto': stream what exceeds the budget.
+    c.input_mode = 'auto'
+    c.device_memory_budget_gb = 0.0  # Per device for 'auto'; 0: half the device's memory.
 
     # On-device augmentation of training batches.
     c.augment = ml_collections.ConfigDict()

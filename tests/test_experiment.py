@@ -61,7 +61,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     config = tiny_config(num_epochs=3, steps_per_epoch=4)
     config.model_options.dropout_rate = 0.2
     config.augment.flip = True
-    ds = experiment.load_dataset(config)
+    ds = experiment.stream.load(config)
     model = experiment.build_model(config, ds.num_classes)
     straight = train_and_evaluate(config, tmp_path / 'a', ds, model)
     with pytest.raises(Interrupted, match='interrupted at step 6'):

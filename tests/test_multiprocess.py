@@ -3,8 +3,11 @@
 Each process runs launch.py (through a driver that records, with an audit hook, every
 file the process opens for writing), with 1 CPU device each; the one-process run has 2,
 so both runs have the same mesh and global batch and must agree to float precision.
-A SIGTERM to one process stops both at the same step, saved; re-running both resumes to
-the uninterrupted run's end.
+The data is scikit-learn's digits written as a folder of PNGs: the one-process run holds
+it on its devices, the two-process run streams it (each process decodes its share of each
+batch: the same batches), so the two also agree across input modes. A SIGTERM to one
+process of a device-resident pair stops both at the same step, saved; re-running both
+resumes to the uninterrupted runs' end.
 """
 
 import json
@@ -15,9 +18,11 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cnn_jax import parallel
+from cnn_jax.data import sources
 from cnn_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -31,9 +36,10 @@ CONFIG = """
 from configs import default
 
 
-def get_config():  # tests/conftest.py tiny_config, 3 epochs of 8 steps.
+def get_config():  # tests/conftest.py tiny_config, 3 epochs of 8 steps; digits as PNGs.
     c = default.get_config()
-    c.dataset = 'digits'
+    c.dataset = 'digits'  # start() passes folder:<the digits as PNGs>.
+    c.input_mode = 'device'  # The streamed run passes 'auto' and a tiny budget.
     c.model = 'small_cnn'
     c.model_options.features = (8,)
     c.model_options.dense = 16
@@ -97,11 +103,12 @@ def child_env(root: pathlib.Path, devices: int) -> dict[str, str]:
     return env
 
 
-def start(root: pathlib.Path, workdir: pathlib.Path, name: str, devices: int, job=None):
+def start(root: pathlib.Path, workdir: pathlib.Path, name: str, devices: int, job=None, args=()):
     """One process of a run, in its own cwd (root/name); job = (port, count, index)."""
     cwd = root / name
     cwd.mkdir(parents=True, exist_ok=True)
-    args = [f'--config={root / "tiny.py"}', f'--workdir={workdir}']
+    args = [f'--config={root / "tiny.py"}', f'--workdir={workdir}', *args]
+    args.append(f'--config.dataset=folder:{root / "digits"}')
     if job is not None:
         port, count, index = job
         args += [f'--coordinator=localhost:{port}', f'--num_processes={count}']
@@ -137,9 +144,21 @@ def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
     ]
 
 
-def start_pair(root: pathlib.Path, workdir: pathlib.Path, tag: str) -> list[subprocess.Popen]:
+def start_pair(root: pathlib.Path, workdir: pathlib.Path, tag: str, args=()) -> list:
     port = free_port()
-    return [start(root, workdir, f'{tag}_p{i}', 1, (port, 2, i)) for i in range(2)]
+    return [start(root, workdir, f'{tag}_p{i}', 1, (port, 2, i), args) for i in range(2)]
+
+
+def write_digits(root: pathlib.Path) -> None:
+    """scikit-learn's 1,797 digits as root/{train,test}/<digit>/<i>.png (8 x 8 grey)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / ('train' if i < 1400 else 'test') / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(folder / f'{i}.png')
 
 
 def written(root: pathlib.Path, name: str) -> list[str]:
@@ -204,19 +223,25 @@ def test_a_half_described_job_is_an_error_not_a_hang(monkeypatch):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    """The uninterrupted runs: one process with 2 devices, two processes with 1 each."""
+    """The uninterrupted runs: one process with 2 devices, two streaming with 1 each."""
     root = tmp_path_factory.mktemp('multiprocess')
     (root / 'tiny.py').write_text(CONFIG)
+    write_digits(root / 'digits')
+    # The device-resident runs' decoded cache, made here: no TensorFlow import in each.
+    sources.read_folder(str(root / 'digits'), cache_dir=str(root / 'cache'))
     ((rc, out),) = finish([start(root, root / 'one', 'one', 2)])
     assert rc == 0, out
-    outs = finish(start_pair(root, root / 'two', 'two'))
+    # Past a tiny memory budget, 'auto' streams (as a dataset too large for a device would).
+    budget = ['--config.input_mode=auto', '--config.device_memory_budget_gb=1e-6']
+    outs = finish(start_pair(root, root / 'two', 'two', budget))
     assert [rc for rc, _ in outs] == [0, 0], outs
     return root
 
 
 @pytest.mark.slow
-def test_two_processes_give_one_process_numbers(runs):
+def test_two_processes_streaming_give_one_process_numbers(runs):
     one, two = results(runs / 'one'), results(runs / 'two')
+    assert 'Input: streamed from the host (' in (runs / 'two_p1' / 'output.log').read_text()
     assert [r['epoch'] for r in two[1]] == [1, 2, 3]
     assert two[0]['num_devices'] == 2 and two[0]['status'] == 'completed'
     assert max_difference(two, one) <= TOL

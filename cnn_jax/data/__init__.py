@@ -1,7 +1,8 @@
 """Datasets as in-memory arrays: read, relabel, split and describe them.
 
-`load_dataset(config)` is the one entry point. Images stay uint8 on the host; they are
-converted, resized, augmented and normalised on the device (see `augment.py`).
+`load_dataset(config)` reads them (`stream.load(config)` chooses between it and streams,
+which share the splits' API). Images stay uint8 on the host; they are converted, resized,
+augmented and normalised on the device (see `augment.py`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,18 @@ class Split:
     def take(self, index: np.ndarray) -> Split:
         return Split(self.images[index], self.labels[index])
 
+    def examples(self, index: np.ndarray) -> np.ndarray:
+        return self.images[index]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
+    """Splits on the host, or streams of them (cnn_jax.data.stream) with the same API."""
+
     name: str
     train: Split
     val: Split | None
@@ -47,7 +57,7 @@ class Dataset:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])
+        return self.train.image_shape
 
 
 def _class_index(names: Sequence[str], c: str | int) -> int:
@@ -134,12 +144,16 @@ def subsample(split: Split, n: int | None, seed: int) -> Split:
     return split.take(np.sort(np.random.default_rng(seed).permutation(len(split))[:n]))
 
 
+def stats_sample(n: int) -> slice:
+    """The strided sample of n training images the statistics read: cheap on large sets."""
+    return slice(None, None, max(1, n // 10000))
+
+
 def channel_stats(images: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std in [0, 1] units for normalisation `mode`."""
     c = images.shape[-1]
     if mode == 'dataset':
-        # float64 sums over a strided sample keep this cheap on large sets.
-        sample = images[:: max(1, len(images) // 10000)].astype(np.float64) / 255.0
+        sample = images[stats_sample(len(images))].astype(np.float64) / 255.0
         mean = sample.mean(axis=(0, 1, 2))
         std = np.maximum(sample.std(axis=(0, 1, 2)), 1e-3)
     elif mode == 'imagenet':
@@ -167,31 +181,46 @@ def apply_class_options(raw: RawData, config: ml_collections.ConfigDict) -> RawD
     return raw
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
-    """Reads config.dataset and applies the class options, split and subsampling."""
-    raw = read_source(
-        config.dataset,
-        data_dir=config.get('data_dir'),
-        manual_dir=config.get('manual_dir'),
-        cache_dir=config.get('cache_dir'),
-        image_size=config.get('image_size') or None,
-    )
+def load_dataset(config: ml_collections.ConfigDict, streams: Sequence | None = None) -> Dataset:
+    """Reads config.dataset and applies the class options, split and subsampling.
+
+    `streams`, config.dataset's (train, test) streams (cnn_jax.data.stream.load), are
+    selected from by example number, the same selection: the splits are streams then, and
+    only the normalisation statistics' sample is decoded.
+    """
+    if streams is None:
+        raw = read_source(
+            config.dataset,
+            data_dir=config.data_dir,
+            manual_dir=config.manual_dir,
+            cache_dir=config.cache_dir,
+            image_size=config.image_size or None,
+        )
+    else:  # Example numbers in place of the images.
+        number = [np.arange(len(s)) for s in streams]
+        raw = RawData(number[0], streams[0].labels, number[1], streams[1].labels,
+                      streams[0].class_names)  # fmt: skip
     raw = apply_class_options(raw, config)
     if len(raw.train_labels) == 0 or len(raw.test_labels) == 0:
         raise DataError(f'{config.dataset}: no training or test examples left after selection')
-    train, val = validation_split(
-        raw.train_images,
-        raw.train_labels,
-        config.get('val_fraction', 0.0),
-        config.get('data_seed', 0),
-    )
+    seed = config.data_seed
+    train, val = validation_split(raw.train_images, raw.train_labels, config.val_fraction, seed)
     test = Split(raw.test_images, raw.test_labels)
-    seed = config.get('data_seed', 0)
-    train = subsample(train, config.get('max_train_examples'), seed + 1)
-    if config.get('max_eval_examples'):
+    train = subsample(train, config.max_train_examples, seed + 1)
+    if config.max_eval_examples:
         val = subsample(val, config.max_eval_examples, seed + 2) if val else None
         test = subsample(test, config.max_eval_examples, seed + 3)
-    mean, std = channel_stats(train.images, config.get('normalize', 'dataset'))
+    sample = train.images
+    if streams is not None:
+        channels = (1, 1, 1, streams[0].image_shape[-1])
+        sample = (
+            streams[0].examples(train.images[stats_sample(len(train))])
+            if config.normalize == 'dataset'
+            else np.zeros(channels, np.uint8)
+        )
+        train, test = (streams[i].take(s.images, s.labels) for i, s in ((0, train), (1, test)))
+        val = val and streams[0].take(val.images, val.labels)
+    mean, std = channel_stats(sample, config.normalize)
     return Dataset(
         name=config.dataset,
         train=train,

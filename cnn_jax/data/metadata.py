@@ -26,6 +26,7 @@ from cnn_jax.data.sources import (
     _archive_key,
     check_folder,
     default_cache_dir,
+    unknown_dataset,
 )
 from cnn_jax.errors import ConfigError, DataError
 
@@ -47,10 +48,7 @@ def source_metadata(dataset: str, *, data_dir: str | None = None) -> Metadata:
     if dataset.startswith('folder:'):
         return _folder_metadata(pathlib.Path(dataset[7:]).expanduser())
     if ':' in dataset or '/' in dataset:
-        raise DataError(
-            f'unknown dataset {dataset!r}: known kinds are digits, idx:DIR, folder:DIR and '
-            'TFDS names such as cifar10, mnist, fashion_mnist'
-        )
+        raise unknown_dataset(dataset)
     return _tfds_metadata(dataset, data_dir)
 
 
@@ -158,10 +156,7 @@ def _tfds_metadata(name: str, data_dir: str | None) -> Metadata:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends.
-        raise DataError(
-            f'unknown dataset {name!r}: not one of digits, idx:DIR, folder:DIR, nor a TFDS '
-            f'dataset ({type(e).__name__}). TFDS names include cifar10, mnist, fashion_mnist.'
-        ) from None
+        raise unknown_dataset(name, e) from None
     features = builder.info.features
     image_key = next((k for k in ('image', 'img') if k in features), None)
     if image_key is None or 'label' not in features:

@@ -61,15 +61,20 @@ def read_source(
     elif dataset.startswith('folder:'):
         raw = read_folder(dataset[7:], cache_dir=cache_dir, image_size=image_size)
     elif ':' in dataset or '/' in dataset:
-        raise DataError(
-            f'unknown dataset {dataset!r}: known kinds are digits, idx:DIR, folder:DIR and '
-            'TFDS names such as cifar10, mnist, fashion_mnist'
-        )
+        raise unknown_dataset(dataset)
     else:
         raw = read_tfds(dataset, data_dir=data_dir, manual_dir=manual_dir)
     for split, labels in (('train', raw.train_labels), ('test', raw.test_labels)):
         check_labels(labels, len(raw.class_names), f'{dataset} ({split})')
     return raw
+
+
+def unknown_dataset(name: str, e: Exception | None = None) -> DataError:
+    """The error for a config.dataset that names no source (`e`: TFDS's own error)."""
+    return DataError(
+        f'unknown dataset {name!r}{f" ({type(e).__name__})" if e else ""}: known kinds are '
+        'digits, idx:DIR, folder:DIR and TFDS names such as cifar10, mnist, fashion_mnist'
+    )
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
@@ -404,10 +409,7 @@ def tfds_builder(name: str, *, data_dir: str | None, manual_dir: str | None):
     except ImportError as e:
         raise _missing_module(name, e) from None
     except Exception as e:  # DatasetNotFoundError and friends.
-        raise DataError(
-            f'unknown dataset {name!r}: not one of digits, idx:DIR, folder:DIR, nor a TFDS '
-            f'dataset ({type(e).__name__}). TFDS names include cifar10, mnist, fashion_mnist.'
-        ) from None
+        raise unknown_dataset(name, e) from None
     try:
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         builder.download_and_prepare(download_config=download_config)

@@ -1,49 +1,64 @@
-"""Streaming host input for data past one device's memory.
+"""Streaming host input for datasets past one device's memory.
 
 The device-resident path (`training_loop.device_splits`) copies every split to every
-device. A stream instead has each process read, decode and batch only its own shard of
-the examples, and `to_device` assembles the processes' batches into one global batch
-sharded over the 'data' mesh axis.
+device. A stream instead has each process read, decode and batch only its own share of
+each batch, and `to_device` assembles the shares into one global batch sharded over the
+'data' mesh axis. `load` chooses between the two: config.input_mode, and for 'auto' the
+dataset's bytes (counted from file lists and headers, nothing decoded) against
+config.device_memory_budget_gb.
 
-Order. Process p of P owns a fixed, contiguous shard of the examples (sizes differ by at
-most one, as `tfds.even_splits`). An epoch of global batch size B has
-`(n // P) // (B // P)` steps, the same on every process; in epoch e process p visits its
-shard in an order drawn from (seed, e, p) and yields local batches of B // P examples.
-Global batch s is the processes' batches s in process order, which is how
-`jax.make_array_from_process_local_data` lays them out on a mesh over `jax.devices()`.
-So for a given process count the global order is a pure function of (seed, epoch), and
-`train(seed, epoch, start_step=k)` yields exactly the batches k, k+1, ... of the
-uninterrupted epoch. Evaluation visits each shard in order and pads the last batches
-(mask 0) so that every process runs the same number of steps and each example counts
-exactly once.
+Order. The training loop hands a stream the epoch's (steps, B) example numbers, the
+device-resident path's `steps.permutation(epoch)`: a function of (seed, epoch). Process p
+of P reads columns [p B/P, (p+1) B/P) of each row, so the processes' shares of an epoch
+are disjoint, their union is the epoch, and global batch s (the shares in process order,
+as `jax.make_array_from_process_local_data` lays them out) is the device-resident batch
+s for any process count; `train(order, start_step=k)` yields batches k, k+1, ... of it.
+A TFDS stream cannot follow an order (TFRecord files give no random access): each process
+reads a contiguous shard of the split through a shuffle buffer seeded from the order's
+first row, so its order is a function of (seed, epoch, process) and resumes exactly, but
+it is not the device path's.
+Evaluation batches are the device path's too: the examples in order, the last batch padded
+(mask 0, index -1), each process reading its share: every example counts once.
 
 Decoding. Image folders are decoded by Pillow in a thread pool: Pillow releases the GIL
-while it decodes and resizes, so threads scale without TensorFlow (a GPU machine with
-JAX, PyTorch and Pillow can stream), the order needs no care (`pool.map` keeps it), and
-the pixels are those of `images.decode_image`, which the device-resident `folder:`
-reader also gives. TFDS datasets are read with tf.data (TFDS needs TensorFlow anyway)
-and decoded by the dataset's own image feature, as `sources.read_tfds` does.
+while it decodes and resizes, so threads scale without TensorFlow, `pool.map` keeps the
+order, and the pixels are those of `images.decode_image`, which the device-resident
+`folder:` reader also gives. With config.image_size a stream resizes on the host (Pillow
+bilinear); the device path resizes one-size folders on the device, so the two agree
+exactly only without a resize. TFDS datasets are read with tf.data and decoded by the
+dataset's own image feature, as `sources.read_tfds` does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import math
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import jax
+import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from cnn_jax import parallel
+from cnn_jax.data import Dataset, load_dataset, metadata, sources
 from cnn_jax.data import images as images_lib
-from cnn_jax.data import sources
 from cnn_jax.errors import ConfigError, DataError
 
 T = TypeVar('T')
+INPUT_MODES = ('auto', 'device', 'stream')
+# Share of a device's memory the dataset may take: the rest is for the model's training.
+DEVICE_MEMORY_FRACTION = 0.5
+# When the device reports no memory limit (the CPU backend): per device, and the CPU
+# devices of a host share its memory, each holding a copy.
+CPU_BUDGET_BYTES = 2 * 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +68,7 @@ class Batch:
     images: np.ndarray  # (b, H, W, C) uint8
     labels: np.ndarray  # (b,) int32
     mask: np.ndarray  # (b,) float32: 1 for an example, 0 for padding
-    index: np.ndarray | None = None  # (b,) int64 example numbers (folders), -1 = padding
+    index: np.ndarray  # (b,) int32 example numbers in the stream, -1 = padding
 
 
 # --- order ------------------------------------------------------------------------------
@@ -75,60 +90,20 @@ def shard_bounds(num_examples: int, process_index: int, process_count: int) -> t
     return start, start + base + (process_index < extra)
 
 
-def local_batch_size(batch_size: int, process_count: int) -> int:
-    if batch_size % process_count:
-        raise ConfigError(f'batch_size={batch_size} does not divide over {process_count} processes')
-    return batch_size // process_count
-
-
-def steps_per_epoch(num_examples: int, batch_size: int, process_count: int) -> int:
-    """Full global batches per epoch: every process has at least n // P examples."""
-    steps = (num_examples // process_count) // local_batch_size(batch_size, process_count)
-    if steps == 0:
+def process_share(order: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """Columns [p b, (p+1) b) of a (steps, B) global order: process p's part of each batch."""
+    b, rest = divmod(order.shape[1], process_count)
+    if rest:
         raise ConfigError(
-            f'batch_size={batch_size} is larger than the {num_examples} training examples'
+            f'batch_size={order.shape[1]} does not divide over {process_count} processes'
         )
-    return steps
+    return order[:, process_index * b : (process_index + 1) * b]
 
 
-def epoch_seed(seed: int, epoch: int, process_index: int) -> int:
-    """A 31-bit seed for (seed, epoch, process), for tf.data and numpy alike."""
-    state = np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)
-    return int(state[0] & 0x7FFFFFFF)
-
-
-def train_order(
-    num_examples: int,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    process_index: int,
-    process_count: int,
-) -> np.ndarray:
-    """(steps, B // P) example numbers this process reads in `epoch`, a batch per row."""
-    start, stop = shard_bounds(num_examples, process_index, process_count)
-    steps = steps_per_epoch(num_examples, batch_size, process_count)
-    b = batch_size // process_count
-    rng = np.random.default_rng(epoch_seed(seed, epoch, process_index))
-    return (start + rng.permutation(stop - start))[: steps * b].reshape(steps, b)
-
-
-def eval_steps(num_examples: int, batch_size: int, process_count: int) -> int:
-    """Batches that hold the largest shard: every process runs this many."""
-    b = local_batch_size(batch_size, process_count)
-    largest = -(-num_examples // process_count)  # Integer ceilings, exact for any n.
-    return -(-largest // b)
-
-
-def eval_order(
-    num_examples: int, *, batch_size: int, process_index: int, process_count: int
-) -> np.ndarray:
-    """(steps, B // P) example numbers of this process's shard in order, -1 = padding."""
-    start, stop = shard_bounds(num_examples, process_index, process_count)
-    steps = eval_steps(num_examples, batch_size, process_count)
-    index = start + np.arange(steps * (batch_size // process_count))
-    return np.where(index < stop, index, -1).reshape(steps, -1)
+def eval_order(num_examples: int, batch_size: int) -> np.ndarray:
+    """(steps, B) global evaluation batches: the examples in order, then -1 (padding)."""
+    index = np.arange(-(-num_examples // batch_size) * batch_size)
+    return np.where(index < num_examples, index, -1).reshape(-1, batch_size)
 
 
 # --- prefetch and devices ---------------------------------------------------------------
@@ -197,26 +172,70 @@ def to_device(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
 
 
-# --- image folders ----------------------------------------------------------------------
+# --- streams ----------------------------------------------------------------------------
 
 
-class _StepCounts:
-    """Steps per epoch and evaluation steps of a stream's shard (both stream kinds)."""
+class Stream:
+    """What both stream kinds share: `index` (the split's examples it serves) and their
+    `labels`, evaluation, decoding. Options: `image_size` (a square resize on the host),
+    `process_index` and `process_count` (JAX's by default), `prefetch` (batches ahead).
+    """
 
-    num_examples: int
-    batch_size: int
-    process_count: int
+    index: np.ndarray
+    _labels: np.ndarray
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+
+    def __init__(
+        self,
+        *,
+        image_size: int | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        prefetch: int = 4,
+    ):
+        self.image_size, self.prefetch = image_size, prefetch
+        self._process = resolve_processes(process_index, process_count)
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     @property
-    def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.num_examples, self.batch_size, self.process_count)
+    def labels(self) -> np.ndarray:
+        return self._labels
 
-    @property
-    def eval_steps(self) -> int:
-        return eval_steps(self.num_examples, self.batch_size, self.process_count)
+    def eval(self, batch_size: int) -> Iterator[Batch]:
+        """This process's share of every example in order, padded (module doc)."""
+        share = process_share(eval_order(len(self), batch_size), *self._process)
+        return prefetch(self._batches(share), self.prefetch)
+
+    def examples(self, index: np.ndarray) -> np.ndarray:
+        """The decoded images of `index` (ascending for TFDS), e.g. a statistics sample."""
+        return next(self._batches(np.asarray(index)[None])).images
+
+    def take(self, index: np.ndarray, labels: np.ndarray) -> Stream:
+        """The examples `index` (e.g. a validation split's), relabelled to `labels`."""
+        part = copy.copy(self)
+        part.index, part._labels = self.index[index], np.asarray(labels, np.int32)
+        return part
+
+    def _batches(self, order: np.ndarray) -> Iterator[Batch]:
+        """Batches of `order`'s rows (-1 = padding: zeros, mask 0)."""
+        with self._decoder(order[order >= 0]) as decode:
+            for index in order:
+                real = index >= 0
+                images = np.zeros((len(index), *self.image_shape), np.uint8)
+                if real.any():
+                    images[real] = np.stack(decode(index[real]))
+                labels = np.where(real, self.labels[np.maximum(index, 0)], 0).astype(np.int32)
+                yield Batch(images, labels, real.astype(np.float32), index.astype(np.int32))
+
+    def _decoder(self, examples: np.ndarray) -> contextlib.AbstractContextManager:
+        """A context giving decode(index) -> images, to be called on `examples` in order."""
+        raise NotImplementedError
 
 
-class FolderStream(_StepCounts):
+class FolderStream(Stream):
     """Batches of an image folder's split, decoded by Pillow threads as they are needed.
 
     `image_size` resizes every image to a square of that size on the host (Pillow
@@ -230,114 +249,51 @@ class FolderStream(_StepCounts):
         labels: np.ndarray,
         class_names: Sequence[str],
         *,
-        batch_size: int,
-        image_size: int | None = None,
-        process_index: int | None = None,
-        process_count: int | None = None,
         workers: int | None = None,
-        prefetch: int = 4,
+        **options: Any,
     ):
-        if len(paths) != len(labels):
-            raise ValueError(f'{len(paths)} paths but {len(labels)} labels')
-        self.paths = list(paths)
-        self.labels = np.asarray(labels, np.int32)
-        self.class_names = list(class_names)
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.process_index, self.process_count = resolve_processes(process_index, process_count)
-        local_batch_size(batch_size, self.process_count)
+        super().__init__(**options)
+        self.paths, self.index = list(paths), np.arange(len(paths))
+        self._labels, self.class_names = np.asarray(labels, np.int32), list(class_names)
         self.workers = workers or images_lib.default_workers()
-        self.prefetch = prefetch
         self._image_shape: tuple[int, int, int] | None = None
-        self._options = dict(
-            batch_size=batch_size,
-            image_size=image_size,
-            process_index=self.process_index,
-            process_count=self.process_count,
-            workers=self.workers,
-            prefetch=prefetch,
-        )
-
-    @classmethod
-    def from_folder(
-        cls, path: str, split: str, *, cache_dir: str | None = None, **kwargs: Any
-    ) -> FolderStream:
-        """`split` ('train' or 'test') of folder:PATH, in tfds.ImageFolder's order."""
-        root = sources.folder_root(path, cache_dir=cache_dir)
-        class_names = sources.check_folder(root)
-        paths, labels = images_lib.list_examples(root, split, class_names)
-        return cls(paths, labels, class_names, **kwargs)
-
-    def take(self, index: np.ndarray) -> FolderStream:
-        """The examples `index` (e.g. a validation split's), same settings."""
-        paths = [self.paths[i] for i in index]
-        return FolderStream(paths, self.labels[index], self.class_names, **self._options)
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.paths)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of every batch's images (the first image's, without image_size)."""
         if self._image_shape is None:
-            first = images_lib.load(self.paths[0], self.image_size)
-            self._image_shape = tuple(first.shape)
+            self._image_shape = tuple(images_lib.load(self.paths[0], self.image_size).shape)
         return self._image_shape
 
-    def train(self, seed: int, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """This process's batches of `epoch` from `start_step` on (see the module doc)."""
-        order = train_order(
-            self.num_examples,
-            batch_size=self.batch_size,
-            seed=seed,
-            epoch=epoch,
-            process_index=self.process_index,
-            process_count=self.process_count,
-        )
-        return prefetch(self._batches(order[start_step:]), self.prefetch)
+    def train(self, order: np.ndarray, start_step: int = 0) -> Iterator[Batch]:
+        """This process's share of the (steps, B) global `order`'s rows from `start_step`."""
+        share = process_share(order, *self._process)[start_step:]
+        return prefetch(self._batches(share), self.prefetch)
 
-    def eval(self) -> Iterator[Batch]:
-        """This process's shard in order, padded to eval_steps full batches."""
-        order = eval_order(
-            self.num_examples,
-            batch_size=self.batch_size,
-            process_index=self.process_index,
-            process_count=self.process_count,
-        )
-        return prefetch(self._batches(order), self.prefetch)
-
-    def _load(self, i: int) -> np.ndarray:
-        image = images_lib.load(self.paths[i], self.image_size)
+    def _load(self, path: str) -> np.ndarray:
+        image = images_lib.load(path, self.image_size)
         if image.shape != self.image_shape:
             raise DataError(
-                f'{self.paths[i]}: image is {image.shape[:2]}, not {self.image_shape[:2]} as '
+                f'{path}: image is {image.shape[:2]}, not {self.image_shape[:2]} as '
                 'the first one; set --config.image_size to resize them to one square size'
             )
         return image
 
-    def _batches(self, order: np.ndarray) -> Iterator[Batch]:
+    @contextlib.contextmanager
+    def _decoder(self, examples: np.ndarray) -> Iterator[Callable]:
         with ThreadPoolExecutor(self.workers) as pool:
-            for index in order:
-                real = index >= 0
-                images = np.zeros((len(index), *self.image_shape), np.uint8)
-                labels = np.zeros(len(index), np.int32)
-                if real.any():
-                    images[real] = np.stack(list(pool.map(self._load, index[real])))
-                    labels[real] = self.labels[index[real]]
-                yield Batch(images, labels, real.astype(np.float32), index.astype(np.int64))
+            yield lambda index: list(
+                pool.map(self._load, [self.paths[i] for i in self.index[index]])
+            )
 
 
-# --- TFDS -------------------------------------------------------------------------------
-
-
-class TfdsStream(_StepCounts):
+class TfdsStream(Stream):
     """Batches of a prepared TFDS split; each process reads only its shard's records.
 
-    Within an epoch a process's shard is read in a file order and through a shuffle
-    buffer both seeded from (seed, epoch, process): a full permutation would need random
-    access, which TFDS's default TFRecord files do not give. Resuming skips the records
-    of the steps already run before they are decoded.
+    `take` selects (ascending) and relabels examples: the rest are skipped undecoded.
+    Within an epoch a process's shard is read through a shuffle buffer seeded from the
+    epoch's order (see the module doc). Resuming skips the records of the steps already
+    run before they are decoded.
     """
 
     def __init__(
@@ -345,40 +301,22 @@ class TfdsStream(_StepCounts):
         builder: Any,
         split: str,
         *,
-        batch_size: int,
-        image_size: int | None = None,
-        process_index: int | None = None,
-        process_count: int | None = None,
         shuffle_buffer: int = 10_000,
-        prefetch: int = 4,
+        **options: Any,
     ):
-        self.builder = builder
-        self.split = split
-        self.num_examples = builder.info.splits[split].num_examples
+        super().__init__(**options)
+        self.builder, self.split, self.shuffle_buffer = builder, split, shuffle_buffer
+        self.index = np.arange(builder.info.splits[split].num_examples)
+        self._labels: np.ndarray | None = None
         self.class_names = list(builder.info.features['label'].names)
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.process_index, self.process_count = resolve_processes(process_index, process_count)
-        local_batch_size(batch_size, self.process_count)
-        self.shuffle_buffer = shuffle_buffer
-        self.prefetch = prefetch
-        start, stop = shard_bounds(self.num_examples, self.process_index, self.process_count)
-        # An absolute slice: the shard tfds.even_splits would give, with its size known.
-        self.shard = f'{split}[{start}:{stop}]'
-        self.shard_size = stop - start
 
-    @classmethod
-    def from_name(
-        cls,
-        name: str,
-        split: str,
-        *,
-        data_dir: str | None = None,
-        manual_dir: str | None = None,
-        **kwargs: Any,
-    ) -> TfdsStream:
-        builder = sources.tfds_builder(name, data_dir=data_dir, manual_dir=manual_dir)
-        return cls(builder, split, **kwargs)
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels, read (not decoding any image) on first use."""
+        if self._labels is None:
+            ds = self._records(np.arange(len(self))).map(lambda i, image, label: label)
+            self._labels = np.fromiter(ds.as_numpy_iterator(), np.int32, len(self))
+        return self._labels
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -386,105 +324,155 @@ class TfdsStream(_StepCounts):
         if self.image_size:
             return (self.image_size, self.image_size, shape[-1])
         if None in shape:
-            raise DataError(
-                f'{self.builder.name}: images have no fixed size; set --config.image_size'
-            )
+            raise DataError(f'{self.builder.name}: images vary in size; set --config.image_size')
         return shape
 
-    def _dataset(self, shuffle_seed: int | None):
+    def _records(self, positions: np.ndarray, shuffle_seed: int | None = None):
+        """(position, encoded image, label) of the ascending `positions` of this stream, in
+        order (the files are read in order so that positions are known before a shuffle)."""
+        import tensorflow as tf
         import tensorflow_datasets as tfds
 
-        return self.builder.as_dataset(
-            split=self.shard,
-            shuffle_files=shuffle_seed is not None,
+        first, last = self.index[positions[0]], self.index[positions[-1]] + 1
+        position = np.full(last - first, -1, np.int64)
+        position[self.index[positions] - first] = positions
+        ds = self.builder.as_dataset(
+            split=f'{self.split}[{first}:{last}]',
             as_supervised=True,
-            read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
             decoders={'image': tfds.decode.SkipDecoding()},
         )
+        ds = ds.enumerate().map(lambda i, r: (tf.gather(position, i), *r))
+        ds = ds.filter(lambda p, image, label: p >= 0)
+        if shuffle_seed is not None:
+            ds = ds.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        return ds
 
-    def _decode(self, ds):
+    def _decoded(self, ds):
+        """(position, image, label): decoded, resized, relabelled to this stream's labels."""
         import tensorflow as tf
 
         feature = self.builder.info.features['image']
-        size, channels = self.image_size, feature.shape[-1]
+        size, channels, labels = self.image_size, feature.shape[-1], self.labels
 
-        def decode(data, label):
+        def decode(position, data, label):
             image = feature.decode_example(data)
             if size:
                 image = tf.numpy_function(
                     lambda x: images_lib.resize(x, size), [image], tf.uint8, stateful=False
                 )
                 image.set_shape((size, size, channels))
-            return image, tf.cast(label, tf.int32)
+            return tf.cast(position, tf.int32), image, tf.gather(labels, position)
 
         return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    def train(self, seed: int, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """This process's batches of `epoch` from `start_step` on (see the class doc)."""
-        b = self.batch_size // self.process_count
-        shuffle_seed = epoch_seed(seed, epoch, self.process_index)
-        ds = self._dataset(shuffle_seed)
-        ds = ds.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        ds = ds.take(self.steps_per_epoch * b).skip(start_step * b)
-        ds = self._decode(ds).batch(b, drop_remainder=True).prefetch(2)
+    def train(self, order: np.ndarray, start_step: int = 0) -> Iterator[Batch]:
+        """len(order) batches of this process's shard from `start_step` (the module doc)."""
+        b = process_share(order, *self._process).shape[1]
+        entropy = [*order[0, :8].tolist(), self._process[0]]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+        ds = self._records(np.arange(*shard_bounds(len(self), *self._process)), seed)
+        ds = ds.take(len(order) * b).skip(start_step * b)
+        ds = self._decoded(ds).batch(b, drop_remainder=True).prefetch(2)
+        batches = (
+            Batch(images, labels, np.ones(b, np.float32), index)
+            for index, images, labels in ds.as_numpy_iterator()
+        )
+        return prefetch(batches, self.prefetch)
 
-        def batches() -> Iterator[Batch]:
-            for images, labels in ds.as_numpy_iterator():
-                yield Batch(images, labels, np.ones(b, np.float32))
-
-        return prefetch(batches(), self.prefetch)
-
-    def eval(self) -> Iterator[Batch]:
-        """This process's shard in order, padded to eval_steps full batches."""
-        b = self.batch_size // self.process_count
-        ds = self._decode(self._dataset(None)).batch(b).prefetch(2)
-        shape = self.image_shape
-
-        def batches() -> Iterator[Batch]:
-            produced = 0
-            for images, labels in ds.as_numpy_iterator():
-                yield _padded(images, labels, b)
-                produced += 1
-            for _ in range(produced, self.eval_steps):
-                yield _padded(np.zeros((0, *shape), np.uint8), np.zeros(0, np.int32), b)
-
-        return prefetch(batches(), self.prefetch)
-
-
-def _padded(images: np.ndarray, labels: np.ndarray, size: int) -> Batch:
-    n = len(labels)
-    pad = size - n
-    return Batch(
-        np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)]),
-        np.concatenate([labels.astype(np.int32), np.zeros(pad, np.int32)]),
-        np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]),
-    )
+    @contextlib.contextmanager
+    def _decoder(self, examples: np.ndarray) -> Iterator[Callable]:
+        """One pass over the records: `examples` must ascend."""
+        if np.any(np.diff(examples) <= 0):
+            raise ValueError('a TFDS stream reads examples in ascending order only')
+        records = (
+            self._decoded(self._records(examples)).as_numpy_iterator() if examples.size else None
+        )
+        yield lambda index: [next(records)[1] for _ in index]
 
 
 def open_stream(
     dataset: str,
     split: str,
     *,
-    batch_size: int,
     data_dir: str | None = None,
     manual_dir: str | None = None,
     cache_dir: str | None = None,
-    image_size: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    **options: Any,
 ) -> FolderStream | TfdsStream:
-    """A stream of `split` of config.dataset: 'folder:...' or a TFDS name."""
-    common = dict(
-        batch_size=batch_size,
-        image_size=image_size,
-        process_index=process_index,
-        process_count=process_count,
-    )
+    """A stream of `split` of config.dataset, 'folder:...' (in tfds.ImageFolder's order)
+    or a TFDS name; `options` are Stream's."""
     if dataset.startswith('folder:'):
-        return FolderStream.from_folder(dataset[7:], split, cache_dir=cache_dir, **common)
+        root = sources.folder_root(dataset[7:], cache_dir=cache_dir)
+        class_names = sources.check_folder(root)
+        paths, labels = images_lib.list_examples(root, split, class_names)
+        return FolderStream(paths, labels, class_names, **options)
     if dataset == 'digits' or ':' in dataset or '/' in dataset:
         raise ConfigError(
             f'{dataset!r} cannot stream: streaming reads folder:DIR or a TFDS name '
             "(digits and idx: datasets fit in memory: use input_mode='device')"
         )
-    return TfdsStream.from_name(dataset, split, data_dir=data_dir, manual_dir=manual_dir, **common)
+    builder = sources.tfds_builder(dataset, data_dir=data_dir, manual_dir=manual_dir)
+    return TfdsStream(builder, split, **options)
+
+
+# --- device-resident or streamed --------------------------------------------------------
+
+
+def dataset_bytes(num_examples: int, image_shape: Sequence[int], label_bytes: int = 4) -> int:
+    """Bytes of `num_examples` uint8 images of `image_shape` and their int32 labels."""
+    return num_examples * (math.prod(image_shape) + label_bytes)
+
+
+def device_memory_budget(budget_gb: float = 0, device: Any = None) -> int:
+    """Bytes the device-resident dataset may use on each device.
+
+    `budget_gb` when given (> 0); else DEVICE_MEMORY_FRACTION of the device's
+    `memory_stats()['bytes_limit']` (GPUs and TPUs report it); else CPU_BUDGET_BYTES.
+    """
+    if budget_gb:
+        return int(budget_gb * 2**30)
+    device = jax.local_devices()[0] if device is None else device
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without statistics raise or return None.
+        stats = None
+    if stats and stats.get('bytes_limit'):
+        return int(stats['bytes_limit'] * DEVICE_MEMORY_FRACTION)
+    return CPU_BUDGET_BYTES
+
+
+def load(config: ml_collections.ConfigDict) -> Dataset:
+    """config.dataset with device-resident splits or streams, as config.input_mode says.
+
+    'auto' opens the streams (a file listing; TFDS's split sizes), reads one image header,
+    and streams when the dataset's bytes exceed the device memory budget; `load_dataset`
+    then selects the same examples either way.
+    """
+    mode, streamable = config.input_mode, config.dataset.split(':')[0] not in ('digits', 'idx')
+    if mode == 'device' or (mode == 'auto' and not streamable):
+        return load_dataset(config)
+    streams = [
+        open_stream(
+            config.dataset,
+            split,
+            data_dir=config.data_dir,
+            manual_dir=config.manual_dir,
+            cache_dir=config.cache_dir,
+            image_size=config.image_size or None,
+        )
+        for split in ('train', 'test')
+    ]
+    # As the device path holds them: as stored (resized on the device) where sizes agree.
+    h, w, c = metadata.source_metadata(config.dataset, data_dir=config.data_dir).image_shape
+    shape = (h or config.image_size or 1, w or config.image_size or 1, c)
+    needed = dataset_bytes(sum(len(s) for s in streams), shape) / 2**30
+    budget = device_memory_budget(config.device_memory_budget_gb) / 2**30
+    why = f'{needed:.3g} GiB of images, device memory budget {budget:.3g} GiB'
+    if mode == 'auto':
+        mode = 'device' if needed <= budget else 'stream'
+    else:
+        why = f'input_mode=stream; {why}'
+    line = f'Input: {"streamed from the host" if mode == "stream" else "device-resident"} ({why}).'
+    logging.info(line)
+    print(line, flush=True)
+    return load_dataset(config, streams if mode == 'stream' else None)
