@@ -132,10 +132,13 @@ def finish(
     evals, predictions = {}, None
     for split in ('train', 'val', 'test'):
         if split in result.device_data:
+            data = result.device_data[split]
+            if split == 'train':  # val and test were capped when they were loaded.
+                data = training_loop.strided_subset(data, config.max_eval_examples)
             evals[split], preds = training_loop.evaluate(
                 result.steps,
                 result.state,
-                result.device_data[split],
+                data,
                 config.eval_batch_size,
                 result.mesh,
                 with_predictions=split == 'test',

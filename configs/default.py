@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.image_size = config_dict.placeholder(int)  # Square resize on the device.
     c.normalize = 'dataset'  # 'dataset' (train mean/std) | 'imagenet' | 'none'.
     c.max_train_examples = config_dict.placeholder(int)  # Subsample train (quick runs).
-    c.max_eval_examples = config_dict.placeholder(int)  # Subsample val and test (quick runs).
+    # Subsample val and test, and cap the final train-split evaluation (quick runs).
+    c.max_eval_examples = config_dict.placeholder(int)
     # 'device': every split on every device; 'stream': each process decodes its share of
     # each batch on the host (folder: and TFDS); 'auto': stream what exceeds the budget.
     c.input_mode = 'auto'

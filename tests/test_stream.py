@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cnn_jax import data, parallel
+from cnn_jax import data, parallel, training_loop
 from cnn_jax.data import sources, stream
 from cnn_jax.errors import ConfigError, DataError
 from tests.conftest import tiny_config
@@ -329,3 +329,20 @@ def test_auto_streams_what_exceeds_the_budget(folder, capsys):
         np.testing.assert_array_equal(got.labels, want.labels)
     np.testing.assert_array_equal(streamed.mean, resident.mean)
     np.testing.assert_array_equal(streamed.std, resident.std)
+
+
+def test_strided_subset_caps_a_split_and_keeps_every_class(folder):
+    """The capped final train evaluation (max_eval_examples) of a class-sorted folder."""
+    config = tiny_config(dataset=f'folder:{folder}')
+    resident = data.load_dataset(config).train
+    config.device_memory_budget_gb = 1e-6
+    streamed = stream.load(config).train
+    device = (resident.images, resident.labels)
+    assert training_loop.strided_subset(device, None) is device
+    assert training_loop.strided_subset(streamed, 100) is streamed
+    images, labels = training_loop.strided_subset(device, 8)
+    np.testing.assert_array_equal(labels, resident.labels[::3])  # 21 examples, stride 3.
+    assert sorted(set(labels.tolist())) == [0, 1, 2]
+    part = training_loop.strided_subset(streamed, 8)
+    np.testing.assert_array_equal(part.labels, labels)
+    np.testing.assert_array_equal(part.examples(np.arange(len(part))), images)
