@@ -37,7 +37,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnn_jax import experiment, losses, parallel, summary, train, training_loop
@@ -95,19 +94,11 @@ def should_vectorize(config: ml_collections.ConfigDict, variants: Sequence[dict[
 def variant_configs(
     config: ml_collections.ConfigDict, variants: Sequence[dict[str, Any]]
 ) -> list[ml_collections.ConfigDict]:
-    """`config` with each variant's overrides set (checked by `check_variants`).
-
-    A `study` or `only` field of `config` is dropped, as cnn_jax.study.variant_config does.
-    """
+    """`config` with each variant's overrides set (checked by `check_variants`)."""
     check_variants(config, variants)
-    base = copy.deepcopy(config)
-    with base.unlocked():
-        for key in ('study', 'only'):
-            if key in base:
-                del base[key]
     out = []
     for overrides in variants:
-        c = copy.deepcopy(base)
+        c = copy.deepcopy(config)
         with c.unlocked():
             for key, value in overrides.items():
                 try:
@@ -181,21 +172,6 @@ def unstack_state(state: train.TrainState, k: int | slice) -> train.TrainState:
     )
 
 
-def hyperparams(state: train.TrainState) -> dict[str, np.ndarray]:
-    """learning_rate, weight_decay, momentum of every variant (of the first inner optimiser)."""
-    found = _inject_states(state.opt_state)
-    return {k: np.asarray(v) for k, v in found[0].hyperparams.items()} if found else {}
-
-
-def _inject_states(opt_state: Any) -> list[Any]:
-    """The inject_hyperparams states inside `opt_state` (any optax version's class)."""
-
-    def is_inject(x: Any) -> bool:
-        return isinstance(getattr(x, 'hyperparams', None), dict)
-
-    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_inject) if is_inject(x)]
-
-
 @dataclasses.dataclass(frozen=True)
 class VariantRngs:
     """Per-variant keys, split from each variant's seed exactly as the training loop does."""
@@ -249,27 +225,16 @@ def make_vectorized_train(
     numbers): a vmapped convolution with per-variant kernels is a grouped convolution,
     whose cost on XLA's CPU backend grows faster than K (benchmark_vectorized).
     """
-    config = configs[0]
-    loss_name = config.get('loss', 'cross_entropy')
-    smoothings = [float(c.get('label_smoothing', 0.0)) for c in configs]
+    smoothings = [float(c.label_smoothing) for c in configs]
     shared_smoothing = len(set(smoothings)) == 1
-    shard = parallel.data_sharding(mesh)
     repl = parallel.replicated(mesh)
     smoothing_arr = jnp.asarray(smoothings, jnp.float32)
+    body = train.input_train_step(spec, parallel.data_sharding(mesh), configs[0].loss)
 
     def one(state, acc, images, labels, perm, step_in_epoch, rng, smoothing, active):
-        indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
-        aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
-        batch = spec.make_batch(images, labels, indices, aug_rng)
-        step_rng = jax.random.fold_in(rng, 0)
-        if shared_smoothing:
-            new, metrics = train.train_step(
-                state, batch, step_rng, loss=loss_name, label_smoothing=smoothings[0]
-            )
-        else:  # A traced smoothing, one per variant.
-            new, metrics = train.train_step(
-                state, batch, step_rng, loss=loss_name, label_smoothing=smoothing
-            )
+        # A shared smoothing stays a Python number, as in the sequential run's program.
+        smoothing = smoothings[0] if shared_smoothing else smoothing
+        new, acc = body(state, acc, images, labels, perm, step_in_epoch, rng, smoothing)
         if active is not None:  # A stopped variant's numbers stay as they were.
 
             def keep(a, b):
@@ -280,7 +245,7 @@ def make_vectorized_train(
                 opt_state=keep(new.opt_state, state.opt_state),
                 batch_stats=keep(new.batch_stats, state.batch_stats),
             )
-        return new, jax.tree.map(jnp.add, acc, metrics)
+        return new, acc
 
     per_variant = 0 if not rngs.shared else None
     axes = state_axes(state)

@@ -213,6 +213,28 @@ def epoch_permutation(
     return perm[: steps * batch_size].reshape(steps, batch_size)
 
 
+def input_train_step(
+    spec: InputSpec, shard: jax.sharding.NamedSharding, loss: str
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """`train_step` with the input pipeline folded in, for `compile_steps` and cnn_jax.sweep.
+
+    f(state, acc, images, labels, perm, step_in_epoch, rng, label_smoothing) -> (state, acc):
+    the batch indices perm[step_in_epoch] are taken inside, so one compiled program serves
+    every step, and the step's metric sums are added to `acc`.
+    """
+
+    def train(state, acc, images, labels, perm, step_in_epoch, rng, label_smoothing):
+        indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
+        aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
+        batch = spec.make_batch(images, labels, indices, aug_rng)
+        state, metrics = train_step(
+            state, batch, jax.random.fold_in(rng, 0), loss=loss, label_smoothing=label_smoothing
+        )
+        return state, jax.tree.map(jnp.add, acc, metrics)
+
+    return train
+
+
 @dataclasses.dataclass(frozen=True)
 class CompiledSteps:
     """The jitted, sharded functions the training loop calls."""
@@ -231,23 +253,16 @@ def compile_steps(
 ) -> CompiledSteps:
     """jit-compiles the train and eval steps with the input pipeline folded in.
 
-    train(state, acc, images, labels, perm, step_in_epoch, rng) -> (state, acc):
-    the batch indices perm[step_in_epoch] are taken inside, so one compiled program
-    serves every step and nothing leaves the device between logging points.
+    train(state, acc, images, labels, perm, step_in_epoch, rng) -> (state, acc) is
+    `input_train_step` at config.label_smoothing: nothing leaves the device between
+    logging points.
     """
-    loss_name = config.get('loss', 'cross_entropy')
-    smoothing = config.get('label_smoothing', 0.0)
+    loss_name = config.loss
     repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
-
-    def train(state, acc, images, labels, perm, step_in_epoch, rng):
-        indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
-        aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
-        batch = spec.make_batch(images, labels, indices, aug_rng)
-        state, metrics = train_step(
-            state, batch, jax.random.fold_in(rng, 0), loss=loss_name, label_smoothing=smoothing
-        )
-        return state, jax.tree.map(jnp.add, acc, metrics)
+    train = functools.partial(
+        input_train_step(spec, shard, loss_name), label_smoothing=config.label_smoothing
+    )
 
     def evaluate(state, images, labels, indices, mask):
         batch = spec.make_batch(images, labels, indices)
