@@ -53,12 +53,8 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = _conv(self.features, 3, self.strides, self.dtype, 'conv1')(x)
-        y = batch_norm(train, self.dtype, 'bn1')(y)
-        y = Activation('relu')(y)
-        y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
-        y = batch_norm(train, self.dtype, 'bn2')(y)
-        return Activation('relu')(y + _shortcut(self, x, y.shape, train))
+        convs = ((self.features, 3, self.strides), (self.features, 3, 1))
+        return _residual(self, x, convs, train)
 
 
 class Bottleneck(nn.Module):
@@ -72,25 +68,30 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = _conv(self.features, 1, 1, self.dtype, 'conv1')(x)
-        y = batch_norm(train, self.dtype, 'bn1')(y)
-        y = Activation('relu')(y)
-        y = _conv(self.features, 3, self.strides, self.dtype, 'conv2')(y)
-        y = batch_norm(train, self.dtype, 'bn2')(y)
-        y = Activation('relu')(y)
-        y = _conv(self.features * self.expansion, 1, 1, self.dtype, 'conv3')(y)
-        y = batch_norm(train, self.dtype, 'bn3')(y)
-        return Activation('relu')(y + _shortcut(self, x, y.shape, train))
+        f = self.features
+        convs = ((f, 1, 1), (f, 3, self.strides), (f * self.expansion, 1, 1))
+        return _residual(self, x, convs, train)
 
 
-def _shortcut(
-    block: BasicBlock | Bottleneck, x: jax.Array, shape: tuple[int, ...], train: bool
+def _residual(
+    block: BasicBlock | Bottleneck,
+    x: jax.Array,
+    convs: Sequence[tuple[int, int, int]],
+    train: bool,
 ) -> jax.Array:
-    """Identity, or a strided 1x1 conv + BN projection where the shape changes."""
-    if x.shape == shape:
-        return x
-    x = _conv(shape[-1], 1, block.strides, block.dtype, 'downsample_conv')(x)
-    return batch_norm(train, block.dtype, 'downsample_bn')(x)
+    """conv{i} + bn{i} per (features, kernel, stride) of `convs`, ReLU between them, then
+    ReLU of the sum with the shortcut: identity, or where the shape changes a strided 1x1
+    conv + BN projection."""
+    y = x
+    for i, (features, kernel, stride) in enumerate(convs, 1):
+        if i > 1:
+            y = Activation('relu')(y)
+        y = _conv(features, kernel, stride, block.dtype, f'conv{i}')(y)
+        y = batch_norm(train, block.dtype, f'bn{i}')(y)
+    if x.shape != y.shape:
+        x = _conv(y.shape[-1], 1, block.strides, block.dtype, 'downsample_conv')(x)
+        x = batch_norm(train, block.dtype, 'downsample_bn')(x)
+    return Activation('relu')(y + x)
 
 
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {
