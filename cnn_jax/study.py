@@ -95,10 +95,8 @@ def selected_variants(config: ml_collections.ConfigDict) -> list[str]:
 
 def _model_fields(config: ml_collections.ConfigDict) -> set[str] | None:
     """Names of the fields of config.model (the keys model_options may hold), or None."""
-    try:
-        from cnn_jax.models import MODELS
-    except ImportError:
-        return None
+    from cnn_jax.models import MODELS  # Imports JAX: not at module level.
+
     cls = MODELS.get(config.model)
     while hasattr(cls, 'func'):  # functools.partial alias
         cls = cls.func
@@ -335,7 +333,7 @@ def run_study(
 
 def vectorize_mode(config: ml_collections.ConfigDict) -> str:
     """`config.vectorize` as 'auto', 'true' or 'false' (a flag gives a string, Python a bool)."""
-    value = config.get('vectorize', 'auto')
+    value = config.vectorize
     text = str(value).strip().lower()
     if text in ('auto', 'true', 'false'):
         return text

@@ -65,7 +65,7 @@ def check_variants(config: ml_collections.ConfigDict, variants: Sequence[dict[st
                 f'variant {i} sets {", ".join(map(repr, bad))}, which cannot be vectorised (they '
                 f'change the compiled program); vectorisable keys: {", ".join(SWEEPABLE)}'
             )
-    if config.get('task', 'train') != 'train':
+    if config.task != 'train':
         raise ConfigError(f'task {config.task!r} cannot be vectorised')
     if jax.process_count() > 1:
         raise ConfigError('vectorised sweeps run on one host')
@@ -105,7 +105,7 @@ def variant_configs(
                     c[key] = value
                 except (TypeError, ValueError) as e:
                     raise ConfigError(f'override {key!r}={value!r}: {e}') from None
-        losses.check_loss(c.loss, c.get('label_smoothing', 0.0))
+        losses.check_loss(c.loss, c.label_smoothing)
         out.append(c)
     return out
 

@@ -65,16 +65,16 @@ def create_train_state(
     in training too (`frozen_norm_apply`).
     """
     variables = init_variables(model, input_shape, rng, config.init)
-    if config.get('pretrained'):
+    if config.pretrained:
         from cnn_jax.transfer.weights import load_torchvision  # torch/safetensors: lazy.
 
         variables = load_torchvision(config.pretrained, variables, arch=config.model)
     params = variables['params']
     tx = optim.build_optimizer(config, steps_per_epoch, params)  # Checks config.freeze too.
     apply_fn = model.apply
-    freeze = tuple(config.get('freeze', ()) or ())
+    freeze = tuple(config.freeze)
     if freeze:
-        head = config.get('head_name', 'fc')
+        head = config.head_name
         apply_fn = frozen_norm_apply(model, lambda name: optim.is_frozen(name, freeze, head))
     return TrainState.create(
         apply_fn=apply_fn,

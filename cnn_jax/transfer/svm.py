@@ -138,14 +138,14 @@ def load_or_extract(
     else:
         train_images, train_labels = train.images, train.labels
     model = build_model(config, ds.num_classes)
-    size = config.get('image_size')
+    size = config.image_size
     h, w, c = ds.image_shape
     input_shape = (size, size, c) if size else (h, w, c)
     # Every backbone tensor comes from the file, so the variables need only their shapes
     # (no init to compile); a replaced head stays abstract and is dropped: it is unused.
     abstract = jax.eval_shape(
         functools.partial(model.init, train=False),
-        jax.random.key(config.get('seed', 0)),
+        jax.random.key(config.seed),
         jnp.zeros((1, *input_shape), jnp.float32),
     )
     loaded = load_torchvision(str(weights), abstract, arch=config.model)
@@ -156,7 +156,7 @@ def load_or_extract(
         variables[collection] = traverse_util.unflatten_dict(concrete)
 
     mesh = parallel.make_mesh()
-    batch = config.get('eval_batch_size', 256)
+    batch = config.eval_batch_size
     t0 = time.time()
     arrays = {}
     for split, images in (('train', train_images), ('test', ds.test.images)):
@@ -321,7 +321,7 @@ def _write_report(workdir: pathlib.Path, s: dict, config: ml_collections.ConfigD
 
 def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole E5a task; returns the summary dict (also written to summary.json)."""
-    if not config.get('pretrained'):
+    if not config.pretrained:
         raise ConfigError(
             "task 'svm' needs pretrained weights for the frozen backbone: set "
             f'--config.pretrained=PATH to a torchvision state_dict of {config.model} '
@@ -339,7 +339,7 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ConfigError('the SVM needs at least two classes in the training split')
 
     svm = config.get('svm') or ml_collections.ConfigDict()
-    clf = fit_svm(train_x, train_y, svm, config.get('seed', 0))
+    clf = fit_svm(train_x, train_y, svm, config.seed)
     pred = clf.predict(test_x)
     scores = clf.decision_function(test_x)
     metrics = report.classification_metrics(test_y, pred, k)
