@@ -129,6 +129,34 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return '\n'.join(lines)
 
 
+def class_sections(
+    class_names: Sequence[str], per_class_accuracy: Sequence[float], cm: Sequence[Sequence[int]]
+) -> list[str]:
+    """report.md's per-class accuracy and confusion matrix sections (lines)."""
+    return [
+        '## Per-class accuracy',
+        '',
+        markdown_table(
+            ('class', 'accuracy'), list(zip(class_names, per_class_accuracy, strict=True))
+        ),
+        '',
+        '## Confusion matrix (rows: true, columns: predicted)',
+        '',
+        markdown_table(
+            ['true \\ pred', *class_names],
+            [[name, *row] for name, row in zip(class_names, cm, strict=True)],
+        ),
+        '',
+        '![confusion matrix](confusion_matrix.png)',
+        '',
+    ]
+
+
+def code_section(title: str, text: str) -> list[str]:
+    """A report.md section holding `text` verbatim (lines)."""
+    return [f'## {title}', '', '```', text.strip(), '```', '']
+
+
 def write_report(
     workdir: str | pathlib.Path,
     summary: dict[str, Any],
@@ -163,27 +191,8 @@ def write_report(
         '![curves](curves.png)',
         '',
     ]
-    parts += [
-        '## Per-class accuracy',
-        '',
-        markdown_table(
-            ('class', 'accuracy'), list(zip(class_names, s['per_class_accuracy'], strict=True))
-        ),
-        '',
-    ]
-    cm = s['confusion_matrix']
-    parts += [
-        '## Confusion matrix (rows: true, columns: predicted)',
-        '',
-        markdown_table(
-            ['true \\ pred', *class_names],
-            [[name, *row] for name, row in zip(class_names, cm, strict=True)],
-        ),
-        '',
-        '![confusion matrix](confusion_matrix.png)',
-        '',
-    ]
-    parts += ['## Sanity checks', '', '```', json.dumps(sanity, indent=2), '```', '']
-    parts += ['## Model', '', '```', layer_table, '```', '']
-    parts += ['## Config', '', '```', config_text.strip(), '```', '']
+    parts += class_sections(class_names, s['per_class_accuracy'], s['confusion_matrix'])
+    parts += code_section('Sanity checks', json.dumps(sanity, indent=2))
+    parts += code_section('Model', layer_table)
+    parts += code_section('Config', config_text)
     (workdir / 'report.md').write_text('\n'.join(parts))

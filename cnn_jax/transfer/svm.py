@@ -294,27 +294,8 @@ def _write_report(workdir: pathlib.Path, s: dict, config: ml_collections.ConfigD
         '',
         '![ROC curve](roc.png)',
         '',
-        '## Per-class accuracy',
-        '',
-        report.markdown_table(
-            ('class', 'accuracy'), list(zip(names, s['per_class_accuracy'], strict=True))
-        ),
-        '',
-        '## Confusion matrix (rows: true, columns: predicted)',
-        '',
-        report.markdown_table(
-            ['true \\ pred', *names],
-            [[n, *row] for n, row in zip(names, s['confusion_matrix'], strict=True)],
-        ),
-        '',
-        '![confusion matrix](confusion_matrix.png)',
-        '',
-        '## Config',
-        '',
-        '```',
-        str(config).strip(),
-        '```',
-        '',
+        *report.class_sections(names, s['per_class_accuracy'], s['confusion_matrix']),
+        *report.code_section('Config', str(config)),
     ]
     (workdir / 'report.md').write_text('\n'.join(parts))
 
