@@ -48,14 +48,15 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     """{dotted key: JSON value} of a config (tuples become lists, as JSON stores them)."""
     tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-    return json.loads(json.dumps(_flatten(tree), default=repr))
+    return json.loads(json.dumps(flatten(tree), default=repr))
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+    """{dotted key: value} of a nested dict, values as they are (tuples stay tuples)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f'{prefix}{key}.'))
+            out.update(flatten(value, f'{prefix}{key}.'))
         else:
             out[f'{prefix}{key}'] = value
     return out
