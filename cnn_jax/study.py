@@ -29,10 +29,9 @@ under `model_options`, where any field of the variant's model is accepted.
 workdir/<variant>/seed_<s>/ through `cnn_jax.tasks.run` (training resumes an interrupted
 run from its checkpoints); a run whose summary.json has a status is skipped. A run that
 diverges is recorded as 'diverged at step N'; any other error is recorded as 'failed' and
-the study goes on. Then it writes, in workdir: summary.json and summary.md (one row per
-variant; mean +- sample std over seeds), comparison.png (per-epoch accuracy and loss of
-every variant), and sweep.png for a sweep. The outputs are rebuilt from what is on disk,
-so `--config.only` runs fill in the same table.
+the study goes on. Then it writes its outputs in workdir (cnn_jax.study_report: summary.md,
+summary.json, comparison.png, sweep.png for a sweep), rebuilt from what is on disk, so
+`--config.only` runs fill in the same table.
 """
 
 from __future__ import annotations

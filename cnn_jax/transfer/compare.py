@@ -56,9 +56,7 @@ def collect(
 
 
 def plot_per_class(classes: list[str], acc: dict[str, np.ndarray], path: pathlib.Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(6.0, 0.9 * len(classes) + 2), 4))
+    fig = report.new_figure(max(6.0, 0.9 * len(classes) + 2), 4)
     ax = fig.subplots()
     width = 0.8 / len(acc)
     x = np.arange(len(classes))

@@ -238,9 +238,7 @@ def roc_curves(y_true: np.ndarray, scores: np.ndarray, num_classes: int) -> dict
 
 
 def plot_roc(curves: dict, class_names: list[str], path: pathlib.Path, title: str) -> None:
-    from matplotlib.figure import Figure  # Object API: no global backend is touched.
-
-    fig = Figure(figsize=(5.5, 5))
+    fig = report.new_figure(5.5, 5)
     ax = fig.subplots()
     for k, (fpr, tpr, a) in curves.items():
         ax.plot(fpr, tpr, lw=1.5, label=f'{class_names[k]} (AUC {a:.3f})')
