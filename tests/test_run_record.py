@@ -30,9 +30,10 @@ def launch(*args):
 def test_launch_refuses_a_changed_learning_rate_and_accepts_a_logging_change(
     tmp_path, capsys, monkeypatch
 ):
-    # The first run goes through launch.py, as a user types it: what it records of the
-    # command. The rest call cli.run, what launch.py calls once its flags are parsed (the
-    # one-line error of a real launch is tests/test_cli_errors.py's): no process start.
+    # The runs go through launch.py, as a user types them. The refusal and the reuse, which
+    # train nothing, call cli.run, what launch.py calls once its flags are parsed, in this
+    # process: two process starts fewer (a real launch's one-line error is
+    # tests/test_cli_errors.py's).
     first = launch(f'--workdir={tmp_path}')
     assert first.returncode == 0, first.stderr[-2000:]
     record = json.loads((tmp_path / 'config.json').read_text())
@@ -42,11 +43,11 @@ def test_launch_refuses_a_changed_learning_rate_and_accepts_a_logging_change(
     before = (tmp_path / 'summary.json').read_text()
     monkeypatch.setattr(cli, 'enable_compilation_cache', lambda: None)  # JAX's global config.
 
-    def relaunch(restart: bool = False, **overrides):
+    def relaunch(**overrides):
         config = quickstart.get_config()
         config.update(num_epochs=1, steps_per_epoch=2, **overrides)
         capsys.readouterr()
-        return cli.run(config, str(tmp_path), restart=restart), capsys.readouterr()
+        return cli.run(config, str(tmp_path)), capsys.readouterr()
 
     code, out = relaunch(learning_rate=0.5)
     assert code == 2
@@ -60,8 +61,8 @@ def test_launch_refuses_a_changed_learning_rate_and_accepts_a_logging_change(
     assert 'already holds this run' in out.out
     assert (tmp_path / 'summary.json').read_text() == before
 
-    code, out = relaunch(restart=True, learning_rate=0.5)
-    assert code == 0, out.err[-2000:]
+    restarted = launch(f'--workdir={tmp_path}', '--config.learning_rate=0.5', '--restart')
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
     record = json.loads((tmp_path / 'config.json').read_text())
     assert record['config']['learning_rate'] == 0.5
 
