@@ -32,6 +32,7 @@ from cnn_jax.data import load_dataset
 from cnn_jax.data.augment import preprocess
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
+from cnn_jax.training_loop import model_input_shape
 from cnn_jax.transfer.weights import check_exists, load_torchvision
 
 # Config keys that change the features (the cache key hashes them with the weights file).
@@ -131,16 +132,12 @@ def load_or_extract(
             return {k: z[k] for k in z.files}, True
 
     ds = load_dataset(config)
-    train = ds.train
-    if ds.val is not None:  # No model selection here: the SVM trains on train + val.
-        train_images = np.concatenate([train.images, ds.val.images])
-        train_labels = np.concatenate([train.labels, ds.val.labels])
-    else:
-        train_images, train_labels = train.images, train.labels
+    # No model selection here: the SVM trains on train + val.
+    fit_splits = [ds.train] + ([ds.val] if ds.val is not None else [])
+    train_images = np.concatenate([s.images for s in fit_splits])
+    train_labels = np.concatenate([s.labels for s in fit_splits])
     model = build_model(config, ds.num_classes)
-    size = config.image_size
-    h, w, c = ds.image_shape
-    input_shape = (size, size, c) if size else (h, w, c)
+    input_shape = model_input_shape(config, ds)
     # Every backbone tensor comes from the file, so the variables need only their shapes
     # (no init to compile); a replaced head stays abstract and is dropped: it is unused.
     abstract = jax.eval_shape(
@@ -156,20 +153,18 @@ def load_or_extract(
         variables[collection] = traverse_util.unflatten_dict(concrete)
 
     mesh = parallel.make_mesh()
-    batch = config.eval_batch_size
+    features = functools.partial(
+        extract_features,
+        model,
+        variables,
+        mean=ds.mean,
+        std=ds.std,
+        image_size=config.image_size,
+        batch_size=config.eval_batch_size,
+        mesh=mesh,
+    )
     t0 = time.time()
-    arrays = {}
-    for split, images in (('train', train_images), ('test', ds.test.images)):
-        arrays[f'{split}_features'] = extract_features(
-            model,
-            variables,
-            images,
-            ds.mean,
-            ds.std,
-            image_size=size,
-            batch_size=batch,
-            mesh=mesh,
-        )
+    arrays = {'train_features': features(train_images), 'test_features': features(ds.test.images)}
     print(
         f'SVM: extracted {len(train_images)} + {len(ds.test)} features of dimension '
         f'{arrays["train_features"].shape[1]} in {time.time() - t0:.1f} s on '
