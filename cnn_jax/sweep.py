@@ -133,12 +133,6 @@ def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
 # --- Stacked states -------------------------------------------------------------------
 
 
-def state_axes(state: train.TrainState) -> train.TrainState:
-    """vmap axes of a stacked state: every leaf on axis 0 except the shared step counter."""
-    axes = jax.tree.map(lambda _: 0, state)
-    return axes.replace(step=None)
-
-
 def stack_states(
     states: Sequence[train.TrainState], join: Callable[..., jax.Array] = jnp.stack
 ) -> train.TrainState:
@@ -248,7 +242,8 @@ def make_vectorized_train(
         return new, acc
 
     per_variant = 0 if not rngs.shared else None
-    axes = state_axes(state)
+    # Every leaf of a stacked state on axis 0, except the shared step counter.
+    axes = jax.tree.map(lambda _: 0, state).replace(step=None)
     vmapped = jax.vmap(
         one,
         in_axes=(axes, 0, None, None, per_variant, None, per_variant, 0, 0),
@@ -277,10 +272,6 @@ def make_vectorized_train(
         return joined, jax.tree.map(lambda *xs: jnp.concatenate(xs), *accs)
 
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(repl, repl))
-
-
-def zero_metrics(k: int) -> train.Metrics:
-    return {name: jnp.zeros((k,), jnp.float32) for name in ('loss', 'correct', 'count')}
 
 
 def permutations(
@@ -329,7 +320,7 @@ def stacked_steps(
             rngs, epoch, num_train, steps_per_epoch, batch_size, mesh
         ),
         rng=rngs.train[0] if rngs.shared else rngs.train,
-        zero_metrics=lambda: zero_metrics(len(configs)),
+        zero_metrics=lambda: train.zero_metrics(len(configs)),
         variant=unstack_state,
         stack=stack_states,
         evaluation=train.compile_steps(configs[0], mesh, spec, num_train, steps_per_epoch),

@@ -201,8 +201,10 @@ class InputSpec:
         return {'image': x, 'label': labels[indices]}
 
 
-def zero_metrics() -> Metrics:
-    return {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
+def zero_metrics(k: int | None = None) -> Metrics:
+    """Zero metric sums: scalars, or one per variant of K stacked ones."""
+    shape = () if k is None else (k,)
+    return {name: jnp.zeros(shape, jnp.float32) for name in ('loss', 'correct', 'count')}
 
 
 def epoch_permutation(
