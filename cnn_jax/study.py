@@ -53,7 +53,6 @@ import numpy as np
 
 from cnn_jax import parallel, records, run_record
 from cnn_jax.errors import CnnJaxError, ConfigError, Diverged
-from cnn_jax.records import read_metrics
 from cnn_jax.study_report import ROW_METRICS, finite, output_files, write_study_outputs
 
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -476,7 +475,7 @@ def _status_text(summary: dict) -> str:
 def _run_record(path: Path, seed: int, failure: dict | None) -> dict:
     """One run's row numbers from its summary.json and metrics.jsonl."""
     summary = read_summary(path)
-    epochs = read_metrics(path)
+    epochs = records.read_metrics(path)
     record: dict[str, Any] = {'seed': seed, 'workdir': str(path)}
     if summary is not None:
         record['status'] = summary['status']
