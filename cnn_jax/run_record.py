@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from cnn_jax.errors import ConfigError
+from cnn_jax.records import write_json
 from configs import default
 
 CONFIG_FILE = 'config.json'
@@ -157,9 +158,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         'host': host_description(),
         'started': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
     }
-    tmp = path.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(record, indent=2) + '\n')
-    tmp.replace(path)
+    write_json(path, record)
 
 
 def start_over(workdir: str | pathlib.Path) -> None:

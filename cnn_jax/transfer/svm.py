@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from cnn_jax import parallel, report
+from cnn_jax import parallel, records, report
 from cnn_jax.data import load_dataset
 from cnn_jax.data.augment import preprocess
 from cnn_jax.errors import ConfigError
@@ -358,8 +358,8 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
     title = f'{config.model} features + linear SVM'
     plot_roc(curves, names, wd / 'roc.png', title=f'ROC: {title}')
     report.plot_confusion_matrix(cm, names, wd / 'confusion_matrix.png', title=title)
-    (wd / 'summary.json').write_text(json.dumps(summary, indent=2))
     _write_report(wd, summary, config)
+    records.write_json(wd / 'summary.json', summary)  # Last: it marks the run finished.
     print(
         f'completed: SVM test accuracy {summary["accuracy"]:.4f}, AUC '
         f'{"n/a" if auc is None else f"{auc:.4f}"}, precision {precision:.4f}, recall '
