@@ -67,7 +67,7 @@ def _vectorized_params(config, variants, dataset, steps, group_size=None):
     labels = parallel.put_replicated(dataset.train.labels, mesh)
     perm = sweep.permutations(rngs, 0, len(dataset.train), spe, config.batch_size, mesh)
     rng = rngs.train[0] if rngs.shared else rngs.train
-    acc = sweep.zero_metrics(len(configs))
+    acc = train.zero_metrics(len(configs))
     for s in range(steps):
         state, acc = vtrain(state, acc, images, labels, perm, np.int32(s), rng)
     return state, jax.device_get(acc)
