@@ -96,7 +96,7 @@ def benchmark_vectorized(
         rngs = sweep.VariantRngs.from_seeds([c.seed for c in configs])
         state = sweep.create_stacked_state(configs, model, input_shape, rngs, steps_per_epoch)
         state = jax.device_put(state, parallel.replicated(mesh))
-        acc = jax.device_put(sweep.zero_metrics(k), parallel.replicated(mesh))
+        acc = jax.device_put(train.zero_metrics(k), parallel.replicated(mesh))
         perm = sweep.permutations(rngs, 0, num_train, steps_per_epoch, config.batch_size, mesh)
         vtrain = sweep.make_vectorized_train(configs, mesh, spec, state, rngs, group_size=g)
         t0 = time.perf_counter()

@@ -28,26 +28,9 @@ class Checkpoints:
 
     def __init__(self, workdir: str | pathlib.Path, keep: int = 2, best_mode: str = 'max'):
         root = pathlib.Path(workdir).absolute() / 'checkpoints'
-        # cleanup_tmp_directories: a save cut short by a kill leaves a temporary directory.
-        self.latest = ocp.CheckpointManager(
-            root / 'latest',
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max(1, keep),
-                create=True,
-                cleanup_tmp_directories=True,
-                multiprocessing_options=_barriers('latest'),
-            ),
-        )
-        self.best = ocp.CheckpointManager(
-            root / 'best',
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1,
-                create=True,
-                cleanup_tmp_directories=True,
-                best_fn=lambda m: m['value'],
-                best_mode=best_mode,
-                multiprocessing_options=_barriers('best'),
-            ),
+        self.latest = _manager(root / 'latest', max_to_keep=max(1, keep))
+        self.best = _manager(
+            root / 'best', max_to_keep=1, best_fn=lambda m: m['value'], best_mode=best_mode
         )
 
     def save_latest(self, step: int, state: Any, loop: dict) -> None:
@@ -124,10 +107,24 @@ class Checkpoints:
         self.best.close()
 
 
-def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
-    """Multi-process saves synchronise at barriers named by the step: the two managers save
-    the same step at an epoch's end, concurrently (async), so their names must differ."""
-    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+def _manager(directory: pathlib.Path, **options: Any) -> ocp.CheckpointManager:
+    """A manager of `directory`; a save cut short by a kill leaves a temporary directory,
+    which it cleans up.
+
+    Multi-process saves synchronise at barriers named by the step: the two managers save
+    the same step at an epoch's end, concurrently (async), so their names must differ.
+    """
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            create=True,
+            cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=directory.name
+            ),
+            **options,
+        ),
+    )
 
 
 def _save(manager: ocp.CheckpointManager, step: int, args: Any, **kwargs: Any) -> None:

@@ -22,19 +22,16 @@ WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
 def build_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
     """The learning-rate multiplier per step (1.0 at peak); the peak is config.learning_rate."""
     total = max(1, int(config.num_epochs * steps_per_epoch))
-    name = config.get('schedule', 'constant')
+    name = config.schedule
     if name == 'constant':
         return optax.constant_schedule(1.0)
     if name == 'step':
-        bounds = {
-            int(e * steps_per_epoch): config.get('step_factor', 0.1)
-            for e in config.get('step_epochs', ())
-        }
+        bounds = {int(e * steps_per_epoch): config.step_factor for e in config.step_epochs}
         return optax.piecewise_constant_schedule(1.0, bounds)
     if name == 'cosine':
         return optax.cosine_decay_schedule(1.0, total)
     if name == 'warmup_cosine':
-        warmup = int(config.get('warmup_epochs', 0.0) * steps_per_epoch)
+        warmup = int(config.warmup_epochs * steps_per_epoch)
         return optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, warmup), max(total, warmup + 1))
     raise ConfigError(f'unknown schedule {name!r}; known schedules: {", ".join(SCHEDULES)}')
 
@@ -103,7 +100,7 @@ def build_optimizer(
     name = config.optimizer
     if name not in OPTIMIZERS:
         raise ConfigError(f'unknown optimizer {name!r}; known optimizers: {", ".join(OPTIMIZERS)}')
-    mode = config.get('weight_decay_mode', 'coupled')
+    mode = config.weight_decay_mode
     if mode not in WEIGHT_DECAY_MODES:
         raise ConfigError(f"weight_decay_mode must be 'coupled' or 'decoupled', got {mode!r}")
     if config.learning_rate <= 0:
@@ -117,27 +114,27 @@ def build_optimizer(
             name=name,
             decoupled=(mode == 'decoupled' or name == 'adamw'),
             schedule=schedule,
-            b1=config.get('b1', 0.9),
-            b2=config.get('b2', 0.999),
-            eps=config.get('eps', 1e-8),
-            clip=config.get('grad_clip_norm'),
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            clip=config.grad_clip_norm,
         )
     )
 
     def make(lr_factor: float = 1.0) -> optax.GradientTransformation:
         return factory(
             learning_rate=config.learning_rate * lr_factor,
-            weight_decay=config.get('weight_decay', 0.0),
-            momentum=config.get('momentum', 0.9),
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
         )
 
-    freeze = tuple(config.get('freeze', ()) or ())
-    factor = float(config.get('backbone_lr_factor', 1.0))
+    freeze = tuple(config.freeze)
+    factor = float(config.backbone_lr_factor)
     if not freeze and factor == 1.0:
         return make()
     if params is None:
         raise ConfigError('freezing or backbone_lr_factor needs the parameters to label')
-    labels = param_labels(params, freeze, config.get('head_name', 'fc'), factor)
+    labels = param_labels(params, freeze, config.head_name, factor)
     return optax.multi_transform(
         {'head': make(), 'backbone': make(factor), 'frozen': optax.set_to_zero()}, labels
     )

@@ -1,6 +1,7 @@
 """What a run writes while it trains: metrics.jsonl, TensorBoard events, a progress line.
 
-metrics.jsonl has one JSON object per epoch (plots and studies read it). TensorBoard
+metrics.jsonl has one JSON object per epoch (plots and studies read it: `read_metrics`);
+`write_json` writes the JSON files that mark a run or a study done. TensorBoard
 events come from CLU's metric writers when CLU is installed (it is not on the
 accelerator image; the JSONL file is always written).
 """
@@ -15,6 +16,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+import ml_collections
+import numpy as np
 from absl import logging
 
 
@@ -33,14 +36,9 @@ class MetricsLog:
             except ImportError:
                 logging.info('clu/tensorboard not installed: writing metrics.jsonl only')
 
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
     def truncate(self, epochs: int) -> list[dict[str, Any]]:
         """Keeps the rows of the first `epochs` epochs (a resumed run rewrites the rest)."""
-        rows = [r for r in self.read() if r['epoch'] <= epochs]
+        rows = [r for r in read_metrics(self.path.parent) if r['epoch'] <= epochs]
         if self.enabled:
             self.path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
         return rows
@@ -66,6 +64,48 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """Per-epoch records of metrics.jsonl sorted by epoch (last record of an epoch wins).
+
+    Unreadable lines (a run killed mid-write) are skipped.
+    """
+    by_epoch: dict[int, dict] = {}
+    try:
+        lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and 'epoch' in record:
+            by_epoch[int(record['epoch'])] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict | ml_collections.ConfigDict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    return x if isinstance(x, str | int | float | bool | type(None)) else repr(x)
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    """Writes `obj` as indented JSON, atomically (a reader sees the old file or the new).
+
+    NaN and infinity become null; what JSON cannot hold becomes its repr.
+    """
+    tmp = path.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + '\n')
+    tmp.replace(path)
 
 
 def format_duration(seconds: float) -> str:

@@ -1,7 +1,7 @@
 """Run reports: classification metrics, curves.png, confusion_matrix.png, report.md.
 
-matplotlib is imported inside the plotting functions (Agg backend), so training never
-pays for it.
+matplotlib is imported inside the plotting functions (Figure objects, no pyplot), so
+training never pays for it.
 """
 
 from __future__ import annotations
@@ -43,33 +43,36 @@ def classification_metrics(
     }
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure of its own (no pyplot: no global figure list or GUI backend)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    return Figure(figsize=(width, height))
 
-    return plt
+
+def epoch_axis(ax: Any) -> None:
+    """An x axis of whole epochs (min_n_ticks=1 keeps a one-epoch run from 0.995) and a grid."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.grid(alpha=0.3)
 
 
 def plot_curves(
     history: Sequence[dict[str, Any]], path: str | pathlib.Path, title: str = ''
 ) -> None:
     """Loss and accuracy per epoch, train and validation (and test when recorded)."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = new_figure(11, 4)
+    axes = fig.subplots(1, 2)
     epochs = [r['epoch'] for r in history]
     for ax, metric in zip(axes, ('loss', 'accuracy'), strict=True):
         for split, style in (('train', '-o'), ('val', '-s'), ('test', '-^')):
             key = f'{split}_{metric}'
             if history and key in history[0]:
                 ax.plot(epochs, [r[key] for r in history], style, label=split, markersize=3)
-        ax.set_xlabel('epoch')
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # Epochs, not 0.995.
+        epoch_axis(ax)
         ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
         if history:
             ax.legend()
         else:
@@ -80,7 +83,6 @@ def plot_curves(
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_confusion_matrix(
@@ -89,11 +91,11 @@ def plot_confusion_matrix(
     path: str | pathlib.Path,
     title: str = 'confusion matrix',
 ) -> None:
-    plt = _pyplot()
     cm = np.asarray(cm)
     k = len(class_names)
     size = min(12, 2.5 + 0.6 * k)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    fig = new_figure(size, size * 0.85)
+    ax = fig.subplots()
     im = ax.imshow(cm, cmap='Blues')
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_xticks(range(k), class_names, rotation=45, ha='right')
@@ -116,7 +118,6 @@ def plot_confusion_matrix(
                 )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -126,6 +127,34 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows]
     return '\n'.join(lines)
+
+
+def class_sections(
+    class_names: Sequence[str], per_class_accuracy: Sequence[float], cm: Sequence[Sequence[int]]
+) -> list[str]:
+    """report.md's per-class accuracy and confusion matrix sections (lines)."""
+    return [
+        '## Per-class accuracy',
+        '',
+        markdown_table(
+            ('class', 'accuracy'), list(zip(class_names, per_class_accuracy, strict=True))
+        ),
+        '',
+        '## Confusion matrix (rows: true, columns: predicted)',
+        '',
+        markdown_table(
+            ['true \\ pred', *class_names],
+            [[name, *row] for name, row in zip(class_names, cm, strict=True)],
+        ),
+        '',
+        '![confusion matrix](confusion_matrix.png)',
+        '',
+    ]
+
+
+def code_section(title: str, text: str) -> list[str]:
+    """A report.md section holding `text` verbatim (lines)."""
+    return [f'## {title}', '', '```', text.strip(), '```', '']
 
 
 def write_report(
@@ -162,27 +191,8 @@ def write_report(
         '![curves](curves.png)',
         '',
     ]
-    parts += [
-        '## Per-class accuracy',
-        '',
-        markdown_table(
-            ('class', 'accuracy'), list(zip(class_names, s['per_class_accuracy'], strict=True))
-        ),
-        '',
-    ]
-    cm = s['confusion_matrix']
-    parts += [
-        '## Confusion matrix (rows: true, columns: predicted)',
-        '',
-        markdown_table(
-            ['true \\ pred', *class_names],
-            [[name, *row] for name, row in zip(class_names, cm, strict=True)],
-        ),
-        '',
-        '![confusion matrix](confusion_matrix.png)',
-        '',
-    ]
-    parts += ['## Sanity checks', '', '```', json.dumps(sanity, indent=2), '```', '']
-    parts += ['## Model', '', '```', layer_table, '```', '']
-    parts += ['## Config', '', '```', config_text.strip(), '```', '']
+    parts += class_sections(class_names, s['per_class_accuracy'], s['confusion_matrix'])
+    parts += code_section('Sanity checks', json.dumps(sanity, indent=2))
+    parts += code_section('Model', layer_table)
+    parts += code_section('Config', config_text)
     (workdir / 'report.md').write_text('\n'.join(parts))

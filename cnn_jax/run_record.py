@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from cnn_jax.errors import ConfigError
+from cnn_jax.records import write_json
 from configs import default
 
 CONFIG_FILE = 'config.json'
@@ -48,14 +49,15 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     """{dotted key: JSON value} of a config (tuples become lists, as JSON stores them)."""
     tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-    return json.loads(json.dumps(_flatten(tree), default=repr))
+    return json.loads(json.dumps(flatten(tree), default=repr))
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+    """{dotted key: value} of a nested dict, values as they are (tuples stay tuples)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f'{prefix}{key}.'))
+            out.update(flatten(value, f'{prefix}{key}.'))
         else:
             out[f'{prefix}{key}'] = value
     return out
@@ -156,9 +158,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         'host': host_description(),
         'started': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
     }
-    tmp = path.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(record, indent=2) + '\n')
-    tmp.replace(path)
+    write_json(path, record)
 
 
 def start_over(workdir: str | pathlib.Path) -> None:

@@ -29,10 +29,9 @@ under `model_options`, where any field of the variant's model is accepted.
 workdir/<variant>/seed_<s>/ through `cnn_jax.tasks.run` (training resumes an interrupted
 run from its checkpoints); a run whose summary.json has a status is skipped. A run that
 diverges is recorded as 'diverged at step N'; any other error is recorded as 'failed' and
-the study goes on. Then it writes, in workdir: summary.json and summary.md (one row per
-variant; mean +- sample std over seeds), comparison.png (per-epoch accuracy and loss of
-every variant), and sweep.png for a sweep. The outputs are rebuilt from what is on disk,
-so `--config.only` runs fill in the same table.
+the study goes on. Then it writes its outputs in workdir (cnn_jax.study_report: summary.md,
+summary.json, comparison.png, sweep.png for a sweep), rebuilt from what is on disk, so
+`--config.only` runs fill in the same table.
 """
 
 from __future__ import annotations
@@ -40,11 +39,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import re
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,23 +51,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cnn_jax import parallel, run_record
+from cnn_jax import parallel, records, run_record
 from cnn_jax.errors import CnnJaxError, ConfigError, Diverged
+from cnn_jax.study_report import ROW_METRICS, finite, output_files, write_study_outputs
 
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
 
 PLOT_METRICS = ('val_accuracy', 'test_accuracy')
-# Per-run numbers of a study row, with their table headers.
-ROW_METRICS = (
-    ('best_val_accuracy', 'Best val acc'),
-    ('best_epoch', 'Best epoch'),
-    ('test_accuracy', 'Test acc'),
-    ('test_loss', 'Test loss'),
-    ('precision', 'Precision'),
-    ('recall', 'Recall'),
-    ('f1', 'F1'),
-    ('wall_time_s', 'Wall time (s)'),
-)
 _VARIANT_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.+=-]*$')
 
 
@@ -104,10 +93,8 @@ def selected_variants(config: ml_collections.ConfigDict) -> list[str]:
 
 def _model_fields(config: ml_collections.ConfigDict) -> set[str] | None:
     """Names of the fields of config.model (the keys model_options may hold), or None."""
-    try:
-        from cnn_jax.models import MODELS
-    except ImportError:
-        return None
+    from cnn_jax.models import MODELS  # Imports JAX: not at module level.
+
     cls = MODELS.get(config.model)
     while hasattr(cls, 'func'):  # functools.partial alias
         cls = cls.func
@@ -267,26 +254,6 @@ def read_summary(path: str | Path) -> dict | None:
     return summary if isinstance(summary, dict) and summary.get('status') else None
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """Per-epoch records of metrics.jsonl sorted by epoch (last record of an epoch wins).
-
-    Unreadable lines (a run killed mid-write) are skipped.
-    """
-    by_epoch: dict[int, dict] = {}
-    try:
-        lines = (Path(path) / 'metrics.jsonl').read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and 'epoch' in record:
-            by_epoch[int(record['epoch'])] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
 # --- Running ------------------------------------------------------------------------
 
 
@@ -342,19 +309,19 @@ def run_study(
     groups = vectorized_groups(config, pending) if vectorize else {}
     failures: list[dict] = []
     for job in pending:
-        if job in groups:
-            group = groups[job]
-            if job == group[0]:
-                failures += _run_group(config, workdir, group, tags)
-            continue
-        failure = _run_one(config, workdir, job, tags[job], run_fn)
-        if failure is not None:
-            failures.append(failure)
-    if main:
-        write_study_outputs(config, workdir, failures)
-    parallel.barrier('study outputs')  # Then every process reads what process 0 wrote.
+        group = groups.get(job, [job])
+        if job != group[0]:
+            continue  # Trained with the first job of its group.
+        if len(group) > 1:
+            failures += _attempt(group, tags, lambda g=group: _run_group(config, workdir, g, tags))
+        else:
+            failures += _attempt(
+                group, tags, lambda j=job: [_run_one(config, workdir, j, tags[j], run_fn)]
+            )
+    parallel.barrier('study runs')  # Then every process reads what process 0 wrote.
     result = collect_study(config, workdir, failures)
-    result['outputs'] = [str(workdir / o) for o in study_outputs(result)]
+    if main:
+        write_study_outputs(result, workdir)
     result['failed'] = len(failures)
     _say(f'study {name}: {workdir / "summary.md"}, summary.json, comparison.png')
     if failures:
@@ -364,7 +331,7 @@ def run_study(
 
 def vectorize_mode(config: ml_collections.ConfigDict) -> str:
     """`config.vectorize` as 'auto', 'true' or 'false' (a flag gives a string, Python a bool)."""
-    value = config.get('vectorize', 'auto')
+    value = config.vectorize
     text = str(value).strip().lower()
     if text in ('auto', 'true', 'false'):
         return text
@@ -417,7 +384,7 @@ def _run_group(
     group: list[tuple[str, int]],
     tags: dict[tuple[str, int], str],
 ) -> list[dict]:
-    """Trains `group` as one vmapped program (cnn_jax.sweep); returns its failures."""
+    """Trains `group` as one vmapped program (cnn_jax.sweep); returns the runs' summaries."""
     from cnn_jax import sweep
 
     seeds = study_seeds(config)
@@ -428,25 +395,12 @@ def _run_group(
         if parallel.is_main_process():
             run_record.record_config(variant_config(config, *job), path)
         _say(f'{tags[job]}: running vectorised with {len(group) - 1} other run(s) in {path}')
-    try:
-        summaries = sweep.run_vectorized(
-            _group_base(config, group[0]),
-            sweepables,
-            paths,
-            names=[run_name(config, v) for v, _ in group],
-        )
-    except KeyboardInterrupt:  # Each run keeps its checkpoints: the group resumes.
-        raise
-    except Exception as e:  # noqa: BLE001 - one bad group must not stop the study
-        if not isinstance(e, CnnJaxError):
-            traceback.print_exc()
-        error = f'{type(e).__name__}: {e}'
-        for job in group:
-            _say(f'{tags[job]}: FAILED: {error}')
-        return [{'variant': v, 'seed': s, 'error': error} for v, s in group]
-    for job, summary in zip(group, summaries, strict=True):
-        _say(f'{tags[job]}: {_status_text(summary)}')
-    return []
+    return sweep.run_vectorized(
+        _group_base(config, group[0]),
+        sweepables,
+        paths,
+        names=[run_name(config, v) for v, _ in group],
+    )
 
 
 def _run_one(
@@ -455,19 +409,16 @@ def _run_one(
     job: tuple[str, int],
     tag: str,
     run_fn: RunFn,
-) -> dict | None:
-    """Runs (or resumes) one variant x seed; returns its failure record, or None."""
+) -> dict:
+    """Runs (or resumes) one variant x seed; returns its summary."""
     variant, seed = job
     path = run_dir(workdir, variant, seed, study_seeds(config))
     resuming = path.exists() and any(path.iterdir())
     _say(f'{tag}: {"resuming" if resuming else "running"} in {path}')
     path.mkdir(parents=True, exist_ok=True)
-    vc = variant_config(config, variant, seed)
     start = time.time()
     try:
-        summary = run_fn(vc, str(path))
-    except KeyboardInterrupt:  # Also errors.Interrupted: stop the study, resume later.
-        raise
+        return run_fn(variant_config(config, variant, seed), str(path))
     except Diverged as e:
         # The spine normally returns status 'diverged'; record a raise the same way,
         # so that a re-run skips it.
@@ -478,24 +429,37 @@ def _run_one(
             'wall_time_s': round(time.time() - start, 2),
         }
         if parallel.is_main_process():
-            _write_json(path / 'summary.json', summary)
+            records.write_json(path / 'summary.json', summary)
+        return summary
+
+
+def _attempt(
+    jobs: list[tuple[str, int]],
+    tags: dict[tuple[str, int], str],
+    train: Callable[[], list[dict]],
+) -> list[dict]:
+    """Calls `train` for `jobs` and says how each ended; returns their failure records.
+
+    An error fails every job of the call (the others of the study go on); KeyboardInterrupt
+    (errors.Interrupted too) propagates: each run keeps its checkpoints and resumes.
+    """
+    try:
+        summaries = train()
+    except KeyboardInterrupt:
+        raise
     except Exception as e:  # noqa: BLE001 - one bad variant must not stop the study
         if not isinstance(e, CnnJaxError):
             traceback.print_exc()
-        failure = {'variant': variant, 'seed': seed, 'error': f'{type(e).__name__}: {e}'}
-        _say(f'{tag}: FAILED: {failure["error"]}')
-        return failure
-    _say(f'{tag}: {_status_text(summary or {"status": "completed"})}')
-    return None
+        error = f'{type(e).__name__}: {e}'
+        for job in jobs:
+            _say(f'{tags[job]}: FAILED: {error}')
+        return [{'variant': v, 'seed': s, 'error': error} for v, s in jobs]
+    for job, summary in zip(jobs, summaries, strict=True):
+        _say(f'{tags[job]}: {_status_text(summary or {"status": "completed"})}')
+    return []
 
 
 # --- Collecting ---------------------------------------------------------------------
-
-
-def _finite(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        return None
-    return float(x) if math.isfinite(x) else None
 
 
 def _status_text(summary: dict) -> str:
@@ -511,7 +475,7 @@ def _status_text(summary: dict) -> str:
 def _run_record(path: Path, seed: int, failure: dict | None) -> dict:
     """One run's row numbers from its summary.json and metrics.jsonl."""
     summary = read_summary(path)
-    epochs = read_metrics(path)
+    epochs = records.read_metrics(path)
     record: dict[str, Any] = {'seed': seed, 'workdir': str(path)}
     if summary is not None:
         record['status'] = summary['status']
@@ -528,21 +492,21 @@ def _run_record(path: Path, seed: int, failure: dict | None) -> dict:
         record['status'] = record['status_text'] = 'not run'
     summary = summary or {}
     # Best validation accuracy and its epoch from the curves; the summary as a fallback.
-    val = [(e['epoch'], _finite(e.get('val_accuracy'))) for e in epochs]
+    val = [(e['epoch'], finite(e.get('val_accuracy'))) for e in epochs]
     val = [(ep, a) for ep, a in val if a is not None]
     if val:
         best_epoch, best = max(val, key=lambda t: (t[1], -t[0]))
     else:
-        best, best_epoch = _finite(summary.get('val_accuracy')), summary.get('best_epoch')
+        best, best_epoch = finite(summary.get('val_accuracy')), summary.get('best_epoch')
     record['best_val_accuracy'] = best
     record['best_epoch'] = best_epoch
     for key in ('test_accuracy', 'test_loss', 'precision', 'recall', 'f1'):
-        record[key] = _finite(summary.get(key))
-    wall = _finite(summary.get('wall_time_s'))
+        record[key] = finite(summary.get(key))
+    wall = finite(summary.get('wall_time_s'))
     if wall is not None and summary.get('vectorized'):
         wall /= summary['vectorized']['k']  # A vectorised group's time, shared equally.
     if wall is None and epochs:
-        wall = _finite(epochs[-1].get('elapsed_s'))
+        wall = finite(epochs[-1].get('elapsed_s'))
     record['wall_time_s'] = wall
     record['epochs_run'] = summary.get('epochs_run', len(epochs) or None)
     return record
@@ -557,12 +521,9 @@ def _aggregate(values: Iterable[float | None]) -> dict:
 
 
 def _row_status(runs: list[dict]) -> str:
-    texts = [r['status_text'] for r in runs]
-    if len(set(texts)) == 1:
-        return texts[0]
-    counts: dict[str, int] = {}
-    for t in texts:
-        counts[t] = counts.get(t, 0) + 1
+    counts = Counter(r['status_text'] for r in runs)  # In first-seen order.
+    if len(counts) == 1:
+        return runs[0]['status_text']
     return ', '.join(f'{n}x {t}' for t, n in counts.items())
 
 
@@ -582,7 +543,7 @@ def collect_study(
         ]
         row = {
             'variant': variant,
-            'overrides': _jsonable(dict(overrides)),
+            'overrides': dict(overrides),
             'status': _row_status(runs),
             'metrics': {k: _aggregate(r[k] for r in runs) for k, _ in ROW_METRICS},
             'runs': runs,
@@ -598,227 +559,5 @@ def collect_study(
         'seeds': list(seeds),
         'variants': rows,
         'failures': [dict(f) for f in failures],
+        'outputs': [str(workdir / f) for f in output_files(sweep_key)],
     }
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict | ml_collections.ConfigDict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    return x if isinstance(x, str | int | float | bool | type(None)) else repr(x)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + '\n')
-    tmp.replace(path)
-
-
-# --- Outputs ------------------------------------------------------------------------
-
-
-def _ranking_key(study: dict) -> str:
-    return 'test_accuracy' if study['plot_metric'] == 'test_accuracy' else 'best_val_accuracy'
-
-
-def _fmt(agg: dict, key: str) -> str:
-    if agg['n'] == 0:
-        return '-'
-    digits = {'best_epoch': 1, 'wall_time_s': 1}.get(key, 3)
-    if key == 'best_epoch' and agg['std'] == 0:
-        digits = 0
-    text = f'{agg["mean"]:.{digits}f}'
-    if agg['n'] > 1:
-        text += f' ± {agg["std"]:.{digits}f}'
-    return text
-
-
-def summary_markdown(study: dict) -> str:
-    """The study's table as Markdown."""
-    seeds = study['seeds']
-    lines = [f'# Study {study["study"]}', '']
-    if study['description']:
-        lines += [study['description'], '']
-    seeds_text = (
-        f'mean ± sample std over seeds {", ".join(map(str, seeds))}'
-        if len(seeds) > 1
-        else f'seed {seeds[0]}'
-    )
-    lines += [f'One row per variant; {seeds_text}.', '']
-    headers = ['Variant', 'Status'] + [h for _, h in ROW_METRICS]
-    if study['sweep_key']:
-        headers.insert(1, study['sweep_key'])
-    lines.append('| ' + ' | '.join(headers) + ' |')
-    lines.append('|' + '---|' * len(headers))
-    for row in study['variants']:
-        cells = [row['variant'], row['status']]
-        cells += [_fmt(row['metrics'][k], k) for k, _ in ROW_METRICS]
-        if study['sweep_key']:
-            cells.insert(1, f'{row["sweep_value"]:g}')
-        lines.append('| ' + ' | '.join(c.replace('|', '/') for c in cells) + ' |')
-    key = _ranking_key(study)
-    # Best among variants whose runs all completed (a diverged run's early peak does not count).
-    ranked = [
-        r
-        for r in study['variants']
-        if r['metrics'][key]['n'] and r['status'].startswith('completed')
-    ]
-    if ranked:
-        best = max(ranked, key=lambda r: r['metrics'][key]['mean'])
-        label = 'final test accuracy' if key == 'test_accuracy' else 'best validation accuracy'
-        lines += [
-            '',
-            f'Best by {label}: **{best["variant"]}** ({_fmt(best["metrics"][key], key)}).',
-        ]
-    lines += ['', '![comparison](comparison.png)']
-    if study['sweep_key']:
-        lines += ['', '![sweep](sweep.png)']
-    lines += ['', '## Variants', '']
-    for row in study['variants']:
-        over = ', '.join(f'`{k}={v!r}`' for k, v in row['overrides'].items()) or 'base config'
-        lines.append(f'- **{row["variant"]}**: {over}')
-    if study['failures']:
-        lines += ['', '## Failures', '']
-        lines += [f'- {f["variant"]} seed {f["seed"]}: {f["error"]}' for f in study['failures']]
-    return '\n'.join(lines) + '\n'
-
-
-def _curves(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-epoch mean and std of `key` over the runs (epochs any run has)."""
-    per_epoch: dict[int, list[float]] = {}
-    for run in runs:
-        for record in read_metrics(run['workdir']):
-            value = _finite(record.get(key))
-            if value is not None:
-                per_epoch.setdefault(int(record['epoch']), []).append(value)
-    epochs = sorted(per_epoch)
-    mean = np.array([np.mean(per_epoch[e]) for e in epochs])
-    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in map(per_epoch.get, epochs)])
-    return np.array(epochs), mean, std
-
-
-def _figure(ncols: int, width: float = 6.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, 4.5))
-    FigureCanvasAgg(fig)
-    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-
-
-def plot_comparison(study: dict, path: str | Path) -> None:
-    """Per-epoch accuracy and loss (validation or test) of every variant on one axes pair."""
-    split = 'test' if study['plot_metric'] == 'test_accuracy' else 'val'
-    rows = study['variants']
-    curves = {k: [_curves(r['runs'], k) for r in rows] for k in ('test_accuracy', 'val_accuracy')}
-    if split == 'test' and not any(len(c[0]) for c in curves['test_accuracy']):
-        split = 'val'  # No per-epoch test numbers (eval_test_each_epoch was off).
-    fig, (ax_acc, ax_loss) = _figure(2)
-    losses = []
-    for i, row in enumerate(rows):
-        label = row['variant'] + (
-            '' if row['status'].startswith('completed') else f' ({row["status"]})'
-        )
-        for ax, key in ((ax_acc, f'{split}_accuracy'), (ax_loss, f'{split}_loss')):
-            epochs, mean, std = curves[key][i] if key in curves else _curves(row['runs'], key)
-            if not len(epochs):
-                continue
-            (line,) = ax.plot(epochs, mean, marker='o', markersize=3, label=label)
-            if len(row['runs']) > 1:
-                ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-            if ax is ax_loss:
-                losses.extend(mean.tolist())
-    name = 'validation' if split == 'val' else 'test'
-    ax_acc.set(
-        xlabel='epoch', ylabel=f'{name} accuracy', title=f'{study["study"]}: {name} accuracy'
-    )
-    ax_loss.set(xlabel='epoch', ylabel=f'{name} loss', title=f'{study["study"]}: {name} loss')
-    positive = [x for x in losses if x > 0]
-    if positive and max(positive) / min(positive) > 20:
-        ax_loss.set_yscale('log')  # a diverging or differently-scaled loss squashes the rest
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (ax_acc, ax_loss):
-        # Whole epochs; min_n_ticks=1 keeps one-epoch runs from ticks like 0.995.
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize='small')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def plot_sweep(study: dict, path: str | Path) -> None:
-    """The result against the swept number on a log axis; 0 sits one decade below the rest."""
-    rows = study['variants']
-    values = [float(r['sweep_value']) for r in rows]
-    nonzero = [abs(v) for v in values if v != 0]
-    zero_at = min(nonzero) / 10 if nonzero else 1.0
-    xs = np.array([v if v != 0 else zero_at for v in values])
-    order = np.argsort(xs)
-    fig, (ax,) = _figure(1, width=7.0)
-    keys = [('best_val_accuracy', 'best validation accuracy'), ('test_accuracy', 'test accuracy')]
-    for key, label in keys:
-        aggs = [r['metrics'][key] for r in rows]
-        if not any(a['n'] for a in aggs):
-            continue
-        mean = np.array([a['mean'] if a['n'] else np.nan for a in aggs])
-        std = np.array([a['std'] if a['n'] else np.nan for a in aggs])
-        ax.errorbar(xs[order], mean[order], yerr=std[order], marker='o', capsize=3, label=label)
-    for x, row in zip(xs, rows, strict=True):
-        if 'diverged' in row['status'] or 'failed' in row['status']:
-            agg = row['metrics']['best_val_accuracy']
-            y = agg['mean'] if agg['n'] else 0.0
-            ax.plot([x], [y], 'rx', markersize=10)
-            ax.annotate(
-                row['status'].split(':')[0],
-                (x, y),
-                textcoords='offset points',
-                xytext=(0, 6),
-                ha='center',
-                fontsize='small',
-                color='red',
-            )
-    ax.set_xscale('log')
-    ax.margins(x=0.15)
-    ticks = sorted(set(xs.tolist()))
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(['0' if (t == zero_at and 0 in values) else f'{t:g}' for t in ticks])
-    ax.minorticks_off()
-    ax.set(
-        xlabel=study['sweep_key'] + ' (log scale)',
-        ylabel='accuracy',
-        title=f'{study["study"]}: accuracy against {study["sweep_key"]}',
-    )
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize='small')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def study_outputs(study: dict) -> list[str]:
-    """The files write_study_outputs writes for `study` (collect_study's result)."""
-    return ['summary.json', 'summary.md', 'comparison.png'] + (
-        ['sweep.png'] if study['sweep_key'] else []
-    )
-
-
-def write_study_outputs(
-    config: ml_collections.ConfigDict, workdir: str | Path, failures: Sequence[dict] = ()
-) -> dict:
-    """Writes summary.json, summary.md, comparison.png (and sweep.png) into workdir."""
-    workdir = Path(workdir)
-    study = collect_study(config, workdir, failures)
-    plot_comparison(study, workdir / 'comparison.png')
-    if study['sweep_key']:
-        plot_sweep(study, workdir / 'sweep.png')
-    study['outputs'] = [str(workdir / o) for o in study_outputs(study)]
-    (workdir / 'summary.md').write_text(summary_markdown(study))
-    _write_json(workdir / 'summary.json', study)
-    return study

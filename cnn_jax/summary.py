@@ -181,17 +181,14 @@ def _batch_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return (1, *shape) if len(shape) == 3 else shape
 
 
-def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> list[LayerRow]:
-    """The rows of the layer table; raises ParamCountMismatch if a layer breaks a formula.
+def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[LayerRow], ParamCounts]:
+    """The rows of the layer table and the model's parameter counts.
 
-    Raises ConfigError if the input is too small for the model (see models.input_size).
-    input_shape is (H, W, C) or (N, H, W, C). Only shapes are computed (jax.eval_shape):
-    no parameters are materialised, so a ResNet-50 at 224x224 costs almost nothing.
+    Raises ParamCountMismatch if a layer breaks its formula, ConfigError if the input is
+    too small for the model (see models.input_size). input_shape is (H, W, C) or
+    (N, H, W, C). Only shapes are computed (jax.eval_shape): no parameters are
+    materialised, so a ResNet-50 at 224x224 costs almost nothing.
     """
-    return _trace(model, input_shape)[0]
-
-
-def _trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[LayerRow], ParamCounts]:
     check_input_size(model, input_shape)  # Every run traces here first: say what size fits.
     shape = _batch_shape(input_shape)
     calls: list[tuple[nn.Module, tuple[str, ...], tuple[int, ...], tuple[int, ...]]] = []
@@ -268,7 +265,7 @@ def layer_table(model: nn.Module, input_shape: Sequence[int]) -> str:
     variance: state, not parameters). Ends with the lines 'Total params: N',
     'Trainable params: N', 'Non-trainable params: N'.
     """
-    rows, counts = _trace(model, input_shape)
+    rows, counts = layer_rows(model, input_shape)
     shape = _batch_shape(input_shape)
 
     header = ('Layer (type)', 'Output Shape', 'Param #', 'Formula #', 'BN stats #')

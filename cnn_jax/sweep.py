@@ -37,7 +37,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnn_jax import experiment, losses, parallel, summary, train, training_loop
@@ -66,7 +65,7 @@ def check_variants(config: ml_collections.ConfigDict, variants: Sequence[dict[st
                 f'variant {i} sets {", ".join(map(repr, bad))}, which cannot be vectorised (they '
                 f'change the compiled program); vectorisable keys: {", ".join(SWEEPABLE)}'
             )
-    if config.get('task', 'train') != 'train':
+    if config.task != 'train':
         raise ConfigError(f'task {config.task!r} cannot be vectorised')
     if jax.process_count() > 1:
         raise ConfigError('vectorised sweeps run on one host')
@@ -95,26 +94,18 @@ def should_vectorize(config: ml_collections.ConfigDict, variants: Sequence[dict[
 def variant_configs(
     config: ml_collections.ConfigDict, variants: Sequence[dict[str, Any]]
 ) -> list[ml_collections.ConfigDict]:
-    """`config` with each variant's overrides set (checked by `check_variants`).
-
-    A `study` or `only` field of `config` is dropped, as cnn_jax.study.variant_config does.
-    """
+    """`config` with each variant's overrides set (checked by `check_variants`)."""
     check_variants(config, variants)
-    base = copy.deepcopy(config)
-    with base.unlocked():
-        for key in ('study', 'only'):
-            if key in base:
-                del base[key]
     out = []
     for overrides in variants:
-        c = copy.deepcopy(base)
+        c = copy.deepcopy(config)
         with c.unlocked():
             for key, value in overrides.items():
                 try:
                     c[key] = value
                 except (TypeError, ValueError) as e:
                     raise ConfigError(f'override {key!r}={value!r}: {e}') from None
-        losses.check_loss(c.loss, c.get('label_smoothing', 0.0))
+        losses.check_loss(c.loss, c.label_smoothing)
         out.append(c)
     return out
 
@@ -140,12 +131,6 @@ def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
 
 
 # --- Stacked states -------------------------------------------------------------------
-
-
-def state_axes(state: train.TrainState) -> train.TrainState:
-    """vmap axes of a stacked state: every leaf on axis 0 except the shared step counter."""
-    axes = jax.tree.map(lambda _: 0, state)
-    return axes.replace(step=None)
 
 
 def stack_states(
@@ -179,21 +164,6 @@ def unstack_state(state: train.TrainState, k: int | slice) -> train.TrainState:
         opt_state=jax.tree.map(take, state.opt_state),
         batch_stats=jax.tree.map(take, state.batch_stats),
     )
-
-
-def hyperparams(state: train.TrainState) -> dict[str, np.ndarray]:
-    """learning_rate, weight_decay, momentum of every variant (of the first inner optimiser)."""
-    found = _inject_states(state.opt_state)
-    return {k: np.asarray(v) for k, v in found[0].hyperparams.items()} if found else {}
-
-
-def _inject_states(opt_state: Any) -> list[Any]:
-    """The inject_hyperparams states inside `opt_state` (any optax version's class)."""
-
-    def is_inject(x: Any) -> bool:
-        return isinstance(getattr(x, 'hyperparams', None), dict)
-
-    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_inject) if is_inject(x)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,27 +219,16 @@ def make_vectorized_train(
     numbers): a vmapped convolution with per-variant kernels is a grouped convolution,
     whose cost on XLA's CPU backend grows faster than K (benchmark_vectorized).
     """
-    config = configs[0]
-    loss_name = config.get('loss', 'cross_entropy')
-    smoothings = [float(c.get('label_smoothing', 0.0)) for c in configs]
+    smoothings = [float(c.label_smoothing) for c in configs]
     shared_smoothing = len(set(smoothings)) == 1
-    shard = parallel.data_sharding(mesh)
     repl = parallel.replicated(mesh)
     smoothing_arr = jnp.asarray(smoothings, jnp.float32)
+    body = train.input_train_step(spec, parallel.data_sharding(mesh), configs[0].loss)
 
     def one(state, acc, images, labels, perm, step_in_epoch, rng, smoothing, active):
-        indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
-        aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
-        batch = spec.make_batch(images, labels, indices, aug_rng)
-        step_rng = jax.random.fold_in(rng, 0)
-        if shared_smoothing:
-            new, metrics = train.train_step(
-                state, batch, step_rng, loss=loss_name, label_smoothing=smoothings[0]
-            )
-        else:  # A traced smoothing, one per variant.
-            new, metrics = train.train_step(
-                state, batch, step_rng, loss=loss_name, label_smoothing=smoothing
-            )
+        # A shared smoothing stays a Python number, as in the sequential run's program.
+        smoothing = smoothings[0] if shared_smoothing else smoothing
+        new, acc = body(state, acc, images, labels, perm, step_in_epoch, rng, smoothing)
         if active is not None:  # A stopped variant's numbers stay as they were.
 
             def keep(a, b):
@@ -280,10 +239,11 @@ def make_vectorized_train(
                 opt_state=keep(new.opt_state, state.opt_state),
                 batch_stats=keep(new.batch_stats, state.batch_stats),
             )
-        return new, jax.tree.map(jnp.add, acc, metrics)
+        return new, acc
 
     per_variant = 0 if not rngs.shared else None
-    axes = state_axes(state)
+    # Every leaf of a stacked state on axis 0, except the shared step counter.
+    axes = jax.tree.map(lambda _: 0, state).replace(step=None)
     vmapped = jax.vmap(
         one,
         in_axes=(axes, 0, None, None, per_variant, None, per_variant, 0, 0),
@@ -312,10 +272,6 @@ def make_vectorized_train(
         return joined, jax.tree.map(lambda *xs: jnp.concatenate(xs), *accs)
 
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(repl, repl))
-
-
-def zero_metrics(k: int) -> train.Metrics:
-    return {name: jnp.zeros((k,), jnp.float32) for name in ('loss', 'correct', 'count')}
 
 
 def permutations(
@@ -364,7 +320,7 @@ def stacked_steps(
             rngs, epoch, num_train, steps_per_epoch, batch_size, mesh
         ),
         rng=rngs.train[0] if rngs.shared else rngs.train,
-        zero_metrics=lambda: zero_metrics(len(configs)),
+        zero_metrics=lambda: train.zero_metrics(len(configs)),
         variant=unstack_state,
         stack=stack_states,
         evaluation=train.compile_steps(configs[0], mesh, spec, num_train, steps_per_epoch),

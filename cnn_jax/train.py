@@ -65,16 +65,16 @@ def create_train_state(
     in training too (`frozen_norm_apply`).
     """
     variables = init_variables(model, input_shape, rng, config.init)
-    if config.get('pretrained'):
+    if config.pretrained:
         from cnn_jax.transfer.weights import load_torchvision  # torch/safetensors: lazy.
 
         variables = load_torchvision(config.pretrained, variables, arch=config.model)
     params = variables['params']
     tx = optim.build_optimizer(config, steps_per_epoch, params)  # Checks config.freeze too.
     apply_fn = model.apply
-    freeze = tuple(config.get('freeze', ()) or ())
+    freeze = tuple(config.freeze)
     if freeze:
-        head = config.get('head_name', 'fc')
+        head = config.head_name
         apply_fn = frozen_norm_apply(model, lambda name: optim.is_frozen(name, freeze, head))
     return TrainState.create(
         apply_fn=apply_fn,
@@ -201,8 +201,10 @@ class InputSpec:
         return {'image': x, 'label': labels[indices]}
 
 
-def zero_metrics() -> Metrics:
-    return {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
+def zero_metrics(k: int | None = None) -> Metrics:
+    """Zero metric sums: scalars, or one per variant of K stacked ones."""
+    shape = () if k is None else (k,)
+    return {name: jnp.zeros(shape, jnp.float32) for name in ('loss', 'correct', 'count')}
 
 
 def epoch_permutation(
@@ -211,6 +213,28 @@ def epoch_permutation(
     """(steps, batch_size) example indices for `epoch`: a fresh shuffle, remainder dropped."""
     perm = jax.random.permutation(jax.random.fold_in(rng, epoch), num_examples)
     return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+def input_train_step(
+    spec: InputSpec, shard: jax.sharding.NamedSharding, loss: str
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """`train_step` with the input pipeline folded in, for `compile_steps` and cnn_jax.sweep.
+
+    f(state, acc, images, labels, perm, step_in_epoch, rng, label_smoothing) -> (state, acc):
+    the batch indices perm[step_in_epoch] are taken inside, so one compiled program serves
+    every step, and the step's metric sums are added to `acc`.
+    """
+
+    def train(state, acc, images, labels, perm, step_in_epoch, rng, label_smoothing):
+        indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
+        aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
+        batch = spec.make_batch(images, labels, indices, aug_rng)
+        state, metrics = train_step(
+            state, batch, jax.random.fold_in(rng, 0), loss=loss, label_smoothing=label_smoothing
+        )
+        return state, jax.tree.map(jnp.add, acc, metrics)
+
+    return train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,23 +255,16 @@ def compile_steps(
 ) -> CompiledSteps:
     """jit-compiles the train and eval steps with the input pipeline folded in.
 
-    train(state, acc, images, labels, perm, step_in_epoch, rng) -> (state, acc):
-    the batch indices perm[step_in_epoch] are taken inside, so one compiled program
-    serves every step and nothing leaves the device between logging points.
+    train(state, acc, images, labels, perm, step_in_epoch, rng) -> (state, acc) is
+    `input_train_step` at config.label_smoothing: nothing leaves the device between
+    logging points.
     """
-    loss_name = config.get('loss', 'cross_entropy')
-    smoothing = config.get('label_smoothing', 0.0)
+    loss_name = config.loss
     repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
-
-    def train(state, acc, images, labels, perm, step_in_epoch, rng):
-        indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
-        aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
-        batch = spec.make_batch(images, labels, indices, aug_rng)
-        state, metrics = train_step(
-            state, batch, jax.random.fold_in(rng, 0), loss=loss_name, label_smoothing=smoothing
-        )
-        return state, jax.tree.map(jnp.add, acc, metrics)
+    train = functools.partial(
+        input_train_step(spec, shard, loss_name), label_smoothing=config.label_smoothing
+    )
 
     def evaluate(state, images, labels, indices, mask):
         batch = spec.make_batch(images, labels, indices)

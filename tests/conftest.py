@@ -1,5 +1,6 @@
 """Test session setup: 8 virtual CPU devices (multi-device paths run in every test)."""
 
+import math
 import os
 
 # Must happen before jax is imported anywhere.
@@ -49,3 +50,21 @@ def tiny_config(**overrides):
             target = target[p]
         target[last] = value
     return c
+
+
+def assert_close(got, want, *, rel_tol: float, abs_tol: float, where: str = '') -> None:
+    """Equal structures (dicts, lists); floats within math.isclose's tolerances."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            assert_close(
+                got[key], want[key], rel_tol=rel_tol, abs_tol=abs_tol, where=f'{where}.{key}'
+            )
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, rel_tol=rel_tol, abs_tol=abs_tol, where=f'{where}[{i}]')
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol), (where, got, want)
+    else:
+        assert got == want, (where, got, want)

@@ -164,7 +164,7 @@ def test_parameter_count_equals_the_formula_layer_by_layer(case):
     )
     counts = summary.param_counts(variables)
     assert (counts.trainable, counts.batch_stats) == (case.trainable, case.non_trainable)
-    rows = summary.layer_rows(model, case.input_shape)  # Raises on any disagreement.
+    rows = summary.layer_rows(model, case.input_shape)[0]  # Raises on any disagreement.
     for row in rows:
         if row.trainable or row.non_trainable:
             assert row.formula == (row.trainable, row.non_trainable), row
@@ -339,7 +339,7 @@ def test_resnet_names_follow_torchvision():
 
 def test_bottleneck_strides_on_the_3x3_conv():
     # torchvision v1.5: the 1x1 reduce keeps the size, the 3x3 halves it.
-    rows = {r.name: r for r in summary.layer_rows(create_model('resnet50', 10), (64, 64, 3))}
+    rows = {r.name: r for r in summary.layer_rows(create_model('resnet50', 10), (64, 64, 3))[0]}
     assert rows['layer2_0/conv1'].output_shape[1] == 16
     assert rows['layer2_0/conv2'].output_shape[1] == 8
     assert rows['layer2_0/downsample_conv'].output_shape[1] == 8
@@ -399,7 +399,7 @@ def test_cifar_resnets():
     # He et al., Table 6: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M (ours add 1x1 projections).
     assert [round(counts[d] / 1e6, 2) for d in (20, 32, 44, 56)] == [0.27, 0.47, 0.66, 0.86]
     assert round(counts[110] / 1e6, 1) == 1.7
-    rows = {r.name: r for r in summary.layer_rows(create_model('resnet20', 10), (32, 32, 3))}
+    rows = {r.name: r for r in summary.layer_rows(create_model('resnet20', 10), (32, 32, 3))[0]}
     assert rows['conv1'].output_shape == (1, 32, 32, 16)
     assert rows['layer2_0/conv1'].output_shape == (1, 16, 16, 32)
     assert rows['layer3_2/conv2'].output_shape == (1, 8, 8, 64)

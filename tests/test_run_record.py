@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from cnn_jax import run_record, study, tasks
+from cnn_jax import cli, run_record, study, tasks
 from cnn_jax.errors import ConfigError
+from configs import quickstart
 from configs.ablations import make_study
 from tests.conftest import tiny_config
 
@@ -26,7 +27,13 @@ def launch(*args):
     )
 
 
-def test_launch_refuses_a_changed_learning_rate_and_accepts_a_logging_change(tmp_path):
+def test_launch_refuses_a_changed_learning_rate_and_accepts_a_logging_change(
+    tmp_path, capsys, monkeypatch
+):
+    # The runs go through launch.py, as a user types them. The refusal and the reuse, which
+    # train nothing, call cli.run, what launch.py calls once its flags are parsed, in this
+    # process: two process starts fewer (a real launch's one-line error is
+    # tests/test_cli_errors.py's).
     first = launch(f'--workdir={tmp_path}')
     assert first.returncode == 0, first.stderr[-2000:]
     record = json.loads((tmp_path / 'config.json').read_text())
@@ -34,17 +41,24 @@ def test_launch_refuses_a_changed_learning_rate_and_accepts_a_logging_change(tmp
     assert record['command'][1:3] == ['launch.py', QUICK[0]]
     assert record['commit'] is None or len(record['commit'].split('+')[0]) == 40
     before = (tmp_path / 'summary.json').read_text()
+    monkeypatch.setattr(cli, 'enable_compilation_cache', lambda: None)  # JAX's global config.
 
-    changed = launch(f'--workdir={tmp_path}', '--config.learning_rate=0.5')
-    assert changed.returncode == 2
-    assert changed.stderr.strip().count('\n') == 0 and 'Traceback' not in changed.stderr
-    assert 'learning_rate: 0.002 there, 0.5 now' in changed.stderr
-    assert '--workdir' in changed.stderr and '--restart' in changed.stderr
+    def relaunch(**overrides):
+        config = quickstart.get_config()
+        config.update(num_epochs=1, steps_per_epoch=2, **overrides)
+        capsys.readouterr()
+        return cli.run(config, str(tmp_path)), capsys.readouterr()
+
+    code, out = relaunch(learning_rate=0.5)
+    assert code == 2
+    assert out.err.strip().count('\n') == 0 and 'Traceback' not in out.err
+    assert 'learning_rate: 0.002 there, 0.5 now' in out.err
+    assert '--workdir' in out.err and '--restart' in out.err
     assert (tmp_path / 'summary.json').read_text() == before  # Nothing was reported.
 
-    logging_only = launch(f'--workdir={tmp_path}', '--config.log_every_steps=7')
-    assert logging_only.returncode == 0, logging_only.stderr[-2000:]
-    assert 'already holds this run' in logging_only.stdout
+    code, out = relaunch(log_every_steps=7)
+    assert code == 0, out.err[-2000:]
+    assert 'already holds this run' in out.out
     assert (tmp_path / 'summary.json').read_text() == before
 
     restarted = launch(f'--workdir={tmp_path}', '--config.learning_rate=0.5', '--restart')

@@ -8,7 +8,6 @@ run's metrics.jsonl rows and summary metrics.
 
 import functools
 import json
-import math
 import pathlib
 import shutil
 
@@ -18,6 +17,7 @@ import pytest
 from cnn_jax import experiment, training_loop
 from cnn_jax.checkpoints import Checkpoints
 from cnn_jax.errors import CheckpointError, Interrupted
+from tests import conftest
 from tests.conftest import tiny_config
 
 EPOCHS, STEPS = 3, 4
@@ -54,18 +54,7 @@ def straight(tmp_path_factory):
 
 def assert_close(got, want, where=''):
     """Equal structures; numbers within 1e-6 (the runs are deterministic; float decides)."""
-    if isinstance(want, dict):
-        assert set(got) == set(want), where
-        for k in want:
-            assert_close(got[k], want[k], f'{where}.{k}')
-    elif isinstance(want, list):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_close(g, w, f'{where}[{i}]')
-    elif isinstance(want, float) and not isinstance(got, bool):
-        assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6), (where, got, want)
-    else:
-        assert got == want, (where, got, want)
+    conftest.assert_close(got, want, rel_tol=1e-6, abs_tol=1e-6, where=where)
 
 
 def assert_same_as_straight(out: dict, workdir: pathlib.Path, straight) -> None:

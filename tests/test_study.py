@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn_jax import study
+from cnn_jax import records, study
 from cnn_jax.errors import ConfigError, Diverged, Interrupted
 from configs.ablations import make_study, sweep
 from tests import conftest
@@ -222,7 +222,7 @@ def test_study_config_is_valid(name):
 
 
 def _metrics(path):
-    return [{k: v for k, v in r.items() if k != 'elapsed_s'} for r in study.read_metrics(path)]
+    return [{k: v for k, v in r.items() if k != 'elapsed_s'} for r in records.read_metrics(path)]
 
 
 @pytest.mark.slow
@@ -265,7 +265,7 @@ def test_two_variant_study_end_to_end_and_resume(tmp_path):
         assert 1 <= m['best_epoch']['mean'] <= c.num_epochs
         for key in ('test_accuracy', 'test_loss', 'precision', 'recall', 'f1', 'wall_time_s'):
             assert m[key]['n'] == 1, key
-        assert len(study.read_metrics(tmp_path / v)) == c.num_epochs
+        assert len(records.read_metrics(tmp_path / v)) == c.num_epochs
     table = (tmp_path / 'summary.md').read_text()
     assert '| lr_0.05 | completed' in table and '| lr_0.2 | completed' in table
     assert json.loads((tmp_path / 'summary.json').read_text())['study'] == 'two'

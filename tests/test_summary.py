@@ -67,7 +67,7 @@ def test_resnet18_table_totals_and_batch_norm_state():
 
 
 def test_layer_rows_name_dropout_and_batch_norm_kinds():
-    rows = summary.layer_rows(create_model('cifar_cnn4', 10), (32, 32, 3))
+    rows = summary.layer_rows(create_model('cifar_cnn4', 10), (32, 32, 3))[0]
     kinds = [r.kind for r in rows]
     assert kinds[:5] == ['Conv2d', 'BatchNorm2d', 'Dropout2d', 'LeakyReLU', 'MaxPool2d']
     assert kinds[-5:] == ['Linear', 'BatchNorm1d', 'Dropout', 'LeakyReLU', 'Linear']
@@ -102,7 +102,7 @@ class _Net(nn.Module):
 
 
 def test_a_count_that_breaks_its_formula_is_an_error():
-    assert summary.layer_rows(_Net(), (6, 6, 1))[0].formula == (40, 0)
+    assert summary.layer_rows(_Net(), (6, 6, 1))[0][0].formula == (40, 0)
     with pytest.raises(summary.ParamCountMismatch, match='Conv_0.*43 parameters.*formula gives 40'):
         summary.layer_table(_Net(_BadConv), (6, 6, 1))
     with pytest.raises(summary.ParamCountMismatch, match=r'output size \(3, 4\).*\(4, 4\)'):
@@ -120,7 +120,7 @@ class _WithOwnParam(nn.Module):
 
 
 def test_parameters_outside_leaf_layers_are_not_lost():
-    rows = summary.layer_rows(_WithOwnParam(), (2, 2, 1))
+    rows = summary.layer_rows(_WithOwnParam(), (2, 2, 1))[0]
     assert [(r.name, r.kind, r.trainable, r.formula) for r in rows] == [
         ('LayerNorm_0', 'LayerNorm', 2, None),
         ('Dense_0', 'Linear', 15, (15, 0)),

@@ -67,7 +67,7 @@ def _vectorized_params(config, variants, dataset, steps, group_size=None):
     labels = parallel.put_replicated(dataset.train.labels, mesh)
     perm = sweep.permutations(rngs, 0, len(dataset.train), spe, config.batch_size, mesh)
     rng = rngs.train[0] if rngs.shared else rngs.train
-    acc = sweep.zero_metrics(len(configs))
+    acc = train.zero_metrics(len(configs))
     for s in range(steps):
         state, acc = vtrain(state, acc, images, labels, perm, np.int32(s), rng)
     return state, jax.device_get(acc)
@@ -92,7 +92,7 @@ def _assert_variants_match(config, variants, tol=1e-5, group_size=None):
 def test_three_learning_rates_equal_three_sequential_runs():
     variants = [{'learning_rate': lr} for lr in (0.1, 0.03, 0.01)]
     state = _assert_variants_match(_sgd_config(), variants)
-    lrs = sweep.hyperparams(state)['learning_rate']
+    lrs = state.opt_state.hyperparams['learning_rate']  # One per variant.
     np.testing.assert_allclose(lrs, [0.1, 0.03, 0.01], rtol=1e-6)
     # The variants really differ (a shared learning rate would pass the check above).
     p0, p2 = (jax.tree.leaves(sweep.unstack_state(state, k).params)[0] for k in (0, 2))

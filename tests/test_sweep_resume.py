@@ -15,6 +15,7 @@ import pytest
 from cnn_jax import experiment, study, sweep
 from cnn_jax.errors import Interrupted
 from configs.ablations import make_study
+from tests import conftest
 from tests.conftest import tiny_config
 
 EPOCHS, STEPS = 3, 4
@@ -31,18 +32,7 @@ def _rows(workdir):
 
 def _assert_close(got, want, where=''):
     """Same structure; every number within 1e-5."""
-    if isinstance(want, dict):
-        assert set(got) == set(want), where
-        for key in want:
-            _assert_close(got[key], want[key], f'{where}.{key}')
-    elif isinstance(want, list):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _assert_close(g, w, f'{where}[{i}]')
-    elif isinstance(want, float) and not isinstance(got, bool):
-        assert got == pytest.approx(want, abs=1e-5, rel=0), (where, got, want)
-    else:
-        assert got == want, (where, got, want)
+    conftest.assert_close(got, want, rel_tol=0, abs_tol=1e-5, where=where)
 
 
 def _assert_same_run(got: dict, got_dir, want: dict, want_dir, where: str) -> None:

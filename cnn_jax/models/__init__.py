@@ -64,5 +64,5 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
     """The Flax module for config.model with config.model_options and config.dtype."""
     if config.dtype not in DTYPES:
         raise ConfigError(f'unknown dtype {config.dtype!r}; known: {", ".join(DTYPES)}')
-    options = config.get('model_options') or ml_collections.ConfigDict()
-    return create_model(config.model, num_classes, DTYPES[config.dtype], **options.to_dict())
+    options = config.model_options.to_dict()
+    return create_model(config.model, num_classes, DTYPES[config.dtype], **options)

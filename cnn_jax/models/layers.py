@@ -47,36 +47,16 @@ ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], str]] = {
 NORMS = ('none', 'batchnorm', 'dropout', 'batchnorm_dropout')
 
 
-def check_activation(name: str) -> str:
-    """Returns `name` if it is a known activation, else raises ConfigError."""
-    if name not in ACTIVATIONS:
-        raise ConfigError(
-            f'unknown activation {name!r}; known activations: {", ".join(ACTIVATIONS)}'
-        )
-    return name
-
-
-def check_norm(name: str) -> str:
-    """Returns `name` if it is a known norm option, else raises ConfigError."""
-    if name not in NORMS:
-        raise ConfigError(f'unknown norm {name!r}; known norms: {", ".join(NORMS)}')
-    return name
-
-
-def check_rate(rate: float, what: str = 'dropout rate') -> float:
-    """Dropout rates live in [0, 1)."""
-    if not 0.0 <= rate < 1.0:
-        raise ConfigError(f'{what} must be in [0, 1), got {rate}')
-    return rate
-
-
 class Activation(nn.Module):
     """An activation function chosen by name (see ACTIVATIONS)."""
 
     fn: str = 'relu'
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return ACTIVATIONS[check_activation(self.fn)][0](x)
+        if self.fn not in ACTIVATIONS:
+            known = ', '.join(ACTIVATIONS)
+            raise ConfigError(f'unknown activation {self.fn!r}; known activations: {known}')
+        return ACTIVATIONS[self.fn][0](x)
 
 
 class MaxPool(nn.Module):
@@ -234,7 +214,9 @@ def dropout(x: jax.Array, rate: float, *, train: bool, spatial: bool = False) ->
     """Dropout; `spatial` on NHWC input drops whole channels (torch's Dropout2d)."""
     # Made even at rate 0 (a no-op then) so the layer table shows the architecture.
     dims = (1, 2) if spatial and x.ndim == 4 else ()
-    return nn.Dropout(check_rate(rate), broadcast_dims=dims, deterministic=not train)(x)
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f'dropout rate must be in [0, 1), got {rate}')
+    return nn.Dropout(rate, broadcast_dims=dims, deterministic=not train)(x)
 
 
 def normalize(x: jax.Array, norm: str, *, train: bool, rate: float, dtype: Any) -> jax.Array:
@@ -242,7 +224,8 @@ def normalize(x: jax.Array, norm: str, *, train: bool, rate: float, dtype: Any) 
 
     Call inside a compact method: the layers it makes belong to the calling module.
     """
-    check_norm(norm)
+    if norm not in NORMS:
+        raise ConfigError(f'unknown norm {norm!r}; known norms: {", ".join(NORMS)}')
     if norm in ('batchnorm', 'batchnorm_dropout'):
         x = batch_norm(train, dtype)(x)
     if norm in ('dropout', 'batchnorm_dropout'):

@@ -43,7 +43,11 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs + BN; the first carries the stride (torchvision BasicBlock)."""
+    """Two 3x3 convs + BN; the first carries the stride (torchvision BasicBlock).
+
+    conv{i} + bn{i} per entry of `convs()`, ReLU between them, then ReLU of the sum with
+    the shortcut: identity, or where the shape changes a strided 1x1 conv + BN projection.
+    """
 
     features: int
     strides: int = 1
@@ -51,46 +55,32 @@ class BasicBlock(nn.Module):
 
     expansion: ClassVar[int] = 1
 
+    def convs(self) -> tuple[tuple[int, int, int], ...]:
+        """(features, kernel, stride) of conv1, conv2, ..."""
+        return (self.features, 3, self.strides), (self.features, 3, 1)
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = _conv(self.features, 3, self.strides, self.dtype, 'conv1')(x)
-        y = batch_norm(train, self.dtype, 'bn1')(y)
-        y = Activation('relu')(y)
-        y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
-        y = batch_norm(train, self.dtype, 'bn2')(y)
-        return Activation('relu')(y + _shortcut(self, x, y.shape, train))
+        y = x
+        for i, (features, kernel, stride) in enumerate(self.convs(), 1):
+            if i > 1:
+                y = Activation('relu')(y)
+            y = _conv(features, kernel, stride, self.dtype, f'conv{i}')(y)
+            y = batch_norm(train, self.dtype, f'bn{i}')(y)
+        if x.shape != y.shape:
+            x = _conv(y.shape[-1], 1, self.strides, self.dtype, 'downsample_conv')(x)
+            x = batch_norm(train, self.dtype, 'downsample_bn')(x)
+        return Activation('relu')(y + x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(BasicBlock):
     """1x1 reduce, 3x3 (with the stride: torchvision v1.5), 1x1 expand by 4; BN after each."""
-
-    features: int
-    strides: int = 1
-    dtype: Any = jnp.float32
 
     expansion: ClassVar[int] = 4
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = _conv(self.features, 1, 1, self.dtype, 'conv1')(x)
-        y = batch_norm(train, self.dtype, 'bn1')(y)
-        y = Activation('relu')(y)
-        y = _conv(self.features, 3, self.strides, self.dtype, 'conv2')(y)
-        y = batch_norm(train, self.dtype, 'bn2')(y)
-        y = Activation('relu')(y)
-        y = _conv(self.features * self.expansion, 1, 1, self.dtype, 'conv3')(y)
-        y = batch_norm(train, self.dtype, 'bn3')(y)
-        return Activation('relu')(y + _shortcut(self, x, y.shape, train))
-
-
-def _shortcut(
-    block: BasicBlock | Bottleneck, x: jax.Array, shape: tuple[int, ...], train: bool
-) -> jax.Array:
-    """Identity, or a strided 1x1 conv + BN projection where the shape changes."""
-    if x.shape == shape:
-        return x
-    x = _conv(shape[-1], 1, block.strides, block.dtype, 'downsample_conv')(x)
-    return batch_norm(train, block.dtype, 'downsample_bn')(x)
+    def convs(self) -> tuple[tuple[int, int, int], ...]:
+        f = self.features
+        return (f, 1, 1), (f, 3, self.strides), (f * self.expansion, 1, 1)
 
 
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {

@@ -7,7 +7,6 @@ over workdir/<variant>/seed_<s>/) and writes per_class_accuracy.md and
 per_class_accuracy.png in the study's workdir.
 """
 
-import json
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -16,17 +15,13 @@ import numpy as np
 
 from cnn_jax import report
 from cnn_jax.errors import ConfigError
+from cnn_jax.study import read_summary
 
 
 def _summaries(variant_dir: pathlib.Path) -> list[dict]:
-    paths = [variant_dir / 'summary.json'] + sorted(variant_dir.glob('seed_*/summary.json'))
-    out = []
-    for p in paths:
-        if p.is_file():
-            s = json.loads(p.read_text())
-            if s.get('per_class_accuracy') and s.get('class_names'):
-                out.append(s)
-    return out
+    """The finished runs of a variant (its workdir, or one per seed) with per-class numbers."""
+    runs = [read_summary(p) for p in [variant_dir, *sorted(variant_dir.glob('seed_*'))]]
+    return [s for s in runs if s and s.get('per_class_accuracy') and s.get('class_names')]
 
 
 def collect(
@@ -56,9 +51,7 @@ def collect(
 
 
 def plot_per_class(classes: list[str], acc: dict[str, np.ndarray], path: pathlib.Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(6.0, 0.9 * len(classes) + 2), 4))
+    fig = report.new_figure(max(6.0, 0.9 * len(classes) + 2), 4)
     ax = fig.subplots()
     width = 0.8 / len(acc)
     x = np.arange(len(classes))

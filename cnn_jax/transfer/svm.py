@@ -27,11 +27,12 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from cnn_jax import parallel, report
+from cnn_jax import parallel, records, report
 from cnn_jax.data import load_dataset
 from cnn_jax.data.augment import preprocess
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
+from cnn_jax.training_loop import model_input_shape
 from cnn_jax.transfer.weights import check_exists, load_torchvision
 
 # Config keys that change the features (the cache key hashes them with the weights file).
@@ -131,21 +132,17 @@ def load_or_extract(
             return {k: z[k] for k in z.files}, True
 
     ds = load_dataset(config)
-    train = ds.train
-    if ds.val is not None:  # No model selection here: the SVM trains on train + val.
-        train_images = np.concatenate([train.images, ds.val.images])
-        train_labels = np.concatenate([train.labels, ds.val.labels])
-    else:
-        train_images, train_labels = train.images, train.labels
+    # No model selection here: the SVM trains on train + val.
+    fit_splits = [ds.train] + ([ds.val] if ds.val is not None else [])
+    train_images = np.concatenate([s.images for s in fit_splits])
+    train_labels = np.concatenate([s.labels for s in fit_splits])
     model = build_model(config, ds.num_classes)
-    size = config.get('image_size')
-    h, w, c = ds.image_shape
-    input_shape = (size, size, c) if size else (h, w, c)
+    input_shape = model_input_shape(config, ds)
     # Every backbone tensor comes from the file, so the variables need only their shapes
     # (no init to compile); a replaced head stays abstract and is dropped: it is unused.
     abstract = jax.eval_shape(
         functools.partial(model.init, train=False),
-        jax.random.key(config.get('seed', 0)),
+        jax.random.key(config.seed),
         jnp.zeros((1, *input_shape), jnp.float32),
     )
     loaded = load_torchvision(str(weights), abstract, arch=config.model)
@@ -156,20 +153,18 @@ def load_or_extract(
         variables[collection] = traverse_util.unflatten_dict(concrete)
 
     mesh = parallel.make_mesh()
-    batch = config.get('eval_batch_size', 256)
+    features = functools.partial(
+        extract_features,
+        model,
+        variables,
+        mean=ds.mean,
+        std=ds.std,
+        image_size=config.image_size,
+        batch_size=config.eval_batch_size,
+        mesh=mesh,
+    )
     t0 = time.time()
-    arrays = {}
-    for split, images in (('train', train_images), ('test', ds.test.images)):
-        arrays[f'{split}_features'] = extract_features(
-            model,
-            variables,
-            images,
-            ds.mean,
-            ds.std,
-            image_size=size,
-            batch_size=batch,
-            mesh=mesh,
-        )
+    arrays = {'train_features': features(train_images), 'test_features': features(ds.test.images)}
     print(
         f'SVM: extracted {len(train_images)} + {len(ds.test)} features of dimension '
         f'{arrays["train_features"].shape[1]} in {time.time() - t0:.1f} s on '
@@ -238,9 +233,7 @@ def roc_curves(y_true: np.ndarray, scores: np.ndarray, num_classes: int) -> dict
 
 
 def plot_roc(curves: dict, class_names: list[str], path: pathlib.Path, title: str) -> None:
-    from matplotlib.figure import Figure  # Object API: no global backend is touched.
-
-    fig = Figure(figsize=(5.5, 5))
+    fig = report.new_figure(5.5, 5)
     ax = fig.subplots()
     for k, (fpr, tpr, a) in curves.items():
         ax.plot(fpr, tpr, lw=1.5, label=f'{class_names[k]} (AUC {a:.3f})')
@@ -294,34 +287,15 @@ def _write_report(workdir: pathlib.Path, s: dict, config: ml_collections.ConfigD
         '',
         '![ROC curve](roc.png)',
         '',
-        '## Per-class accuracy',
-        '',
-        report.markdown_table(
-            ('class', 'accuracy'), list(zip(names, s['per_class_accuracy'], strict=True))
-        ),
-        '',
-        '## Confusion matrix (rows: true, columns: predicted)',
-        '',
-        report.markdown_table(
-            ['true \\ pred', *names],
-            [[n, *row] for n, row in zip(names, s['confusion_matrix'], strict=True)],
-        ),
-        '',
-        '![confusion matrix](confusion_matrix.png)',
-        '',
-        '## Config',
-        '',
-        '```',
-        str(config).strip(),
-        '```',
-        '',
+        *report.class_sections(names, s['per_class_accuracy'], s['confusion_matrix']),
+        *report.code_section('Config', str(config)),
     ]
     (workdir / 'report.md').write_text('\n'.join(parts))
 
 
 def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole E5a task; returns the summary dict (also written to summary.json)."""
-    if not config.get('pretrained'):
+    if not config.pretrained:
         raise ConfigError(
             "task 'svm' needs pretrained weights for the frozen backbone: set "
             f'--config.pretrained=PATH to a torchvision state_dict of {config.model} '
@@ -339,7 +313,7 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ConfigError('the SVM needs at least two classes in the training split')
 
     svm = config.get('svm') or ml_collections.ConfigDict()
-    clf = fit_svm(train_x, train_y, svm, config.get('seed', 0))
+    clf = fit_svm(train_x, train_y, svm, config.seed)
     pred = clf.predict(test_x)
     scores = clf.decision_function(test_x)
     metrics = report.classification_metrics(test_y, pred, k)
@@ -384,8 +358,8 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
     title = f'{config.model} features + linear SVM'
     plot_roc(curves, names, wd / 'roc.png', title=f'ROC: {title}')
     report.plot_confusion_matrix(cm, names, wd / 'confusion_matrix.png', title=title)
-    (wd / 'summary.json').write_text(json.dumps(summary, indent=2))
     _write_report(wd, summary, config)
+    records.write_json(wd / 'summary.json', summary)  # Last: it marks the run finished.
     print(
         f'completed: SVM test accuracy {summary["accuracy"]:.4f}, AUC '
         f'{"n/a" if auc is None else f"{auc:.4f}"}, precision {precision:.4f}, recall '

@@ -76,28 +76,21 @@ def torch_name(collection: str, path: tuple[str, ...]) -> str:
     return '.'.join([*parts, _LEAF_TO_TORCH[collection, leaf]])
 
 
+def _torch_axes(ndim: int) -> tuple[int, ...]:
+    """Flax axes in torch's order: conv kernel HWIO -> OIHW, dense (in, out) -> (out, in)."""
+    return {4: (3, 2, 0, 1), 2: (1, 0)}.get(ndim, tuple(range(ndim)))
+
+
 def _to_torch_layout(x: np.ndarray) -> np.ndarray:
-    if x.ndim == 4:  # Conv kernel HWIO -> OIHW.
-        return np.transpose(x, (3, 2, 0, 1))
-    if x.ndim == 2:  # Dense kernel (in, out) -> (out, in).
-        return x.T
-    return x
+    return np.transpose(x, _torch_axes(x.ndim))
 
 
 def _from_torch_layout(x: np.ndarray) -> np.ndarray:
-    if x.ndim == 4:  # OIHW -> HWIO.
-        return np.transpose(x, (2, 3, 1, 0))
-    if x.ndim == 2:
-        return x.T
-    return x
+    return np.transpose(x, np.argsort(_torch_axes(x.ndim)))
 
 
 def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    if len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    if len(shape) == 2:
-        return (shape[1], shape[0])
-    return tuple(shape)
+    return tuple(shape[i] for i in _torch_axes(len(shape)))
 
 
 def _flat_variables(variables: Mapping[str, Any]) -> Iterator[tuple[str, tuple[str, ...], Any]]:

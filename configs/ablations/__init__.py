@@ -14,6 +14,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from cnn_jax.run_record import flatten  # Values as they are: tuples stay tuples.
+
 Variant = tuple[str, dict[str, Any]]
 
 
@@ -60,17 +62,7 @@ def config_diff(
 
     `name` is left out by default: a study names each run '<study>:<variant>'.
     """
-
-    def flat(d: dict, prefix: str = '') -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f'{prefix}{k}.'))
-            else:
-                out[f'{prefix}{k}'] = v
-        return out
-
-    a, b = flat(base.to_dict()), flat(other.to_dict())
+    a, b = flatten(base.to_dict()), flatten(other.to_dict())
     return {k: v for k, v in b.items() if k not in ignore and (k not in a or a[k] != v)}
 
 
