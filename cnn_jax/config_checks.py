@@ -80,6 +80,7 @@ RULES: tuple[tuple[str, Check, str], ...] = (
     ('grad_clip_norm', _optional(_above(0)), '> 0 or None'),
     ('backbone_lr_factor', _at_least(0), '>= 0'),
     ('label_smoothing', _fraction, 'in [0, 1)'),
+    ('sanity_loss_tolerance', _above(0), '> 0'),
     ('early_stopping.patience', _at_least(0, whole=True), 'a whole number of epochs >= 0'),
     ('early_stopping.min_delta', _at_least(0), '>= 0'),
     ('seed', _at_least(0, whole=True), 'a whole number >= 0'),

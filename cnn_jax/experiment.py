@@ -6,22 +6,24 @@ study calls per variant). Everything it writes lands in `workdir`.
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from cnn_jax import losses, parallel, report, summary, train, training_loop
+from cnn_jax import losses, parallel, records, report, summary, train, training_loop
 from cnn_jax.data import Dataset, stream
+from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
-from cnn_jax.training_loop import TrainResult, input_spec, model_input_shape, train_and_evaluate
+from cnn_jax.training_loop import TrainResult, input_spec, train_and_evaluate
 
 
 def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) -> dict[str, Any]:
@@ -35,29 +37,33 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
     variables = train.init_variables(model, shape, jax.random.key(config.seed), config.init)
     spec = input_spec(config, dataset)
     n = min(config.batch_size, len(dataset.train))
-    images = dataset.train.examples(np.arange(n))
-    batch = spec.make_batch(
-        jnp.asarray(images), jnp.asarray(dataset.train.labels[:n]), jnp.arange(n)
-    )
-    logits = model.apply(variables, batch['image'][:1], train=False)
-    expected_shape = (1, dataset.num_classes)
-    if tuple(logits.shape) != expected_shape:
-        raise ConfigError(f'model output shape {tuple(logits.shape)} != {expected_shape}')
-    # In training mode, as the first step sees it: at initialisation BatchNorm's running
-    # averages (mean 0, variance 1) do not describe a deep net's activations, and in
-    # evaluation mode a ResNet-50 gave loss 14 where training mode gives ln(C).
-    logits, _ = model.apply(
+
+    @jax.jit  # One program: op by op, this took seconds of every launch.
+    def first_batch(variables, images, labels, rng):
+        batch = spec.make_batch(images, labels, None)
+        one = model.apply(variables, batch['image'][:1], train=False)
+        # In training mode, as the first step sees it: at initialisation BatchNorm's running
+        # averages (mean 0, variance 1) do not describe a deep net's activations, and in
+        # evaluation mode a ResNet-50 gave loss 14 where training mode gives ln(C).
+        logits, _ = model.apply(
+            variables, batch['image'], train=True, mutable=['batch_stats'], rngs={'dropout': rng}
+        )
+        return one, jnp.mean(losses.per_example_loss(logits, batch['label'], config.loss))
+
+    one, loss = first_batch(
         variables,
-        batch['image'],
-        train=True,
-        mutable=['batch_stats'],
-        rngs={'dropout': jax.random.key(config.seed)},
+        dataset.train.examples(np.arange(n)),
+        dataset.train.labels[:n],
+        jax.random.key(config.seed),
     )
-    loss = float(jnp.mean(losses.per_example_loss(logits, batch['label'], config.loss)))
+    expected_shape = (1, dataset.num_classes)
+    if tuple(one.shape) != expected_shape:
+        raise ConfigError(f'model output shape {tuple(one.shape)} != {expected_shape}')
+    loss = float(loss)
     expected = math.log(dataset.num_classes)
-    tolerance = config.get('sanity_loss_tolerance', 0.5)
+    tolerance = config.sanity_loss_tolerance
     checks: dict[str, Any] = {
-        'output_shape_one_example': list(logits.shape[1:]),
+        'output_shape_one_example': list(one.shape[1:]),
         'first_batch_loss': round(loss, 4),
     }
     if config.loss == 'cross_entropy':
@@ -87,17 +93,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     summary without training again.
     """
     workdir = pathlib.Path(workdir)
-    finished = _finished_summary(workdir)
-    if finished is not None:
+    finished = records.read_summary(workdir)
+    if finished is not None and finished['status'] in ('completed', 'diverged'):
         print(f'{workdir} already holds this run, {finished["status"]}; nothing to do.')
         return finished
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    losses.check_loss(config.loss, config.get('label_smoothing', 0.0))
-    if config.get('pretrained'):  # Fail before the data load and compilation.
+    losses.check_loss(config.loss, config.label_smoothing)
+    if config.pretrained:  # Fail before the data load and compilation.
         from cnn_jax.transfer.weights import check_exists
 
         check_exists(config.pretrained, config.model)
+    dataset, model, layer_table, mesh = prepare(config)
+    sanity = sanity_checks(config, model, dataset)
+    result = train_and_evaluate(config, workdir, dataset, model, mesh)
+    return finish(config, workdir, result, dataset, sanity, layer_table, t0)
+
+
+def prepare(
+    config: ml_collections.ConfigDict, variants: str = ''
+) -> tuple[Dataset, nn.Module, str, Mesh]:
+    """A run's data (device-resident or streamed), model, layer table and mesh, announced
+    in one line (`variants`: what a vectorised study trains)."""
     dataset = stream.load(config)
     model = build_model(config, dataset.num_classes)
     shape = model_input_shape(config, dataset)
@@ -106,13 +123,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     print(
         f'{config.model} on {dataset.name}: {len(dataset.train)} train / '
         f'{len(dataset.val) if dataset.val else 0} val / {len(dataset.test)} test examples, '
-        f'{dataset.num_classes} classes, input {shape}; {mesh.devices.size} '
+        f'{dataset.num_classes} classes, input {shape}{variants}; {mesh.devices.size} '
         f'{jax.devices()[0].platform} device(s).',
         flush=True,
     )
-    sanity = sanity_checks(config, model, dataset)
-    result = train_and_evaluate(config, workdir, dataset, model, mesh)
-    return finish(config, workdir, result, dataset, sanity, layer_table, t0)
+    return dataset, model, layer_table, mesh
 
 
 def finish(
@@ -184,18 +199,6 @@ def finish(
     return out
 
 
-def _finished_summary(workdir: pathlib.Path) -> dict[str, Any] | None:
-    """summary.json of a run that ended (completed or diverged) in `workdir`, else None."""
-    path = workdir / 'summary.json'
-    if not path.exists():
-        return None
-    try:
-        out = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return out if out.get('status') in ('completed', 'diverged') else None
-
-
 def write_outputs(
     workdir: pathlib.Path,
     out: dict[str, Any],
@@ -217,21 +220,10 @@ def write_outputs(
         for k, v in out.items()
     }
     report.write_report(workdir, printable, str(config), layer_table, class_names, out['sanity'])
-    # Last and atomic: a summary.json marks the run finished (see _finished_summary).
-    tmp = workdir / 'summary.json.tmp'
-    tmp.write_text(json.dumps(out, indent=2, default=_jsonable))
-    tmp.replace(workdir / 'summary.json')
+    records.write_json(workdir / 'summary.json', out)  # Last: it marks the run finished.
     print(
         f'{out["status"]}: test accuracy {printable["test_accuracy"]:.4f}, test loss '
         f'{printable["test_loss"]:.4f}, F1 {out["f1"]:.4f}. Reports in {workdir}/ (report.md, '
         'summary.json, curves.png, confusion_matrix.png).',
         flush=True,
     )
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (np.integer, np.floating)):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return str(v)

@@ -93,8 +93,8 @@ def _jsonable(x: Any) -> Any:
         return [_jsonable(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
+    if isinstance(x, np.generic | np.ndarray):
+        return _jsonable(x.tolist())
     return x if isinstance(x, str | int | float | bool | type(None)) else repr(x)
 
 
@@ -106,6 +106,16 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
     tmp = path.with_suffix('.json.tmp')
     tmp.write_text(json.dumps(_jsonable(obj), indent=2) + '\n')
     tmp.replace(path)
+
+
+def read_summary(path: str | pathlib.Path) -> dict | None:
+    """The run's summary.json if it exists and has a status (the run finished), else None."""
+    file = pathlib.Path(path) / 'summary.json'
+    try:
+        summary = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get('status') else None
 
 
 def format_duration(seconds: float) -> str:

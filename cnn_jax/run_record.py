@@ -40,6 +40,7 @@ NON_RESULT_KEYS = frozenset(
         'manual_dir',
         'vectorize',
         'only',
+        'sanity_loss_tolerance',
     }
 )
 ABSENT = '(absent)'  # A key one of the two configs does not have.

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import re
 import sys
 import time
@@ -244,16 +243,6 @@ def run_dir(workdir: str | Path, variant: str, seed: int, seeds: Sequence[int]) 
     return path if len(seeds) == 1 else path / f'seed_{seed}'
 
 
-def read_summary(path: str | Path) -> dict | None:
-    """The run's summary.json if it exists and has a status (the run finished), else None."""
-    file = Path(path) / 'summary.json'
-    try:
-        summary = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) and summary.get('status') else None
-
-
 # --- Running ------------------------------------------------------------------------
 
 
@@ -300,7 +289,7 @@ def run_study(
     pending = []
     for job in jobs:
         path = run_dir(workdir, *job, seeds)
-        done = read_summary(path)
+        done = records.read_summary(path)
         if done is None:
             pending.append(job)
         else:  # Reused only if it is a run of this variant's config.
@@ -474,7 +463,7 @@ def _status_text(summary: dict) -> str:
 
 def _run_record(path: Path, seed: int, failure: dict | None) -> dict:
     """One run's row numbers from its summary.json and metrics.jsonl."""
-    summary = read_summary(path)
+    summary = records.read_summary(path)
     epochs = records.read_metrics(path)
     record: dict[str, Any] = {'seed': seed, 'workdir': str(path)}
     if summary is not None:

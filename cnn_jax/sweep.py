@@ -39,10 +39,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cnn_jax import experiment, losses, parallel, summary, train, training_loop
-from cnn_jax.data import load_dataset
+from cnn_jax import experiment, losses, parallel, train, training_loop
 from cnn_jax.errors import ConfigError
-from cnn_jax.models import build_model
 
 SWEEPABLE = ('learning_rate', 'weight_decay', 'momentum', 'label_smoothing', 'seed')
 
@@ -358,16 +356,8 @@ def run_vectorized(
     workdirs = [pathlib.Path(w) for w in workdirs]
     for w in workdirs:
         w.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(config)
-    model = build_model(config, dataset.num_classes)
-    layer_table = summary.layer_table(model, training_loop.model_input_shape(config, dataset))
-    mesh = parallel.make_mesh()
-    print(
-        f'{config.model} on {dataset.name}: {len(configs)} variants vectorised '
-        f'({", ".join(str(v) for v in variants)}); {mesh.devices.size} '
-        f'{jax.devices()[0].platform} device(s).',
-        flush=True,
-    )
+    vectorised = f'; {len(configs)} variants vectorised ({", ".join(str(v) for v in variants)})'
+    dataset, model, layer_table, mesh = experiment.prepare(config, vectorised)
     sanity = {}  # The checks depend on the seed only.
     for c in configs:
         if c.seed not in sanity:

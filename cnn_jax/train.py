@@ -183,10 +183,17 @@ class InputSpec:
     augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
 
     def make_batch(
-        self, images: jax.Array, labels: jax.Array, indices: jax.Array, rng: jax.Array | None = None
+        self,
+        images: jax.Array,
+        labels: jax.Array,
+        indices: jax.Array | None,
+        rng: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
-        """Gathers `indices`, converts, augments when `rng` is given, normalises."""
-        x = images[indices]
+        """Gathers `indices` (None: the images are the batch), converts, augments when
+        `rng` is given, normalises."""
+        if indices is not None:
+            images, labels = images[indices], labels[indices]
+        x = images
         resized = self.image_size is not None and x.shape[1:3] != (self.image_size,) * 2
         # Crop and flip give the same values before the float conversion as after, and on
         # uint8 they move a quarter of the bytes: on 2 CPU cores this took SimpleNN's
@@ -198,7 +205,7 @@ class InputSpec:
         if rng is not None and not early:
             x = augment_lib.augment(rng, x, self.augment)
         x = augment_lib.normalize(x, np.asarray(self.mean), np.asarray(self.std))
-        return {'image': x, 'label': labels[indices]}
+        return {'image': x, 'label': labels}
 
 
 def zero_metrics(k: int | None = None) -> Metrics:
@@ -222,11 +229,13 @@ def input_train_step(
 
     f(state, acc, images, labels, perm, step_in_epoch, rng, label_smoothing) -> (state, acc):
     the batch indices perm[step_in_epoch] are taken inside, so one compiled program serves
-    every step, and the step's metric sums are added to `acc`.
+    every step, and the step's metric sums are added to `acc`. perm=None: `images` is the
+    batch itself, sharded where it lies (a stream's), so no device gathers another's rows.
     """
 
     def train(state, acc, images, labels, perm, step_in_epoch, rng, label_smoothing):
-        indices = jax.lax.with_sharding_constraint(perm[step_in_epoch], shard)
+        indices = None if perm is None else perm[step_in_epoch]
+        indices = indices if indices is None else jax.lax.with_sharding_constraint(indices, shard)
         aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
         batch = spec.make_batch(images, labels, indices, aug_rng)
         state, metrics = train_step(

@@ -31,6 +31,7 @@ from cnn_jax import parallel, train
 from cnn_jax.checkpoints import Checkpoints
 from cnn_jax.data import Dataset, stream
 from cnn_jax.data.augment import AugmentConfig
+from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError, Interrupted
 from cnn_jax.records import MetricsLog, Progress
 
@@ -120,12 +121,6 @@ def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> train.Inp
     )
 
 
-def model_input_shape(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int, ...]:
-    h, w, c = dataset.image_shape
-    size = config.get('image_size')
-    return (size, size, c) if size else (h, w, c)
-
-
 def _epoch_row(
     epoch: int,
     step: int,
@@ -183,30 +178,21 @@ def device_splits(dataset: Any, mesh: Any) -> dict[str, Any]:
     }
 
 
-def _identity(mesh: Mesh, batch_size: int, axis: tuple = ()) -> jax.Array:
-    """Gather indices that take a streamed batch whole (arange, sharded as the batch)."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axis, 'data'))
-    return jax.device_put(
-        np.arange(batch_size, dtype=np.int32).reshape(*[1] * len(axis), -1), sharding
-    )
-
-
 def _train_inputs(data: Any, perm: jax.Array, first_step: int, mesh: Mesh) -> Iterator[tuple]:
     """(images, labels, perm, step_in_epoch) of each step from `first_step` on.
 
     A stream follows `perm` on the host (the device path's order: the same batches) and
-    its batches go to the devices a step ahead; the compiled step then gathers a whole
-    batch from its own rows.
+    its batches go to the devices a step ahead, each device's rows where the step uses
+    them (perm None: no gather).
     """
     if not isinstance(data, stream.Stream):
         yield from ((*data, perm, np.int32(s)) for s in range(first_step, perm.shape[-2]))
         return
     if perm.ndim != 2:
         raise ConfigError('a stream serves one order: a sweep over seed cannot stream')
-    order, rows = parallel.to_host(perm), _identity(mesh, perm.shape[1], (None,))
-    arrays = (stream.to_device(b, mesh) for b in data.train(order, first_step))
+    arrays = (stream.to_device(b, mesh) for b in data.train(parallel.to_host(perm), first_step))
     for a in stream.prefetch(arrays, 1):
-        yield a['image'], a['label'], rows, np.int32(0)
+        yield a['image'], a['label'], None, np.int32(0)
 
 
 def strided_subset(data: Any, n: int | None) -> Any:
@@ -232,9 +218,9 @@ def evaluate(
     """`train.evaluate_split` of a device-resident split or a stream (padding masked)."""
     if not isinstance(data, stream.Stream):
         return train.evaluate_split(steps, state, *data, batch_size, mesh, with_predictions)
-    total, preds, rows = train.zero_metrics(), [], _identity(mesh, batch_size)
+    total, preds = train.zero_metrics(), []
     for a in stream.prefetch((stream.to_device(b, mesh) for b in data.eval(batch_size)), 1):
-        m, p = steps.evaluate(state, a['image'], a['label'], rows, a['mask'])
+        m, p = steps.evaluate(state, a['image'], a['label'], None, a['mask'])
         total = jax.tree.map(jnp.add, total, m)
         if with_predictions:  # Sharded across processes: gathered whole.
             preds.append(parallel.to_host(p))

@@ -90,6 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.best_metric = 'val_accuracy'
     c.steps_per_epoch = config_dict.placeholder(int)  # Cap (quick runs, tests).
     c.eval_test_each_epoch = False  # Also evaluate the test split after every epoch.
+    # The first batch's loss further than this (relative) from ln(classes) warns.
+    c.sanity_loss_tolerance = 0.5
     c.task = 'train'  # 'train' | 'svm' (frozen features + linear SVM).
     c.pretrained = config_dict.placeholder(str)  # torchvision weights file.
     # Studies: train variants that differ only in cnn_jax.sweep.SWEEPABLE keys as one

@@ -127,6 +127,7 @@ BAD_VALUES = {
     'grad_clip_norm': [0.0],
     'backbone_lr_factor': [-1.0],
     'label_smoothing': [1.0],
+    'sanity_loss_tolerance': [0.0],
     'early_stopping.patience': [-1],
     'early_stopping.min_delta': [-0.1],
     'seed': [-1],

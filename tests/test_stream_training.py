@@ -62,3 +62,31 @@ def test_streamed_run_stopped_mid_epoch_and_resumed_equals_device_resident(
     assert out['status'] == 'completed' and out['resumed_from_step'] == stop_at
     assert out['steps_per_epoch'] == STEPS and out['epochs_run'] == 2
     assert_close(results(out, tmp_path / 'stream'), results(device, tmp_path / 'device'))
+
+
+def test_a_streamed_step_reads_each_devices_rows_where_they_lie():
+    """perm=None: the batch the stream put on the devices is used where it lies. The
+    device-resident step gathers rows of a replicated dataset, which needs no collective
+    either; a gather from a *sharded* batch would need an all-gather of its images."""
+    import jax
+    import numpy as np
+
+    from cnn_jax import parallel, train
+    from cnn_jax.models import build_model
+
+    c = tiny_config(batch_size=16)
+    mesh = parallel.make_mesh()
+    assert mesh.devices.size == 8
+    spec = train.InputSpec((0.5,), (0.25,))
+    steps = train.plain_steps([c], build_model(c, 10), (8, 8, 1), spec, mesh, 64, 4)
+    state, acc = jax.device_put((steps.state, steps.zero_metrics()), parallel.replicated(mesh))
+    shard = parallel.data_sharding(mesh)
+    images = jax.device_put(np.zeros((16, 8, 8, 1), np.uint8), shard)
+    labels = jax.device_put(np.zeros(16, np.int32), shard)
+    args = (state, acc, images, labels, None, np.int32(0), steps.rng)
+    hlo = steps.evaluation.train.lower(*args).compile().as_text()
+    assert 'all-gather' not in hlo
+    rows = jax.device_put(np.arange(16, dtype=np.int32)[None], jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, 'data')))  # fmt: skip
+    gathered = steps.evaluation.train.lower(*args[:4], rows, *args[5:]).compile().as_text()
+    assert 'all-gather' in gathered  # What perm=None avoids.

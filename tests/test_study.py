@@ -242,8 +242,8 @@ def test_two_variant_study_end_to_end_and_resume(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         study.run_study(c, tmp_path, interrupted)
     assert calls == ['lr_0.05', 'lr_0.2']
-    assert study.read_summary(tmp_path / 'lr_0.05')['status'] == 'completed'
-    assert study.read_summary(tmp_path / 'lr_0.2') is None
+    assert records.read_summary(tmp_path / 'lr_0.05')['status'] == 'completed'
+    assert records.read_summary(tmp_path / 'lr_0.2') is None
 
     calls.clear()
 
@@ -349,7 +349,8 @@ def test_vectorized_study_gives_the_sequential_study(tmp_path):
         for name in OUTPUTS:
             assert (tmp_path / mode / name).stat().st_size > 0
     summaries = {
-        mode: {v: study.read_summary(tmp_path / mode / v) for v, _ in variants} for mode in results
+        mode: {v: records.read_summary(tmp_path / mode / v) for v, _ in variants}
+        for mode in results
     }
     assert summaries['true']['lr_0.05']['vectorized'] == {'k': 2, 'index': 0}
     assert summaries['true']['lr_0.2']['vectorized'] == {'k': 2, 'index': 1}

@@ -8,8 +8,9 @@ import pytest
 
 from cnn_jax import experiment, parallel, sweep, train
 from cnn_jax.data import load_dataset
+from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
-from cnn_jax.training_loop import input_spec, model_input_shape
+from cnn_jax.training_loop import input_spec
 from tests.conftest import tiny_config
 
 STEPS = 5

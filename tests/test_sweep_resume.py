@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cnn_jax import experiment, study, sweep
+from cnn_jax import experiment, records, study, sweep
 from cnn_jax.errors import Interrupted
 from configs.ablations import make_study
 from tests import conftest
@@ -73,7 +73,7 @@ def test_interrupted_vectorized_study_resumes_to_three_separate_runs(tmp_path, m
     study.run_study(_lr_study('false'), seq)
     for k, lr in enumerate(LRS):
         name = f'lr_{lr}'
-        got, want = study.read_summary(vec / name), study.read_summary(seq / name)
+        got, want = records.read_summary(vec / name), records.read_summary(seq / name)
         assert got['vectorized'] == {'k': 3, 'index': k}
         assert got['resumed_from_step'] == stop_at
         assert 'vectorized' not in want and want['resumed_from_step'] is None
@@ -81,8 +81,8 @@ def test_interrupted_vectorized_study_resumes_to_three_separate_runs(tmp_path, m
         _assert_same_run(got, vec / name, want, seq / name, name)
         for output in ('report.md', 'curves.png', 'confusion_matrix.png', 'config.json'):
             assert (vec / name / output).stat().st_size > 0, (name, output)
-    assert study.read_summary(vec / 'lr_0.2')['test_loss'] != pytest.approx(
-        study.read_summary(vec / 'lr_0.01')['test_loss'], abs=1e-3
+    assert records.read_summary(vec / 'lr_0.2')['test_loss'] != pytest.approx(
+        records.read_summary(vec / 'lr_0.01')['test_loss'], abs=1e-3
     )  # The variants really differ.
 
 

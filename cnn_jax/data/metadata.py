@@ -12,7 +12,7 @@ import io
 import pathlib
 import struct
 import tarfile
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
@@ -66,8 +66,11 @@ def dataset_metadata(config: ml_collections.ConfigDict) -> Metadata:
     return Metadata(meta.image_shape, list(raw.class_names), meta.names_known)
 
 
-def model_input_shape(config: ml_collections.ConfigDict, meta: Metadata) -> tuple[int, int, int]:
-    """The (H, W, C) the model sees: config.image_size when set, else the stored size."""
+def model_input_shape(config: ml_collections.ConfigDict, meta: Any) -> tuple[int, int, int]:
+    """The (H, W, C) the model sees: config.image_size when set, else the stored size.
+
+    `meta`: anything with an `image_shape`, a Metadata or a loaded Dataset.
+    """
     h, w, c = meta.image_shape
     if config.image_size:
         return config.image_size, config.image_size, c

@@ -15,7 +15,7 @@ import numpy as np
 
 from cnn_jax import report
 from cnn_jax.errors import ConfigError
-from cnn_jax.study import read_summary
+from cnn_jax.records import read_summary
 
 
 def _summaries(variant_dir: pathlib.Path) -> list[dict]:

@@ -30,9 +30,9 @@ from flax import traverse_util
 from cnn_jax import parallel, records, report
 from cnn_jax.data import load_dataset
 from cnn_jax.data.augment import preprocess
+from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
-from cnn_jax.training_loop import model_input_shape
 from cnn_jax.transfer.weights import check_exists, load_torchvision
 
 # Config keys that change the features (the cache key hashes them with the weights file).
