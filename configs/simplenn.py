@@ -6,6 +6,11 @@ sweeps) are the studies configs/ablations/simplenn_*.py; by hand, e.g.
 --config.model_options.norm=batchnorm, --config.model_options.activation=swish,
 --config.augment.flip=True --config.augment.crop_padding=4.
 
+Schedule: 20 epochs. EXPERIMENTS.md states none; 20 is E4's, and the base model peaks
+well inside it (best validation accuracy at epoch 13 of 20, then overfits; see
+results/reproduction/E6-E7). Augmented variants still rise at epoch 20 (crop+flip 0.685):
+their rows are lower bounds, as results/REPRODUCTION.md says.
+
     python launch.py --config=configs/simplenn.py --workdir=results/simplenn
     python launch.py --config=configs/simplenn.py --summary
 

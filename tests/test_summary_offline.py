@@ -107,3 +107,26 @@ def test_launch_summary_offline_with_the_configs_tfds_name(tmp_path, config):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'Total params: ' in r.stdout
+
+
+def test_metadata_of_an_archive_already_extracted_skips_the_marker(tmp_path, monkeypatch):
+    """An extraction holds its '.complete' marker beside the archive's one folder: the
+    metadata reads the folder whatever order the directory lists them in."""
+    import tarfile
+
+    from PIL import Image
+
+    for split in ('train', 'test'):
+        for name in ('cat', 'dog'):
+            (tmp_path / 'imgs' / split / name).mkdir(parents=True)
+            Image.new('RGB', (12, 10)).save(tmp_path / 'imgs' / split / name / 'a.png')
+    archive = tmp_path / 'imgs.tar.gz'
+    with tarfile.open(archive, 'w:gz') as tar:
+        tar.add(tmp_path / 'imgs', arcname='imgs')
+    monkeypatch.setenv('CNN_JAX_CACHE', str(tmp_path / 'cache'))
+    from cnn_jax.data import sources
+
+    sources.read_source(f'folder:{archive}', cache_dir=str(tmp_path / 'cache'))  # Extracts.
+    listed = pathlib.Path.iterdir
+    monkeypatch.setattr(pathlib.Path, 'iterdir', lambda p: iter(sorted(listed(p))))  # Marker 1st.
+    assert source_metadata(f'folder:{archive}') == ((10, 12, 3), ['cat', 'dog'], True)

@@ -26,6 +26,7 @@ from cnn_jax.data.sources import (
     _archive_key,
     check_folder,
     default_cache_dir,
+    extracted_root,
     unknown_dataset,
 )
 from cnn_jax.errors import ConfigError, DataError
@@ -123,8 +124,7 @@ def _archive_metadata(archive: pathlib.Path) -> Metadata:
     """Class folders and one image's shape from the member list of a tarball."""
     extracted = default_cache_dir() / f'extracted-{_archive_key(archive)}'
     if (extracted / '.complete').exists():  # Already extracted by a run: list the folder.
-        root = extracted if (extracted / 'train').is_dir() else next(extracted.iterdir())
-        return _folder_metadata(root)
+        return _folder_metadata(extracted_root(extracted))
     classes: dict[str, set[str]] = {'train': set(), 'test': set()}
     shape = None
     try:

@@ -213,9 +213,14 @@ def _extract_archive(archive: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.
         except (tarfile.TarError, OSError) as e:
             raise DataError(f'cannot extract {archive}: {e}') from None
         (target / '.complete').touch()
+    return extracted_root(target)
+
+
+def extracted_root(target: pathlib.Path) -> pathlib.Path:
+    """The folder with train/ and test/ in an extraction: itself or its one sub-folder."""
     if (target / 'train').is_dir():
         return target
-    subdirs = [p for p in target.iterdir() if p.is_dir()]
+    subdirs = [p for p in target.iterdir() if p.is_dir()]  # Not the .complete marker.
     if len(subdirs) == 1 and (subdirs[0] / 'train').is_dir():
         return subdirs[0]
     return target  # check_folder() explains what is missing.
