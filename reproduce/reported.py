@@ -190,11 +190,11 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         finding=(
             'The base SimpleNN (lr 0.01, L2 1e-4, no augmentation) peaks at validation 0.641 '
             '(epoch 13 of 20), 9 points under the reported 0.73. Its PyTorch twin on the same '
-            'arrays and split (python -m reproduce.torch_recipe --config=simplenn.py, stopped '
-            'after 11 epochs for time; results/reproduction/E6-E7/'
-            'torch_recipe_simplenn_epochs.jsonl) peaks alike: validation 0.453, 0.543, 0.576, '
-            '0.578, 0.601, 0.623, 0.645, 0.616, 0.640, 0.623, 0.642 against cnn_jax 0.486, '
-            '0.558, 0.572, 0.610, 0.629, 0.620, 0.625, 0.636, 0.638, 0.630, 0.637. So the gap '
+            'arrays and split (python -m reproduce.torch_recipe --config=simplenn.py; '
+            'results/reproduction/E6-E7/torch_recipe_simplenn.json) peaks alike: validation '
+            '0.645 at epoch 7, test 0.628 after 20 epochs against cnn_jax 0.601; per epoch '
+            '0.453, 0.543, 0.576, 0.578, 0.601, 0.623, 0.645, 0.616, 0.640, 0.623 against '
+            '0.486, 0.558, 0.572, 0.610, 0.629, 0.620, 0.625, 0.636, 0.638, 0.630. So the gap '
             "is not cnn_jax's. Crop+flip reaches 0.685 and still rises at epoch 20: the "
             "report's 0.73 likely came with augmentation and a longer schedule, which "
             'EXPERIMENTS.md does not state.'
