@@ -222,12 +222,14 @@ def evaluate(
     for a in stream.prefetch((stream.to_device(b, mesh) for b in data.eval(batch_size)), 1):
         m, p = steps.evaluate(state, a['image'], a['label'], None, a['mask'])
         total = jax.tree.map(jnp.add, total, m)
-        if with_predictions:  # Sharded across processes: gathered whole.
-            preds.append(parallel.to_host(p))
+        if with_predictions:
+            preds.append(p)
     total = jax.device_get(total)
     count = max(float(total['count']), 1.0)
     result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
-    return result, np.concatenate(preds)[: len(data)] if preds else None
+    # Sharded across processes: gathered whole once, not a host sync per batch.
+    predictions = np.concatenate([parallel.to_host(p) for p in preds]) if preds else None
+    return result, predictions[: len(data)] if preds else None
 
 
 # --- The K variants one loop trains ------------------------------------------------------
