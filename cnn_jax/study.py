@@ -42,17 +42,23 @@ import re
 import sys
 import time
 import traceback
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from cnn_jax import parallel, records, run_record
 from cnn_jax.errors import CnnJaxError, ConfigError, Diverged
-from cnn_jax.study_report import ROW_METRICS, finite, output_files, write_study_outputs
+from cnn_jax.study_report import (
+    ROW_METRICS,
+    aggregate,
+    output_files,
+    row_status,
+    run_row,
+    status_text,
+    write_study_outputs,
+)
 
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
 
@@ -294,7 +300,7 @@ def run_study(
             pending.append(job)
         else:  # Reused only if it is a run of this variant's config.
             run_record.check_config(variant_config(config, *job), path)
-            _say(f'{tags[job]}: skipped, already {_status_text(done)} ({path})')
+            _say(f'{tags[job]}: skipped, already {status_text(done)} ({path})')
     groups = vectorized_groups(config, pending) if vectorize else {}
     failures: list[dict] = []
     for job in pending:
@@ -444,76 +450,11 @@ def _attempt(
             _say(f'{tags[job]}: FAILED: {error}')
         return [{'variant': v, 'seed': s, 'error': error} for v, s in jobs]
     for job, summary in zip(jobs, summaries, strict=True):
-        _say(f'{tags[job]}: {_status_text(summary or {"status": "completed"})}')
+        _say(f'{tags[job]}: {status_text(summary or {"status": "completed"})}')
     return []
 
 
 # --- Collecting ---------------------------------------------------------------------
-
-
-def _status_text(summary: dict) -> str:
-    status = summary.get('status', 'completed')
-    if status == 'diverged':
-        step = summary.get('diverged_at_step')
-        return f'diverged at step {step}' if step is not None else 'diverged'
-    if status == 'completed' and summary.get('stopped_early'):
-        return 'completed (stopped early)'
-    return str(status)
-
-
-def _run_record(path: Path, seed: int, failure: dict | None) -> dict:
-    """One run's row numbers from its summary.json and metrics.jsonl."""
-    summary = records.read_summary(path)
-    epochs = records.read_metrics(path)
-    record: dict[str, Any] = {'seed': seed, 'workdir': str(path)}
-    if summary is not None:
-        record['status'] = summary['status']
-        record['status_text'] = _status_text(summary)
-        record['diverged_at_step'] = summary.get('diverged_at_step')
-        record['stopped_early'] = bool(summary.get('stopped_early', False))
-    elif failure is not None:
-        record['status'] = 'failed'
-        record['status_text'] = f'failed: {failure["error"]}'
-        record['error'] = failure['error']
-    elif epochs:
-        record['status'] = record['status_text'] = 'incomplete'
-    else:
-        record['status'] = record['status_text'] = 'not run'
-    summary = summary or {}
-    # Best validation accuracy and its epoch from the curves; the summary as a fallback.
-    val = [(e['epoch'], finite(e.get('val_accuracy'))) for e in epochs]
-    val = [(ep, a) for ep, a in val if a is not None]
-    if val:
-        best_epoch, best = max(val, key=lambda t: (t[1], -t[0]))
-    else:
-        best, best_epoch = finite(summary.get('val_accuracy')), summary.get('best_epoch')
-    record['best_val_accuracy'] = best
-    record['best_epoch'] = best_epoch
-    for key in ('test_accuracy', 'test_loss', 'precision', 'recall', 'f1'):
-        record[key] = finite(summary.get(key))
-    wall = finite(summary.get('wall_time_s'))
-    if wall is not None and summary.get('vectorized'):
-        wall /= summary['vectorized']['k']  # A vectorised group's time, shared equally.
-    if wall is None and epochs:
-        wall = finite(epochs[-1].get('elapsed_s'))
-    record['wall_time_s'] = wall
-    record['epochs_run'] = summary.get('epochs_run', len(epochs) or None)
-    return record
-
-
-def _aggregate(values: Iterable[float | None]) -> dict:
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return {'mean': None, 'std': None, 'n': 0}
-    std = float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-    return {'mean': float(np.mean(xs)), 'std': std, 'n': len(xs)}
-
-
-def _row_status(runs: list[dict]) -> str:
-    counts = Counter(r['status_text'] for r in runs)  # In first-seen order.
-    if len(counts) == 1:
-        return runs[0]['status_text']
-    return ', '.join(f'{n}x {t}' for t, n in counts.items())
 
 
 def collect_study(
@@ -527,14 +468,13 @@ def collect_study(
     rows = []
     for variant, overrides in config.study.variants:
         runs = [
-            _run_record(run_dir(workdir, variant, s, seeds), s, failed.get((variant, s)))
-            for s in seeds
+            run_row(run_dir(workdir, variant, s, seeds), s, failed.get((variant, s))) for s in seeds
         ]
         row = {
             'variant': variant,
             'overrides': dict(overrides),
-            'status': _row_status(runs),
-            'metrics': {k: _aggregate(r[k] for r in runs) for k, _ in ROW_METRICS},
+            'status': row_status(runs),
+            'metrics': {k: aggregate(r[k] for r in runs) for k, _ in ROW_METRICS},
             'runs': runs,
         }
         if sweep_key:
