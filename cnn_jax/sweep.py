@@ -131,6 +131,14 @@ def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
 # --- Stacked states -------------------------------------------------------------------
 
 
+def map_states(fn: Callable[..., jax.Array], *states: train.TrainState) -> train.TrainState:
+    """`fn` over the matching leaves of the states' params, opt_state and batch_stats; the
+    rest (step counter, optimiser, apply function) is the first state's."""
+    trees = [(s.params, s.opt_state, s.batch_stats) for s in states]
+    params, opt_state, batch_stats = jax.tree.map(fn, *trees)
+    return states[0].replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
+
+
 def stack_states(
     states: Sequence[train.TrainState], join: Callable[..., jax.Array] = jnp.stack
 ) -> train.TrainState:
@@ -141,27 +149,16 @@ def stack_states(
     only in the numbers held in `opt_state` (inject_hyperparams). `join=jnp.concatenate`
     joins stacks into one.
     """
-    first = states[0]
-    structure = jax.tree.structure(first.opt_state)
+    structure = jax.tree.structure(states[0].opt_state)
     for i, s in enumerate(states[1:], 1):
         if jax.tree.structure(s.opt_state) != structure:
             raise ConfigError(f'variant {i} has a different optimiser state structure')
-    trees = [(s.params, s.opt_state, s.batch_stats) for s in states]
-    params, opt_state, batch_stats = jax.tree.map(lambda *xs: join(xs), *trees)
-    return first.replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
+    return map_states(lambda *xs: join(xs), *states)
 
 
 def unstack_state(state: train.TrainState, k: int | slice) -> train.TrainState:
     """Variant `k` of a stacked state, as an ordinary train state (a slice: a smaller stack)."""
-
-    def take(x):
-        return x[k]
-
-    return state.replace(
-        params=jax.tree.map(take, state.params),
-        opt_state=jax.tree.map(take, state.opt_state),
-        batch_stats=jax.tree.map(take, state.batch_stats),
-    )
+    return map_states(lambda x: x[k], state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,15 +225,7 @@ def make_vectorized_train(
         smoothing = smoothings[0] if shared_smoothing else smoothing
         new, acc = body(state, acc, images, labels, perm, step_in_epoch, rng, smoothing)
         if active is not None:  # A stopped variant's numbers stay as they were.
-
-            def keep(a, b):
-                return jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)
-
-            new = new.replace(
-                params=keep(new.params, state.params),
-                opt_state=keep(new.opt_state, state.opt_state),
-                batch_stats=keep(new.batch_stats, state.batch_stats),
-            )
+            new = map_states(lambda x, y: jnp.where(active, x, y), new, state)
         return new, acc
 
     per_variant = 0 if not rngs.shared else None
