@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnn_jax import losses, parallel, records, report, summary, train, training_loop
+from cnn_jax import losses, parallel, records, report, summary, train
 from cnn_jax.data import Dataset, stream
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
@@ -149,8 +149,8 @@ def finish(
         if split in result.device_data:
             data = result.device_data[split]
             if split == 'train':  # val and test were capped when they were loaded.
-                data = training_loop.strided_subset(data, config.max_eval_examples)
-            evals[split], preds = training_loop.evaluate(
+                data = train.strided_subset(data, config.max_eval_examples)
+            evals[split], preds = train.evaluate(
                 result.steps,
                 result.state,
                 data,
