@@ -37,18 +37,17 @@ summary.json, comparison.png, sweep.png for a sweep), rebuilt from what is on di
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import ml_collections
 
 from cnn_jax import parallel, records, run_record
+from cnn_jax.config_checks import apply_overrides, check_config, config_value
 from cnn_jax.errors import CnnJaxError, ConfigError, Diverged
 from cnn_jax.study_report import (
     ROW_METRICS,
@@ -94,58 +93,6 @@ def selected_variants(config: ml_collections.ConfigDict) -> list[str]:
             f'{config.study.name!r}; its variants are: {", ".join(names)}'
         )
     return [n for n in names if n in chosen]
-
-
-def _model_fields(config: ml_collections.ConfigDict) -> set[str] | None:
-    """Names of the fields of config.model (the keys model_options may hold), or None."""
-    from cnn_jax.models import MODELS  # Imports JAX: not at module level.
-
-    cls = MODELS.get(config.model)
-    while hasattr(cls, 'func'):  # functools.partial alias
-        cls = cls.func
-    if cls is None or not dataclasses.is_dataclass(cls):
-        return None
-    return {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'num_classes'}
-
-
-def apply_overrides(
-    config: ml_collections.ConfigDict, overrides: dict[str, Any], variant: str = ''
-) -> ml_collections.ConfigDict:
-    """Returns a copy of `config` with dotted-path `overrides` set.
-
-    Raises ConfigError naming the key and variant when a key is not in the config (under
-    `model_options`, a field of the model is accepted) or a value has the wrong type.
-    """
-    config = copy.deepcopy(config)
-    where = f' of variant {variant!r}' if variant else ''
-    # Set 'model' first: model_options keys are checked against the variant's model.
-    keys = sorted(overrides, key=lambda k: k != 'model')
-    with config.unlocked():
-        for key in keys:
-            value = overrides[key]
-            *parents, leaf = key.split('.')
-            node = config
-            for i, part in enumerate(parents):
-                if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                    raise ConfigError(
-                        f'override {key!r}{where}: the config has no {".".join(parents[: i + 1])!r}'
-                    )
-                node = node[part]
-            if not isinstance(node, ml_collections.ConfigDict):
-                raise ConfigError(f'override {key!r}{where}: {".".join(parents)!r} is not a group')
-            if leaf not in node:
-                fields = _model_fields(config) if parents == ['model_options'] else None
-                if fields is None or leaf not in fields:
-                    known = sorted(fields) if fields else sorted(node.keys())
-                    raise ConfigError(
-                        f'override {key!r}{where}: the config has no such key; '
-                        f'keys there: {", ".join(known)}'
-                    )
-            try:
-                node[leaf] = value
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f'override {key!r}{where}: {e}') from None
-    return config
 
 
 def _strip_study(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -216,8 +163,6 @@ def validate_study(config: ml_collections.ConfigDict) -> None:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f'study.seeds has duplicates: {seeds}')
     sweep_key = study.get('sweep_key', None)
-    from cnn_jax.config_checks import check_config  # Imports JAX: not at module level.
-
     for name in names:
         vc = variant_config(config, name, seeds[0])  # Raises on a bad override.
         try:
@@ -225,22 +170,13 @@ def validate_study(config: ml_collections.ConfigDict) -> None:
         except ConfigError as e:
             raise ConfigError(f'study {study.name!r}, variant {name!r}: {e}') from None
         if sweep_key:
-            value = _get_path(vc, sweep_key, name)
+            value = config_value(vc, sweep_key, name)
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise ConfigError(
                     f'study.sweep_key {sweep_key!r} of variant {name!r} is {value!r}, not a number'
                 )
     selected_variants(config)
     vectorize_mode(config)
-
-
-def _get_path(config: ml_collections.ConfigDict, key: str, variant: str = '') -> Any:
-    node = config
-    for part in key.split('.'):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ConfigError(f'the config of variant {variant!r} has no key {key!r}')
-        node = node[part]
-    return node
 
 
 def run_dir(workdir: str | Path, variant: str, seed: int, seeds: Sequence[int]) -> Path:
@@ -478,7 +414,7 @@ def collect_study(
             'runs': runs,
         }
         if sweep_key:
-            row['sweep_value'] = _get_path(variant_config(config, variant), sweep_key, variant)
+            row['sweep_value'] = config_value(variant_config(config, variant), sweep_key, variant)
         rows.append(row)
     return {
         'study': config.study.name,

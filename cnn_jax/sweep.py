@@ -26,7 +26,6 @@ checkpoints (an interrupted group resumes), and the same files in its workdir.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import pathlib
@@ -40,6 +39,7 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnn_jax import experiment, losses, parallel, train, training_loop
+from cnn_jax.config_checks import apply_overrides
 from cnn_jax.errors import ConfigError
 
 SWEEPABLE = ('learning_rate', 'weight_decay', 'momentum', 'label_smoothing', 'seed')
@@ -94,17 +94,9 @@ def variant_configs(
 ) -> list[ml_collections.ConfigDict]:
     """`config` with each variant's overrides set (checked by `check_variants`)."""
     check_variants(config, variants)
-    out = []
-    for overrides in variants:
-        c = copy.deepcopy(config)
-        with c.unlocked():
-            for key, value in overrides.items():
-                try:
-                    c[key] = value
-                except (TypeError, ValueError) as e:
-                    raise ConfigError(f'override {key!r}={value!r}: {e}') from None
+    out = [apply_overrides(config, overrides) for overrides in variants]
+    for c in out:
         losses.check_loss(c.loss, c.label_smoothing)
-        out.append(c)
     return out
 
 
