@@ -51,15 +51,24 @@ def same_padding_pair(
 
 
 def _pads(
-    padding: PaddingArg, input_size: int, kernel_size: int, stride: int, dilation: int
+    padding: PaddingArg,
+    input_size: int,
+    kernel_size: int,
+    stride: int,
+    dilation: int,
+    full: bool = False,
 ) -> tuple[int, int]:
+    """(before, after) padding of one axis; 'full' (every overlap) only where `full` says."""
     if isinstance(padding, str):
         mode = padding.lower()
         if mode == 'valid':
             return 0, 0
         if mode == 'same':
             return same_padding_pair(input_size, kernel_size, stride, dilation)
-        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        if mode == 'full' and full:
+            return kernel_size - 1, kernel_size - 1
+        allowed = "'valid', 'same' or 'full'" if full else "'valid' or 'same'"
+        raise ValueError(f'padding must be an int, a pair, {allowed}, got {padding!r}')
     if isinstance(padding, int):
         return padding, padding
     lo, hi = padding
@@ -170,23 +179,6 @@ def batchnorm_params(channels: int, use_scale: bool = True, use_bias: bool = Tru
     return LayerParams(trainable, 2 * channels)
 
 
-def _pad_pair(padding: PaddingArg, size: int, k: int) -> tuple[int, int]:
-    if isinstance(padding, str):
-        mode = padding.lower()
-        if mode == 'same':
-            return (k - 1) // 2, k // 2
-        if mode == 'full':
-            return k - 1, k - 1
-        if mode == 'valid':
-            return 0, 0
-        raise ValueError(
-            f"padding must be 'same', 'valid', 'full', an int or pairs, got {padding!r}"
-        )
-    if isinstance(padding, int):
-        return padding, padding
-    return int(padding[0]), int(padding[1])
-
-
 def conv2d(
     image: np.ndarray,
     kernel: np.ndarray,
@@ -206,7 +198,7 @@ def conv2d(
     if image.ndim != 2 or kernel.ndim != 2:
         raise ValueError(f'conv2d takes 2-D image and kernel, got {image.shape}, {kernel.shape}')
     if isinstance(padding, str | int):
-        pads = [_pad_pair(padding, image.shape[a], kernel.shape[a]) for a in range(2)]
+        pads = [_pads(padding, image.shape[a], kernel.shape[a], 1, 1, full=True) for a in range(2)]
     else:
         pads = [(int(lo), int(hi)) for lo, hi in padding]
     x = np.pad(image, pads, mode='constant')
