@@ -74,14 +74,7 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
                 f'WARNING: first-batch loss {loss:.3f} is far from ln({dataset.num_classes}) = '
                 f'{expected:.3f}: check the initialisation, labels and normalisation.'
             )
-    counts = summary.param_counts(variables)
-    checks.update(
-        total_params=counts.total,
-        trainable_params=counts.trainable,
-        non_trainable_params=counts.non_trainable,
-        batch_norm_statistics=counts.batch_stats,
-        params_match_formula=True,
-    )
+    checks.update(summary.count_fields(variables), params_match_formula=True)
     return checks
 
 
@@ -160,9 +153,6 @@ def finish(
             )
             predictions = preds if split == 'test' else predictions
     metrics = report.classification_metrics(dataset.test.labels, predictions, dataset.num_classes)
-    counts = summary.param_counts(
-        {'params': result.state.params, 'batch_stats': result.state.batch_stats}
-    )
     out = {
         'name': config.get('name', None) or config.model,
         'status': result.status,
@@ -172,10 +162,9 @@ def finish(
         **{f'{s}_accuracy': m['accuracy'] for s, m in evals.items()},
         **{f'{s}_loss': m['loss'] for s, m in evals.items()},
         **metrics,
-        'total_params': counts.total,
-        'trainable_params': counts.trainable,
-        'non_trainable_params': counts.non_trainable,
-        'batch_norm_statistics': counts.batch_stats,
+        **summary.count_fields(
+            {'params': result.state.params, 'batch_stats': result.state.batch_stats}
+        ),
         'epochs_run': len(result.history),
         'steps_per_epoch': result.steps_per_epoch,
         'wall_time_s': round(time.perf_counter() - t0, 2),
