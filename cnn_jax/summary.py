@@ -175,10 +175,8 @@ def _describe(
         return kind, arithmetic.LayerParams(0)
     if isinstance(module, layers.Activation):
         return layers.ACTIVATIONS[module.fn][1], arithmetic.LayerParams(0)
-    if isinstance(module, layers.Flatten):
-        return 'Flatten', arithmetic.LayerParams(0)
-    if isinstance(module, layers.GlobalAvgPool):
-        return 'GlobalAvgPool', arithmetic.LayerParams(0)
+    if isinstance(module, layers.Flatten | layers.GlobalAvgPool):
+        return type(module).__name__, arithmetic.LayerParams(0)
     return type(module).__name__, None
 
 

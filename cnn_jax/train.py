@@ -362,11 +362,10 @@ def strided_subset(data: Any, n: int | None) -> Any:
 def _padded_batches(data: tuple, batch_size: int, mesh: Mesh) -> Iterator[tuple]:
     """(images, labels, indices, mask) of each batch of a device-resident split; the last
     batch is padded with example 0, masked out."""
-    n, shard = int(data[1].shape[0]), parallel.data_sharding(mesh)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        index = jax.device_put(np.where(idx < n, idx, 0).astype(np.int32), shard)
-        yield *data, index, jax.device_put((idx < n).astype(np.float32), shard)
+    shard = parallel.data_sharding(mesh)
+    for index in stream.eval_order(int(data[1].shape[0]), batch_size):  # -1: padding.
+        mask = jax.device_put((index >= 0).astype(np.float32), shard)
+        yield *data, jax.device_put(np.maximum(index, 0).astype(np.int32), shard), mask
 
 
 def evaluate(

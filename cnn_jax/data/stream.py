@@ -74,15 +74,6 @@ class Batch:
 # --- order ------------------------------------------------------------------------------
 
 
-def resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    """(index, count), JAX's own where not given (tests pass them to play a process)."""
-    count = jax.process_count() if process_count is None else process_count
-    index = jax.process_index() if process_index is None else process_index
-    if not 0 <= index < count:
-        raise ValueError(f'process_index {index} is outside 0..{count - 1}')
-    return index, count
-
-
 def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
     """[start, stop) of a process's contiguous shard; the first n % P shards hold one more."""
     base, extra = divmod(num_examples, process_count)
@@ -195,7 +186,12 @@ class Stream:
         prefetch: int = 4,
     ):
         self.image_size, self.prefetch = image_size, prefetch
-        self._process = resolve_processes(process_index, process_count)
+        # JAX's own process where not given (tests pass them to play a process).
+        count = jax.process_count() if process_count is None else process_count
+        index = jax.process_index() if process_index is None else process_index
+        if not 0 <= index < count:
+            raise ValueError(f'process_index {index} is outside 0..{count - 1}')
+        self._process = index, count
 
     def __len__(self) -> int:
         return len(self.index)

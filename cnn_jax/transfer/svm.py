@@ -57,14 +57,6 @@ CACHE_VERSION = 1
 # --- Features ---------------------------------------------------------------------------
 
 
-def _file_digest(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with path.open('rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def feature_cache_key(config: ml_collections.ConfigDict, weights_digest: str) -> str:
     """A short hash of the weights file digest and the config keys that shape the features."""
 
@@ -124,7 +116,8 @@ def load_or_extract(
     """Train (+ val) and test features with labels and class names; True if from cache."""
     check_exists(config.pretrained, config.model)
     weights = pathlib.Path(config.pretrained).expanduser()
-    key = feature_cache_key(config, _file_digest(weights))
+    with weights.open('rb') as f:
+        key = feature_cache_key(config, hashlib.file_digest(f, 'sha256').hexdigest())
     cache = workdir / f'features-{key}.npz'
     if cache.exists():
         print(f'SVM: features from the cache {cache}', flush=True)
