@@ -43,10 +43,11 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
-from cnn_jax import parallel, records, run_record
+from cnn_jax import parallel, records, run_record, sweep, tasks
 from cnn_jax.config_checks import apply_overrides, check_config, config_value
 from cnn_jax.errors import CnnJaxError, ConfigError, Diverged
 from cnn_jax.study_report import (
@@ -212,8 +213,7 @@ def run_study(
     """
     validate_study(config)
     vectorize = run_fn is None
-    if run_fn is None:
-        from cnn_jax.tasks import run as run_fn
+    run_fn = run_fn or tasks.run
     workdir = Path(workdir)
     main = parallel.is_main_process()  # Only process 0 writes files.
     if main:
@@ -282,31 +282,28 @@ def vectorized_groups(
     mode = vectorize_mode(config)
     if mode == 'false' or len(jobs) < 2:
         return {}
-    from cnn_jax import sweep
-
-    variants = dict(config.study.variants)
-    overrides = [{'seed': s, **variants[v]} for v, s in jobs]  # A variant's seed wins.
+    allowed = sweep.can_vectorize if mode == 'true' else sweep.should_vectorize
     out = {}
-    for indices in sweep.vectorizable_groups(overrides):
+    for indices in sweep.vectorizable_groups([_job_overrides(config, job) for job in jobs]):
         members = [jobs[i] for i in indices]
-        base = _group_base(config, members[0])
-        sweepables = [sweep.split_overrides(overrides[i])[1] for i in indices]
-        allowed = sweep.can_vectorize if mode == 'true' else sweep.should_vectorize
-        if len(indices) > 1 and allowed(base, sweepables):
+        if len(indices) > 1 and allowed(*_group_program(config, members)):
             out.update({job: members for job in members})
     return out
 
 
-def _group_base(
-    config: ml_collections.ConfigDict, job: tuple[str, int]
-) -> ml_collections.ConfigDict:
-    """A vectorised group's base experiment: the study's config plus its members' shared
-    overrides (those that change the program)."""
-    from cnn_jax import sweep
+def _job_overrides(config: ml_collections.ConfigDict, job: tuple[str, int]) -> dict[str, Any]:
+    """A job's overrides, its seed included (a variant's own seed wins)."""
+    variant, seed = job
+    return {'seed': seed, **dict(config.study.variants)[variant]}
 
-    variant = job[0]
-    fixed, _ = sweep.split_overrides(dict(dict(config.study.variants)[variant]))
-    return apply_overrides(_strip_study(config), fixed, variant)
+
+def _group_program(
+    config: ml_collections.ConfigDict, group: Sequence[tuple[str, int]]
+) -> tuple[ml_collections.ConfigDict, list[dict[str, Any]]]:
+    """A vectorised group's base experiment (the study's config plus the overrides its
+    members share: those that change the program) and each member's SWEEPABLE rest."""
+    parts = [sweep.split_overrides(_job_overrides(config, job)) for job in group]
+    return apply_overrides(_strip_study(config), parts[0][0], group[0][0]), [p[1] for p in parts]
 
 
 def _run_group(
@@ -316,21 +313,14 @@ def _run_group(
     tags: dict[tuple[str, int], str],
 ) -> list[dict]:
     """Trains `group` as one vmapped program (cnn_jax.sweep); returns the runs' summaries."""
-    from cnn_jax import sweep
-
-    seeds = study_seeds(config)
-    variants = dict(config.study.variants)
-    paths = [run_dir(workdir, v, s, seeds) for v, s in group]
-    sweepables = [sweep.split_overrides({'seed': s, **variants[v]})[1] for v, s in group]
+    paths = [run_dir(workdir, v, s, study_seeds(config)) for v, s in group]
     for job, path in zip(group, paths, strict=True):
         if parallel.is_main_process():
             run_record.record_config(variant_config(config, *job), path)
         _say(f'{tags[job]}: running vectorised with {len(group) - 1} other run(s) in {path}')
+    base, sweepables = _group_program(config, group)
     return sweep.run_vectorized(
-        _group_base(config, group[0]),
-        sweepables,
-        paths,
-        names=[run_name(config, v) for v, _ in group],
+        base, sweepables, paths, names=[run_name(config, v) for v, _ in group]
     )
 
 
