@@ -72,13 +72,11 @@ def plot_curves(
             if history and key in history[0]:
                 ax.plot(epochs, [r[key] for r in history], style, label=split, markersize=3)
         epoch_axis(ax)
-        ax.set_ylabel(metric)
+        ax.set(ylabel=metric, title=metric)
         if history:
             ax.legend()
         else:
             ax.text(0.5, 0.5, 'no completed epoch', ha='center', transform=ax.transAxes)
-    axes[0].set_title('loss')
-    axes[1].set_title('accuracy')
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -100,9 +98,7 @@ def plot_confusion_matrix(
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_xticks(range(k), class_names, rotation=45, ha='right')
     ax.set_yticks(range(k), class_names)
-    ax.set_xlabel('predicted')
-    ax.set_ylabel('true')
-    ax.set_title(title)
+    ax.set(xlabel='predicted', ylabel='true', title=title)
     if k <= 20:
         threshold = cm.max() / 2 if cm.size else 0
         for i in range(k):

@@ -346,16 +346,8 @@ def run_vectorized(
     results = training_loop.train_variants(
         configs, workdirs, dataset, model, mesh, hooks, make_steps=stacked_steps
     )
+    extras = [{'vectorized': {'k': len(configs), 'index': k}} for k in range(len(configs))]
     return [
-        experiment.finish(
-            c,
-            w,
-            result,
-            dataset,
-            sanity[c.seed],
-            layer_table,
-            t0,
-            extra={'vectorized': {'k': len(configs), 'index': k}},
-        )
-        for k, (c, w, result) in enumerate(zip(configs, workdirs, results, strict=True))
+        experiment.finish(c, w, result, dataset, sanity[c.seed], layer_table, t0, extra=extra)
+        for c, w, result, extra in zip(configs, workdirs, results, extras, strict=True)
     ]

@@ -343,7 +343,8 @@ def train_variants(
         )
     for r in runs:
         # Process 0 reads (and truncates) metrics.jsonl; the others get its rows.
-        r.history = parallel.main_computes(lambda r=r: r.log.truncate(start_epoch))
+        rows = r.log.truncate(start_epoch) if parallel.is_main_process() else None
+        r.history = parallel.from_main(rows)
         for row in r.history:  # Rebuild early-stopping state from the epochs already run.
             r.observe(row, monitor, mode, es)
 

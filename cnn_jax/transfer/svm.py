@@ -231,11 +231,8 @@ def plot_roc(curves: dict, class_names: list[str], path: pathlib.Path, title: st
     for k, (fpr, tpr, a) in curves.items():
         ax.plot(fpr, tpr, lw=1.5, label=f'{class_names[k]} (AUC {a:.3f})')
     ax.plot([0, 1], [0, 1], '--', color='grey', lw=1, label='chance')
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel('false positive rate')
-    ax.set_ylabel('true positive rate')
-    ax.set_title(title)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.set(xlabel='false positive rate', ylabel='true positive rate')
     ax.grid(alpha=0.3)
     ax.legend(loc='lower right', fontsize=8)
     fig.tight_layout()
