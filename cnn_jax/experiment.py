@@ -183,23 +183,12 @@ def finish(
     out = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()
     }
-    if parallel.is_main_process():
-        write_outputs(workdir, out, result.history, config, layer_table, dataset.class_names)
-    return out
-
-
-def write_outputs(
-    workdir: pathlib.Path,
-    out: dict[str, Any],
-    history: list[dict[str, Any]],
-    config: ml_collections.ConfigDict,
-    layer_table: str,
-    class_names: list[str],
-) -> None:
-    report.plot_curves(history, workdir / 'curves.png', title=out['name'])
+    if not parallel.is_main_process():  # Only process 0 writes files.
+        return out
+    report.plot_curves(result.history, workdir / 'curves.png', title=out['name'])
     report.plot_confusion_matrix(
         out['confusion_matrix'],
-        class_names,
+        dataset.class_names,
         workdir / 'confusion_matrix.png',
         title=f'{out["name"]}: test confusion matrix',
     )
@@ -208,7 +197,7 @@ def write_outputs(
         k: float('nan') if v is None and k.endswith(('_s', '_loss', '_accuracy')) else v
         for k, v in out.items()
     }
-    report.write_report(workdir, printable, str(config), layer_table, class_names, out['sanity'])
+    report.write_report(workdir, printable, str(config), layer_table)
     records.write_json(workdir / 'summary.json', out)  # Last: it marks the run finished.
     print(
         f'{out["status"]}: test accuracy {printable["test_accuracy"]:.4f}, test loss '
@@ -216,3 +205,4 @@ def write_outputs(
         'summary.json, curves.png, confusion_matrix.png).',
         flush=True,
     )
+    return out

@@ -158,8 +158,6 @@ def write_report(
     summary: dict[str, Any],
     config_text: str,
     layer_table: str,
-    class_names: Sequence[str],
-    sanity: dict[str, Any],
 ) -> None:
     """report.md: config, parameter table, results, per-class accuracy, confusion matrix."""
     workdir = pathlib.Path(workdir)
@@ -187,8 +185,8 @@ def write_report(
         '![curves](curves.png)',
         '',
     ]
-    parts += class_sections(class_names, s['per_class_accuracy'], s['confusion_matrix'])
-    parts += code_section('Sanity checks', json.dumps(sanity, indent=2))
+    parts += class_sections(s['class_names'], s['per_class_accuracy'], s['confusion_matrix'])
+    parts += code_section('Sanity checks', json.dumps(s['sanity'], indent=2))
     parts += code_section('Model', layer_table)
     parts += code_section('Config', config_text)
     (workdir / 'report.md').write_text('\n'.join(parts))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import queue
 import threading
@@ -252,14 +253,11 @@ class FolderStream(Stream):
         self.paths, self.index = list(paths), np.arange(len(paths))
         self._labels, self.class_names = np.asarray(labels, np.int32), list(class_names)
         self.workers = workers or images_lib.default_workers()
-        self._image_shape: tuple[int, int, int] | None = None
 
-    @property
+    @functools.cached_property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of every batch's images (the first image's, without image_size)."""
-        if self._image_shape is None:
-            self._image_shape = tuple(images_lib.load(self.paths[0], self.image_size).shape)
-        return self._image_shape
+        return tuple(images_lib.load(self.paths[0], self.image_size).shape)
 
     def train(self, order: np.ndarray, start_step: int = 0) -> Iterator[Batch]:
         """This process's share of the (steps, B) global `order`'s rows from `start_step`."""
