@@ -434,13 +434,8 @@ def train_variants(
                 r.history.append(row)
                 r.log.write_epoch(row)
                 logging.info('epoch %d%s: %s', epoch + 1, r.tag, row)
-                print(
-                    f'epoch {epoch + 1}{r.tag}: '
-                    + '  '.join(
-                        f'{n} {v:.4f}' for n, v in row.items() if n.endswith(('loss', 'accuracy'))
-                    ),
-                    flush=True,
-                )
+                shown = [f'{n} {v:.4f}' for n, v in row.items() if n.endswith(('loss', 'accuracy'))]
+                print(f'epoch {epoch + 1}{r.tag}: ' + '  '.join(shown), flush=True)
                 if r.observe(row, monitor, mode, es):
                     r.ckpt.save_best(int(state.step), state_k, r.best_value)
                 if r.stopped_early:

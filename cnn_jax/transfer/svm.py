@@ -74,16 +74,14 @@ def extract_features(
     images: np.ndarray,
     mean: np.ndarray,
     std: np.ndarray,
-    *,
     image_size: int | None,
     batch_size: int,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: jax.sharding.Mesh,
 ) -> np.ndarray:
     """Pooled features (N, D) of uint8 NHWC `images`, in jitted batches over all devices.
 
     The batch is rounded up to a multiple of the device count; the last one is padded.
     """
-    mesh = mesh if mesh is not None else parallel.make_mesh()
     n_dev = mesh.devices.size
     batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -146,18 +144,14 @@ def load_or_extract(
         variables[collection] = traverse_util.unflatten_dict(concrete)
 
     mesh = parallel.make_mesh()
-    features = functools.partial(
-        extract_features,
-        model,
-        variables,
-        mean=ds.mean,
-        std=ds.std,
-        image_size=config.image_size,
-        batch_size=config.eval_batch_size,
-        mesh=mesh,
-    )
     t0 = time.time()
-    arrays = {'train_features': features(train_images), 'test_features': features(ds.test.images)}
+    size, batch = config.image_size, config.eval_batch_size
+    arrays = {
+        f'{split}_features': extract_features(
+            model, variables, images, ds.mean, ds.std, size, batch, mesh
+        )
+        for split, images in (('train', train_images), ('test', ds.test.images))
+    }
     print(
         f'SVM: extracted {len(train_images)} + {len(ds.test)} features of dimension '
         f'{arrays["train_features"].shape[1]} in {time.time() - t0:.1f} s on '
