@@ -1,4 +1,5 @@
-"""The values of an experiment config, checked up front against what they can mean.
+"""The values of an experiment config, checked up front against what they can mean, and
+overrides of them (`apply_overrides`: a study's variants, a sweep's).
 
 `check_config(config)` raises a ConfigError naming the first bad key, before any data is
 read or anything compiled: a negative batch size or a validation fraction of 1 would
@@ -9,6 +10,8 @@ checks and the modules that read a key cover the rest).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,6 +115,64 @@ def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
             return _MISSING
         node = node[part]
     return node
+
+
+def config_value(config: ml_collections.ConfigDict, key: str, variant: str = '') -> Any:
+    """The value at dotted `key`; ConfigError if the config (of `variant`) has none."""
+    value = _lookup(config, key)
+    if value is _MISSING:
+        raise ConfigError(f'the config of variant {variant!r} has no key {key!r}')
+    return value
+
+
+def _model_fields(config: ml_collections.ConfigDict) -> set[str] | None:
+    """Names of the fields of config.model (the keys model_options may hold), or None."""
+    cls = MODELS.get(config.model)
+    while hasattr(cls, 'func'):  # functools.partial alias
+        cls = cls.func
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return None
+    return {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'num_classes'}
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: dict[str, Any], variant: str = ''
+) -> ml_collections.ConfigDict:
+    """Returns a copy of `config` with dotted-path `overrides` set.
+
+    Raises ConfigError naming the key and variant when a key is not in the config (under
+    `model_options`, a field of the model is accepted) or a value has the wrong type.
+    """
+    config = copy.deepcopy(config)
+    where = f' of variant {variant!r}' if variant else ''
+    # Set 'model' first: model_options keys are checked against the variant's model.
+    keys = sorted(overrides, key=lambda k: k != 'model')
+    with config.unlocked():
+        for key in keys:
+            value = overrides[key]
+            *parents, leaf = key.split('.')
+            node = config
+            for i, part in enumerate(parents):
+                if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                    raise ConfigError(
+                        f'override {key!r}{where}: the config has no {".".join(parents[: i + 1])!r}'
+                    )
+                node = node[part]
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f'override {key!r}{where}: {".".join(parents)!r} is not a group')
+            if leaf not in node:
+                fields = _model_fields(config) if parents == ['model_options'] else None
+                if fields is None or leaf not in fields:
+                    known = sorted(fields) if fields else sorted(node.keys())
+                    raise ConfigError(
+                        f'override {key!r}{where}: the config has no such key; '
+                        f'keys there: {", ".join(known)}'
+                    )
+            try:
+                node[leaf] = value
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f'override {key!r}{where}: {e}') from None
+    return config
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnn_jax import losses, parallel, records, report, summary, train, training_loop
+from cnn_jax import losses, parallel, records, report, summary, train
 from cnn_jax.data import Dataset, stream
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
@@ -74,14 +74,7 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
                 f'WARNING: first-batch loss {loss:.3f} is far from ln({dataset.num_classes}) = '
                 f'{expected:.3f}: check the initialisation, labels and normalisation.'
             )
-    counts = summary.param_counts(variables)
-    checks.update(
-        total_params=counts.total,
-        trainable_params=counts.trainable,
-        non_trainable_params=counts.non_trainable,
-        batch_norm_statistics=counts.batch_stats,
-        params_match_formula=True,
-    )
+    checks.update(summary.count_fields(variables), params_match_formula=True)
     return checks
 
 
@@ -149,8 +142,8 @@ def finish(
         if split in result.device_data:
             data = result.device_data[split]
             if split == 'train':  # val and test were capped when they were loaded.
-                data = training_loop.strided_subset(data, config.max_eval_examples)
-            evals[split], preds = training_loop.evaluate(
+                data = train.strided_subset(data, config.max_eval_examples)
+            evals[split], preds = train.evaluate(
                 result.steps,
                 result.state,
                 data,
@@ -160,9 +153,6 @@ def finish(
             )
             predictions = preds if split == 'test' else predictions
     metrics = report.classification_metrics(dataset.test.labels, predictions, dataset.num_classes)
-    counts = summary.param_counts(
-        {'params': result.state.params, 'batch_stats': result.state.batch_stats}
-    )
     out = {
         'name': config.get('name', None) or config.model,
         'status': result.status,
@@ -172,10 +162,9 @@ def finish(
         **{f'{s}_accuracy': m['accuracy'] for s, m in evals.items()},
         **{f'{s}_loss': m['loss'] for s, m in evals.items()},
         **metrics,
-        'total_params': counts.total,
-        'trainable_params': counts.trainable,
-        'non_trainable_params': counts.non_trainable,
-        'batch_norm_statistics': counts.batch_stats,
+        **summary.count_fields(
+            {'params': result.state.params, 'batch_stats': result.state.batch_stats}
+        ),
         'epochs_run': len(result.history),
         'steps_per_epoch': result.steps_per_epoch,
         'wall_time_s': round(time.perf_counter() - t0, 2),
@@ -194,23 +183,12 @@ def finish(
     out = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()
     }
-    if parallel.is_main_process():
-        write_outputs(workdir, out, result.history, config, layer_table, dataset.class_names)
-    return out
-
-
-def write_outputs(
-    workdir: pathlib.Path,
-    out: dict[str, Any],
-    history: list[dict[str, Any]],
-    config: ml_collections.ConfigDict,
-    layer_table: str,
-    class_names: list[str],
-) -> None:
-    report.plot_curves(history, workdir / 'curves.png', title=out['name'])
+    if not parallel.is_main_process():  # Only process 0 writes files.
+        return out
+    report.plot_curves(result.history, workdir / 'curves.png', title=out['name'])
     report.plot_confusion_matrix(
         out['confusion_matrix'],
-        class_names,
+        dataset.class_names,
         workdir / 'confusion_matrix.png',
         title=f'{out["name"]}: test confusion matrix',
     )
@@ -219,7 +197,7 @@ def write_outputs(
         k: float('nan') if v is None and k.endswith(('_s', '_loss', '_accuracy')) else v
         for k, v in out.items()
     }
-    report.write_report(workdir, printable, str(config), layer_table, class_names, out['sanity'])
+    report.write_report(workdir, printable, str(config), layer_table)
     records.write_json(workdir / 'summary.json', out)  # Last: it marks the run finished.
     print(
         f'{out["status"]}: test accuracy {printable["test_accuracy"]:.4f}, test loss '
@@ -227,3 +205,4 @@ def write_outputs(
         'summary.json, curves.png, confusion_matrix.png).',
         flush=True,
     )
+    return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -138,12 +137,6 @@ def from_main(value: Any) -> Any:
     size = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
     padded = np.zeros(size, np.uint8) if data is None else data
     return json.loads(bytes(multihost_utils.broadcast_one_to_all(padded)).decode())
-
-
-def main_computes(fn: Callable[[], Any]) -> Any:
-    """`fn()` run on process 0 only (it reads files the others must not), its JSON-able
-    result given to every process."""
-    return from_main(fn() if is_main_process() else None)
 
 
 def make_mesh(devices: list | None = None) -> Mesh:

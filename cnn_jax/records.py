@@ -108,13 +108,17 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def read_summary(path: str | pathlib.Path) -> dict | None:
-    """The run's summary.json if it exists and has a status (the run finished), else None."""
-    file = pathlib.Path(path) / 'summary.json'
+def read_json(path: str | pathlib.Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable (half-written)."""
     try:
-        summary = json.loads(file.read_text())
+        return json.loads(pathlib.Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_summary(path: str | pathlib.Path) -> dict | None:
+    """The run's summary.json if it exists and has a status (the run finished), else None."""
+    summary = read_json(pathlib.Path(path) / 'summary.json')
     return summary if isinstance(summary, dict) and summary.get('status') else None
 
 

@@ -72,13 +72,11 @@ def plot_curves(
             if history and key in history[0]:
                 ax.plot(epochs, [r[key] for r in history], style, label=split, markersize=3)
         epoch_axis(ax)
-        ax.set_ylabel(metric)
+        ax.set(ylabel=metric, title=metric)
         if history:
             ax.legend()
         else:
             ax.text(0.5, 0.5, 'no completed epoch', ha='center', transform=ax.transAxes)
-    axes[0].set_title('loss')
-    axes[1].set_title('accuracy')
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -100,9 +98,7 @@ def plot_confusion_matrix(
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_xticks(range(k), class_names, rotation=45, ha='right')
     ax.set_yticks(range(k), class_names)
-    ax.set_xlabel('predicted')
-    ax.set_ylabel('true')
-    ax.set_title(title)
+    ax.set(xlabel='predicted', ylabel='true', title=title)
     if k <= 20:
         threshold = cm.max() / 2 if cm.size else 0
         for i in range(k):
@@ -162,8 +158,6 @@ def write_report(
     summary: dict[str, Any],
     config_text: str,
     layer_table: str,
-    class_names: Sequence[str],
-    sanity: dict[str, Any],
 ) -> None:
     """report.md: config, parameter table, results, per-class accuracy, confusion matrix."""
     workdir = pathlib.Path(workdir)
@@ -191,8 +185,8 @@ def write_report(
         '![curves](curves.png)',
         '',
     ]
-    parts += class_sections(class_names, s['per_class_accuracy'], s['confusion_matrix'])
-    parts += code_section('Sanity checks', json.dumps(sanity, indent=2))
+    parts += class_sections(s['class_names'], s['per_class_accuracy'], s['confusion_matrix'])
+    parts += code_section('Sanity checks', json.dumps(s['sanity'], indent=2))
     parts += code_section('Model', layer_table)
     parts += code_section('Config', config_text)
     (workdir / 'report.md').write_text('\n'.join(parts))

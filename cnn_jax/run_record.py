@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 
 from cnn_jax.errors import ConfigError
-from cnn_jax.records import write_json
+from cnn_jax.records import read_json, write_json
 from configs import default
 
 CONFIG_FILE = 'config.json'
@@ -120,13 +120,9 @@ def host_description() -> str:
 
 
 def read_record(workdir: str | pathlib.Path) -> dict[str, Any] | None:
-    path = pathlib.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # A half-written record: the next write replaces it.
+    """The workdir's config.json (None when absent or half-written: the next write replaces
+    it)."""
+    return read_json(pathlib.Path(workdir) / CONFIG_FILE)
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:

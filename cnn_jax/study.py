@@ -37,22 +37,28 @@ summary.json, comparison.png, sweep.png for a sweep), rebuilt from what is on di
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import sys
 import time
 import traceback
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-import numpy as np
 
-from cnn_jax import parallel, records, run_record
+from cnn_jax import parallel, records, run_record, sweep, tasks
+from cnn_jax.config_checks import apply_overrides, check_config, config_value
 from cnn_jax.errors import CnnJaxError, ConfigError, Diverged
-from cnn_jax.study_report import ROW_METRICS, finite, output_files, write_study_outputs
+from cnn_jax.study_report import (
+    ROW_METRICS,
+    aggregate,
+    output_files,
+    row_status,
+    run_row,
+    status_text,
+    write_study_outputs,
+)
 
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
 
@@ -88,58 +94,6 @@ def selected_variants(config: ml_collections.ConfigDict) -> list[str]:
             f'{config.study.name!r}; its variants are: {", ".join(names)}'
         )
     return [n for n in names if n in chosen]
-
-
-def _model_fields(config: ml_collections.ConfigDict) -> set[str] | None:
-    """Names of the fields of config.model (the keys model_options may hold), or None."""
-    from cnn_jax.models import MODELS  # Imports JAX: not at module level.
-
-    cls = MODELS.get(config.model)
-    while hasattr(cls, 'func'):  # functools.partial alias
-        cls = cls.func
-    if cls is None or not dataclasses.is_dataclass(cls):
-        return None
-    return {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'num_classes'}
-
-
-def apply_overrides(
-    config: ml_collections.ConfigDict, overrides: dict[str, Any], variant: str = ''
-) -> ml_collections.ConfigDict:
-    """Returns a copy of `config` with dotted-path `overrides` set.
-
-    Raises ConfigError naming the key and variant when a key is not in the config (under
-    `model_options`, a field of the model is accepted) or a value has the wrong type.
-    """
-    config = copy.deepcopy(config)
-    where = f' of variant {variant!r}' if variant else ''
-    # Set 'model' first: model_options keys are checked against the variant's model.
-    keys = sorted(overrides, key=lambda k: k != 'model')
-    with config.unlocked():
-        for key in keys:
-            value = overrides[key]
-            *parents, leaf = key.split('.')
-            node = config
-            for i, part in enumerate(parents):
-                if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                    raise ConfigError(
-                        f'override {key!r}{where}: the config has no {".".join(parents[: i + 1])!r}'
-                    )
-                node = node[part]
-            if not isinstance(node, ml_collections.ConfigDict):
-                raise ConfigError(f'override {key!r}{where}: {".".join(parents)!r} is not a group')
-            if leaf not in node:
-                fields = _model_fields(config) if parents == ['model_options'] else None
-                if fields is None or leaf not in fields:
-                    known = sorted(fields) if fields else sorted(node.keys())
-                    raise ConfigError(
-                        f'override {key!r}{where}: the config has no such key; '
-                        f'keys there: {", ".join(known)}'
-                    )
-            try:
-                node[leaf] = value
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f'override {key!r}{where}: {e}') from None
-    return config
 
 
 def _strip_study(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -210,8 +164,6 @@ def validate_study(config: ml_collections.ConfigDict) -> None:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f'study.seeds has duplicates: {seeds}')
     sweep_key = study.get('sweep_key', None)
-    from cnn_jax.config_checks import check_config  # Imports JAX: not at module level.
-
     for name in names:
         vc = variant_config(config, name, seeds[0])  # Raises on a bad override.
         try:
@@ -219,22 +171,13 @@ def validate_study(config: ml_collections.ConfigDict) -> None:
         except ConfigError as e:
             raise ConfigError(f'study {study.name!r}, variant {name!r}: {e}') from None
         if sweep_key:
-            value = _get_path(vc, sweep_key, name)
+            value = config_value(vc, sweep_key, name)
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise ConfigError(
                     f'study.sweep_key {sweep_key!r} of variant {name!r} is {value!r}, not a number'
                 )
     selected_variants(config)
     vectorize_mode(config)
-
-
-def _get_path(config: ml_collections.ConfigDict, key: str, variant: str = '') -> Any:
-    node = config
-    for part in key.split('.'):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ConfigError(f'the config of variant {variant!r} has no key {key!r}')
-        node = node[part]
-    return node
 
 
 def run_dir(workdir: str | Path, variant: str, seed: int, seeds: Sequence[int]) -> Path:
@@ -270,8 +213,7 @@ def run_study(
     """
     validate_study(config)
     vectorize = run_fn is None
-    if run_fn is None:
-        from cnn_jax.tasks import run as run_fn
+    run_fn = run_fn or tasks.run
     workdir = Path(workdir)
     main = parallel.is_main_process()  # Only process 0 writes files.
     if main:
@@ -294,7 +236,7 @@ def run_study(
             pending.append(job)
         else:  # Reused only if it is a run of this variant's config.
             run_record.check_config(variant_config(config, *job), path)
-            _say(f'{tags[job]}: skipped, already {_status_text(done)} ({path})')
+            _say(f'{tags[job]}: skipped, already {status_text(done)} ({path})')
     groups = vectorized_groups(config, pending) if vectorize else {}
     failures: list[dict] = []
     for job in pending:
@@ -340,31 +282,28 @@ def vectorized_groups(
     mode = vectorize_mode(config)
     if mode == 'false' or len(jobs) < 2:
         return {}
-    from cnn_jax import sweep
-
-    variants = dict(config.study.variants)
-    overrides = [{'seed': s, **variants[v]} for v, s in jobs]  # A variant's seed wins.
+    allowed = sweep.can_vectorize if mode == 'true' else sweep.should_vectorize
     out = {}
-    for indices in sweep.vectorizable_groups(overrides):
+    for indices in sweep.vectorizable_groups([_job_overrides(config, job) for job in jobs]):
         members = [jobs[i] for i in indices]
-        base = _group_base(config, members[0])
-        sweepables = [sweep.split_overrides(overrides[i])[1] for i in indices]
-        allowed = sweep.can_vectorize if mode == 'true' else sweep.should_vectorize
-        if len(indices) > 1 and allowed(base, sweepables):
+        if len(indices) > 1 and allowed(*_group_program(config, members)):
             out.update({job: members for job in members})
     return out
 
 
-def _group_base(
-    config: ml_collections.ConfigDict, job: tuple[str, int]
-) -> ml_collections.ConfigDict:
-    """A vectorised group's base experiment: the study's config plus its members' shared
-    overrides (those that change the program)."""
-    from cnn_jax import sweep
+def _job_overrides(config: ml_collections.ConfigDict, job: tuple[str, int]) -> dict[str, Any]:
+    """A job's overrides, its seed included (a variant's own seed wins)."""
+    variant, seed = job
+    return {'seed': seed, **dict(config.study.variants)[variant]}
 
-    variant = job[0]
-    fixed, _ = sweep.split_overrides(dict(dict(config.study.variants)[variant]))
-    return apply_overrides(_strip_study(config), fixed, variant)
+
+def _group_program(
+    config: ml_collections.ConfigDict, group: Sequence[tuple[str, int]]
+) -> tuple[ml_collections.ConfigDict, list[dict[str, Any]]]:
+    """A vectorised group's base experiment (the study's config plus the overrides its
+    members share: those that change the program) and each member's SWEEPABLE rest."""
+    parts = [sweep.split_overrides(_job_overrides(config, job)) for job in group]
+    return apply_overrides(_strip_study(config), parts[0][0], group[0][0]), [p[1] for p in parts]
 
 
 def _run_group(
@@ -374,21 +313,14 @@ def _run_group(
     tags: dict[tuple[str, int], str],
 ) -> list[dict]:
     """Trains `group` as one vmapped program (cnn_jax.sweep); returns the runs' summaries."""
-    from cnn_jax import sweep
-
-    seeds = study_seeds(config)
-    variants = dict(config.study.variants)
-    paths = [run_dir(workdir, v, s, seeds) for v, s in group]
-    sweepables = [sweep.split_overrides({'seed': s, **variants[v]})[1] for v, s in group]
+    paths = [run_dir(workdir, v, s, study_seeds(config)) for v, s in group]
     for job, path in zip(group, paths, strict=True):
         if parallel.is_main_process():
             run_record.record_config(variant_config(config, *job), path)
         _say(f'{tags[job]}: running vectorised with {len(group) - 1} other run(s) in {path}')
+    base, sweepables = _group_program(config, group)
     return sweep.run_vectorized(
-        _group_base(config, group[0]),
-        sweepables,
-        paths,
-        names=[run_name(config, v) for v, _ in group],
+        base, sweepables, paths, names=[run_name(config, v) for v, _ in group]
     )
 
 
@@ -444,76 +376,11 @@ def _attempt(
             _say(f'{tags[job]}: FAILED: {error}')
         return [{'variant': v, 'seed': s, 'error': error} for v, s in jobs]
     for job, summary in zip(jobs, summaries, strict=True):
-        _say(f'{tags[job]}: {_status_text(summary or {"status": "completed"})}')
+        _say(f'{tags[job]}: {status_text(summary or {"status": "completed"})}')
     return []
 
 
 # --- Collecting ---------------------------------------------------------------------
-
-
-def _status_text(summary: dict) -> str:
-    status = summary.get('status', 'completed')
-    if status == 'diverged':
-        step = summary.get('diverged_at_step')
-        return f'diverged at step {step}' if step is not None else 'diverged'
-    if status == 'completed' and summary.get('stopped_early'):
-        return 'completed (stopped early)'
-    return str(status)
-
-
-def _run_record(path: Path, seed: int, failure: dict | None) -> dict:
-    """One run's row numbers from its summary.json and metrics.jsonl."""
-    summary = records.read_summary(path)
-    epochs = records.read_metrics(path)
-    record: dict[str, Any] = {'seed': seed, 'workdir': str(path)}
-    if summary is not None:
-        record['status'] = summary['status']
-        record['status_text'] = _status_text(summary)
-        record['diverged_at_step'] = summary.get('diverged_at_step')
-        record['stopped_early'] = bool(summary.get('stopped_early', False))
-    elif failure is not None:
-        record['status'] = 'failed'
-        record['status_text'] = f'failed: {failure["error"]}'
-        record['error'] = failure['error']
-    elif epochs:
-        record['status'] = record['status_text'] = 'incomplete'
-    else:
-        record['status'] = record['status_text'] = 'not run'
-    summary = summary or {}
-    # Best validation accuracy and its epoch from the curves; the summary as a fallback.
-    val = [(e['epoch'], finite(e.get('val_accuracy'))) for e in epochs]
-    val = [(ep, a) for ep, a in val if a is not None]
-    if val:
-        best_epoch, best = max(val, key=lambda t: (t[1], -t[0]))
-    else:
-        best, best_epoch = finite(summary.get('val_accuracy')), summary.get('best_epoch')
-    record['best_val_accuracy'] = best
-    record['best_epoch'] = best_epoch
-    for key in ('test_accuracy', 'test_loss', 'precision', 'recall', 'f1'):
-        record[key] = finite(summary.get(key))
-    wall = finite(summary.get('wall_time_s'))
-    if wall is not None and summary.get('vectorized'):
-        wall /= summary['vectorized']['k']  # A vectorised group's time, shared equally.
-    if wall is None and epochs:
-        wall = finite(epochs[-1].get('elapsed_s'))
-    record['wall_time_s'] = wall
-    record['epochs_run'] = summary.get('epochs_run', len(epochs) or None)
-    return record
-
-
-def _aggregate(values: Iterable[float | None]) -> dict:
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return {'mean': None, 'std': None, 'n': 0}
-    std = float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-    return {'mean': float(np.mean(xs)), 'std': std, 'n': len(xs)}
-
-
-def _row_status(runs: list[dict]) -> str:
-    counts = Counter(r['status_text'] for r in runs)  # In first-seen order.
-    if len(counts) == 1:
-        return runs[0]['status_text']
-    return ', '.join(f'{n}x {t}' for t, n in counts.items())
 
 
 def collect_study(
@@ -527,18 +394,17 @@ def collect_study(
     rows = []
     for variant, overrides in config.study.variants:
         runs = [
-            _run_record(run_dir(workdir, variant, s, seeds), s, failed.get((variant, s)))
-            for s in seeds
+            run_row(run_dir(workdir, variant, s, seeds), s, failed.get((variant, s))) for s in seeds
         ]
         row = {
             'variant': variant,
             'overrides': dict(overrides),
-            'status': _row_status(runs),
-            'metrics': {k: _aggregate(r[k] for r in runs) for k, _ in ROW_METRICS},
+            'status': row_status(runs),
+            'metrics': {k: aggregate(r[k] for r in runs) for k, _ in ROW_METRICS},
             'runs': runs,
         }
         if sweep_key:
-            row['sweep_value'] = _get_path(variant_config(config, variant), sweep_key, variant)
+            row['sweep_value'] = config_value(variant_config(config, variant), sweep_key, variant)
         rows.append(row)
     return {
         'study': config.study.name,

@@ -1,6 +1,7 @@
-"""A study's outputs from its collected summary (cnn_jax.study.collect_study's dict).
+"""A study's rows and outputs, rebuilt from what its runs left on disk.
 
-summary.md (one row per variant; mean +- sample std over seeds), comparison.png
+`run_row` reads one run's summary.json and metrics.jsonl (cnn_jax.study.collect_study
+gathers the rows); summary.md (one row per variant; mean +- sample std over seeds), comparison.png
 (per-epoch accuracy and loss of every variant), sweep.png (the result against the swept
 number, for a sweep) and summary.json. Everything here reads only that dict and the
 runs' metrics.jsonl: the outputs are rebuilt from what is on disk.
@@ -9,6 +10,8 @@ runs' metrics.jsonl: the outputs are rebuilt from what is on disk.
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,74 @@ def finite(x: Any) -> float | None:
     if isinstance(x, bool) or not isinstance(x, int | float):
         return None
     return float(x) if math.isfinite(x) else None
+
+
+def status_text(summary: dict) -> str:
+    """'completed', 'completed (stopped early)', 'diverged at step N', ... of a summary."""
+    status = summary.get('status', 'completed')
+    if status == 'diverged':
+        step = summary.get('diverged_at_step')
+        return f'diverged at step {step}' if step is not None else 'diverged'
+    if status == 'completed' and summary.get('stopped_early'):
+        return 'completed (stopped early)'
+    return str(status)
+
+
+def run_row(path: Path, seed: int, failure: dict | None) -> dict:
+    """One run's row numbers from its summary.json and metrics.jsonl."""
+    summary = records.read_summary(path)
+    epochs = records.read_metrics(path)
+    record: dict[str, Any] = {'seed': seed, 'workdir': str(path)}
+    if summary is not None:
+        record['status'] = summary['status']
+        record['status_text'] = status_text(summary)
+        record['diverged_at_step'] = summary.get('diverged_at_step')
+        record['stopped_early'] = bool(summary.get('stopped_early', False))
+    elif failure is not None:
+        record['status'] = 'failed'
+        record['status_text'] = f'failed: {failure["error"]}'
+        record['error'] = failure['error']
+    elif epochs:
+        record['status'] = record['status_text'] = 'incomplete'
+    else:
+        record['status'] = record['status_text'] = 'not run'
+    summary = summary or {}
+    # Best validation accuracy and its epoch from the curves; the summary as a fallback.
+    val = [(e['epoch'], finite(e.get('val_accuracy'))) for e in epochs]
+    val = [(ep, a) for ep, a in val if a is not None]
+    if val:
+        best_epoch, best = max(val, key=lambda t: (t[1], -t[0]))
+    else:
+        best, best_epoch = finite(summary.get('val_accuracy')), summary.get('best_epoch')
+    record['best_val_accuracy'] = best
+    record['best_epoch'] = best_epoch
+    for key in ('test_accuracy', 'test_loss', 'precision', 'recall', 'f1'):
+        record[key] = finite(summary.get(key))
+    wall = finite(summary.get('wall_time_s'))
+    if wall is not None and summary.get('vectorized'):
+        wall /= summary['vectorized']['k']  # A vectorised group's time, shared equally.
+    if wall is None and epochs:
+        wall = finite(epochs[-1].get('elapsed_s'))
+    record['wall_time_s'] = wall
+    record['epochs_run'] = summary.get('epochs_run', len(epochs) or None)
+    return record
+
+
+def aggregate(values: Iterable[float | None]) -> dict:
+    """{'mean', 'std' (sample), 'n'} of the values that are not None."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return {'mean': None, 'std': None, 'n': 0}
+    std = float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    return {'mean': float(np.mean(xs)), 'std': std, 'n': len(xs)}
+
+
+def row_status(runs: list[dict]) -> str:
+    """The runs' common status text, or '2x completed, 1x diverged at step N'."""
+    counts = Counter(r['status_text'] for r in runs)  # In first-seen order.
+    if len(counts) == 1:
+        return runs[0]['status_text']
+    return ', '.join(f'{n}x {t}' for t, n in counts.items())
 
 
 def output_files(sweep_key: str | None) -> list[str]:
@@ -124,9 +195,8 @@ def _curves(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndar
             if value is not None:
                 per_epoch.setdefault(int(record['epoch']), []).append(value)
     epochs = sorted(per_epoch)
-    mean = np.array([np.mean(per_epoch[e]) for e in epochs])
-    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in map(per_epoch.get, epochs)])
-    return np.array(epochs), mean, std
+    aggs = [aggregate(per_epoch[e]) for e in epochs]
+    return np.array(epochs), np.array([a['mean'] for a in aggs]), np.array([a['std'] for a in aggs])
 
 
 def plot_comparison(study: dict, path: str | Path) -> None:

@@ -13,11 +13,10 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cnn_jax import arithmetic
 from cnn_jax.models import layers
-from cnn_jax.models.input_size import check_input_size
+from cnn_jax.models.input_size import check_input_size, trace_init
 
 
 class ParamCounts(NamedTuple):
@@ -59,6 +58,17 @@ def param_counts(variables: Any) -> ParamCounts:
     """Counts 'params' (parameters) and 'batch_stats' (BN state) of a variable dict."""
     trainable = _count(variables.get('params', {}))
     return ParamCounts(trainable, trainable, 0, _count(variables.get('batch_stats', {})))
+
+
+def count_fields(variables: Any) -> dict[str, int]:
+    """`param_counts` as a run's summary and sanity checks record them."""
+    counts = param_counts(variables)
+    return {
+        'total_params': counts.total,
+        'trainable_params': counts.trainable,
+        'non_trainable_params': counts.non_trainable,
+        'batch_norm_statistics': counts.batch_stats,
+    }
 
 
 def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
@@ -165,10 +175,8 @@ def _describe(
         return kind, arithmetic.LayerParams(0)
     if isinstance(module, layers.Activation):
         return layers.ACTIVATIONS[module.fn][1], arithmetic.LayerParams(0)
-    if isinstance(module, layers.Flatten):
-        return 'Flatten', arithmetic.LayerParams(0)
-    if isinstance(module, layers.GlobalAvgPool):
-        return 'GlobalAvgPool', arithmetic.LayerParams(0)
+    if isinstance(module, layers.Flatten | layers.GlobalAvgPool):
+        return type(module).__name__, arithmetic.LayerParams(0)
     return type(module).__name__, None
 
 
@@ -201,12 +209,7 @@ def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[Layer
             calls.append((module, tuple(module.path), in_shape, _shape(out)))
         return out
 
-    def init() -> Any:
-        rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-        with nn.intercept_methods(record):
-            return model.init(rngs, jnp.zeros(shape, jnp.float32), train=False)
-
-    variables = jax.eval_shape(init)
+    variables = trace_init(model, shape, record)
     params = variables.get('params', {})
     stats = variables.get('batch_stats', {})
     # Leaves: calls whose module path is no other call's proper prefix.

@@ -26,7 +26,6 @@ checkpoints (an interrupted group resumes), and the same files in its workdir.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import pathlib
@@ -40,6 +39,7 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnn_jax import experiment, losses, parallel, train, training_loop
+from cnn_jax.config_checks import apply_overrides
 from cnn_jax.errors import ConfigError
 
 SWEEPABLE = ('learning_rate', 'weight_decay', 'momentum', 'label_smoothing', 'seed')
@@ -94,17 +94,9 @@ def variant_configs(
 ) -> list[ml_collections.ConfigDict]:
     """`config` with each variant's overrides set (checked by `check_variants`)."""
     check_variants(config, variants)
-    out = []
-    for overrides in variants:
-        c = copy.deepcopy(config)
-        with c.unlocked():
-            for key, value in overrides.items():
-                try:
-                    c[key] = value
-                except (TypeError, ValueError) as e:
-                    raise ConfigError(f'override {key!r}={value!r}: {e}') from None
+    out = [apply_overrides(config, overrides) for overrides in variants]
+    for c in out:
         losses.check_loss(c.loss, c.label_smoothing)
-        out.append(c)
     return out
 
 
@@ -131,6 +123,14 @@ def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
 # --- Stacked states -------------------------------------------------------------------
 
 
+def map_states(fn: Callable[..., jax.Array], *states: train.TrainState) -> train.TrainState:
+    """`fn` over the matching leaves of the states' params, opt_state and batch_stats; the
+    rest (step counter, optimiser, apply function) is the first state's."""
+    trees = [(s.params, s.opt_state, s.batch_stats) for s in states]
+    params, opt_state, batch_stats = jax.tree.map(fn, *trees)
+    return states[0].replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
+
+
 def stack_states(
     states: Sequence[train.TrainState], join: Callable[..., jax.Array] = jnp.stack
 ) -> train.TrainState:
@@ -141,27 +141,16 @@ def stack_states(
     only in the numbers held in `opt_state` (inject_hyperparams). `join=jnp.concatenate`
     joins stacks into one.
     """
-    first = states[0]
-    structure = jax.tree.structure(first.opt_state)
+    structure = jax.tree.structure(states[0].opt_state)
     for i, s in enumerate(states[1:], 1):
         if jax.tree.structure(s.opt_state) != structure:
             raise ConfigError(f'variant {i} has a different optimiser state structure')
-    trees = [(s.params, s.opt_state, s.batch_stats) for s in states]
-    params, opt_state, batch_stats = jax.tree.map(lambda *xs: join(xs), *trees)
-    return first.replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
+    return map_states(lambda *xs: join(xs), *states)
 
 
 def unstack_state(state: train.TrainState, k: int | slice) -> train.TrainState:
     """Variant `k` of a stacked state, as an ordinary train state (a slice: a smaller stack)."""
-
-    def take(x):
-        return x[k]
-
-    return state.replace(
-        params=jax.tree.map(take, state.params),
-        opt_state=jax.tree.map(take, state.opt_state),
-        batch_stats=jax.tree.map(take, state.batch_stats),
-    )
+    return map_states(lambda x: x[k], state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,15 +217,7 @@ def make_vectorized_train(
         smoothing = smoothings[0] if shared_smoothing else smoothing
         new, acc = body(state, acc, images, labels, perm, step_in_epoch, rng, smoothing)
         if active is not None:  # A stopped variant's numbers stay as they were.
-
-            def keep(a, b):
-                return jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)
-
-            new = new.replace(
-                params=keep(new.params, state.params),
-                opt_state=keep(new.opt_state, state.opt_state),
-                batch_stats=keep(new.batch_stats, state.batch_stats),
-            )
+            new = map_states(lambda x, y: jnp.where(active, x, y), new, state)
         return new, acc
 
     per_variant = 0 if not rngs.shared else None
@@ -365,16 +346,8 @@ def run_vectorized(
     results = training_loop.train_variants(
         configs, workdirs, dataset, model, mesh, hooks, make_steps=stacked_steps
     )
+    extras = [{'vectorized': {'k': len(configs), 'index': k}} for k in range(len(configs))]
     return [
-        experiment.finish(
-            c,
-            w,
-            result,
-            dataset,
-            sanity[c.seed],
-            layer_table,
-            t0,
-            extra={'vectorized': {'k': len(configs), 'index': k}},
-        )
-        for k, (c, w, result) in enumerate(zip(configs, workdirs, results, strict=True))
+        experiment.finish(c, w, result, dataset, sanity[c.seed], layer_table, t0, extra=extra)
+        for c, w, result, extra in zip(configs, workdirs, results, extras, strict=True)
     ]

@@ -83,16 +83,6 @@ class StopRequest:
                 signal.signal(s, h)
 
 
-def monitor_mode(metric: str) -> str:
-    return 'min' if metric.endswith('loss') else 'max'
-
-
-def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    if best is None:
-        return math.isfinite(value)
-    return value < best - min_delta if mode == 'min' else value > best + min_delta
-
-
 def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int, str, str]:
     """(steps per epoch, the metric the best checkpoint tracks, 'min' or 'max')."""
     num_train = len(dataset.train)
@@ -109,7 +99,7 @@ def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int
         if es.patience > 0:
             raise ConfigError(f'early stopping monitors {monitor} but val_fraction is 0')
         monitor = 'train_' + monitor[4:]
-    return steps_per_epoch, monitor, monitor_mode(monitor)
+    return steps_per_epoch, monitor, 'min' if monitor.endswith('loss') else 'max'
 
 
 def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> train.InputSpec:
@@ -130,18 +120,11 @@ def _epoch_row(
     evals: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
     count = max(acc['count'], 1.0)
-    row = {
-        'epoch': epoch,
-        'step': step,
-        'train_loss': acc['loss'] / count,
-        'train_accuracy': acc['correct'] / count,
-    }
+    row = {'epoch': epoch, 'step': step}
+    row.update(train_loss=acc['loss'] / count, train_accuracy=acc['correct'] / count)
     for split, m in evals.items():
-        row[f'{split}_loss'] = m['loss']
-        row[f'{split}_accuracy'] = m['accuracy']
-    row['learning_rate'] = lr
-    row['elapsed_s'] = round(elapsed, 3)
-    return row
+        row.update({f'{split}_loss': m['loss'], f'{split}_accuracy': m['accuracy']})
+    return {**row, 'learning_rate': lr, 'elapsed_s': round(elapsed, 3)}
 
 
 def agreed_stop(wanted: bool, sync_point: bool) -> bool:
@@ -158,9 +141,13 @@ def agreed_stop(wanted: bool, sync_point: bool) -> bool:
 
 
 def agreed_improvement(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    """`improved(...)` as process 0 decides it, on every process (the best checkpoint's
-    save is collective, and the early stop follows from the count of epochs without one)."""
-    better = improved(value, best, mode, min_delta)
+    """Whether `value` beats `best` by more than `min_delta` (any finite value beats None),
+    as process 0 decides it, on every process (the best checkpoint's save is collective,
+    and the early stop follows from the count of epochs without one)."""
+    if best is None:
+        better = math.isfinite(value)
+    else:
+        better = value < best - min_delta if mode == 'min' else value > best + min_delta
     return better if jax.process_count() == 1 else bool(parallel.from_main(better))
 
 
@@ -193,43 +180,6 @@ def _train_inputs(data: Any, perm: jax.Array, first_step: int, mesh: Mesh) -> It
     arrays = (stream.to_device(b, mesh) for b in data.train(parallel.to_host(perm), first_step))
     for a in stream.prefetch(arrays, 1):
         yield a['image'], a['label'], None, np.int32(0)
-
-
-def strided_subset(data: Any, n: int | None) -> Any:
-    """At most `n` evenly spaced examples of a split (all when n is None): every class of
-    a class-sorted folder, for a capped evaluation of the training split."""
-    size = len(data) if isinstance(data, stream.Stream) else data[1].shape[0]
-    if not n or n >= size:
-        return data
-    index = np.arange(0, size, -(-size // n))
-    if isinstance(data, stream.Stream):
-        return data.take(index, data.labels[index])
-    return tuple(a[index] for a in data)
-
-
-def evaluate(
-    steps: train.CompiledSteps,
-    state: train.TrainState,
-    data: Any,
-    batch_size: int,
-    mesh: Mesh,
-    with_predictions: bool = False,
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """`train.evaluate_split` of a device-resident split or a stream (padding masked)."""
-    if not isinstance(data, stream.Stream):
-        return train.evaluate_split(steps, state, *data, batch_size, mesh, with_predictions)
-    total, preds = train.zero_metrics(), []
-    for a in stream.prefetch((stream.to_device(b, mesh) for b in data.eval(batch_size)), 1):
-        m, p = steps.evaluate(state, a['image'], a['label'], None, a['mask'])
-        total = jax.tree.map(jnp.add, total, m)
-        if with_predictions:
-            preds.append(p)
-    total = jax.device_get(total)
-    count = max(float(total['count']), 1.0)
-    result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
-    # Sharded across processes: gathered whole once, not a host sync per batch.
-    predictions = np.concatenate([parallel.to_host(p) for p in preds]) if preds else None
-    return result, predictions[: len(data)] if preds else None
 
 
 # --- The K variants one loop trains ------------------------------------------------------
@@ -268,17 +218,28 @@ class _Variant:
         self.stopped_early = es.patience > 0 and self.bad_epochs >= es.patience
         return better
 
-    def loop_record(self, epoch: int, step_in_epoch: int, acc: dict[str, float]) -> dict:
-        record = {'epoch': epoch, 'step_in_epoch': step_in_epoch, 'acc': acc}
-        if self.diverged_at is not None:  # Only a stack saves after a variant diverged.
-            record['diverged_at_step'] = self.diverged_at
-        return record
-
 
 def _host_acc(acc: train.Metrics) -> list[dict[str, float]]:
     """Each variant's running metric sums, on the host."""
     host = {name: np.atleast_1d(v) for name, v in jax.device_get(acc).items()}
     return [{name: float(v[k]) for name, v in host.items()} for k in range(len(host['loss']))]
+
+
+def _save_latest(
+    runs: Sequence[_Variant],
+    steps: train.VariantSteps,
+    state: train.TrainState,
+    acc: train.Metrics,
+    step: int,
+    epoch: int,
+    step_in_epoch: int,
+) -> None:
+    """Each variant's state at `step`, with where the loop was and its running sums."""
+    for k, (r, a) in enumerate(zip(runs, _host_acc(acc), strict=True)):
+        loop = {'epoch': epoch, 'step_in_epoch': step_in_epoch, 'acc': a}
+        if r.diverged_at is not None:  # Only a stack saves after a variant diverged.
+            loop['diverged_at_step'] = r.diverged_at
+        r.ckpt.save_latest(step, steps.variant(state, k), loop)
 
 
 def _restore_latest(
@@ -382,7 +343,8 @@ def train_variants(
         )
     for r in runs:
         # Process 0 reads (and truncates) metrics.jsonl; the others get its rows.
-        r.history = parallel.main_computes(lambda r=r: r.log.truncate(start_epoch))
+        rows = r.log.truncate(start_epoch) if parallel.is_main_process() else None
+        r.history = parallel.from_main(rows)
         for row in r.history:  # Rebuild early-stopping state from the epochs already run.
             r.observe(row, monitor, mode, es)
 
@@ -439,10 +401,7 @@ def train_variants(
                 stop_wanted = stop_wanted or stop.requested or hook_stop
                 if agreed_stop(stop_wanted, log_point):
                     jax.block_until_ready(state)
-                    for k, (r, a) in enumerate(zip(runs, _host_acc(acc), strict=True)):
-                        r.ckpt.save_latest(
-                            gstep, steps.variant(state, k), r.loop_record(epoch, s + 1, a)
-                        )
+                    _save_latest(runs, steps, state, acc, gstep, epoch, s + 1)
                     for r in runs:
                         r.ckpt.wait()
                     progress.end_line()
@@ -462,7 +421,7 @@ def train_variants(
                     continue
                 state_k = steps.variant(state, k)
                 evals = {
-                    split: evaluate(
+                    split: train.evaluate(
                         steps.evaluation, state_k, device_data[split], config.eval_batch_size, mesh
                     )[0]
                     for split in ('val', 'test')
@@ -475,13 +434,8 @@ def train_variants(
                 r.history.append(row)
                 r.log.write_epoch(row)
                 logging.info('epoch %d%s: %s', epoch + 1, r.tag, row)
-                print(
-                    f'epoch {epoch + 1}{r.tag}: '
-                    + '  '.join(
-                        f'{n} {v:.4f}' for n, v in row.items() if n.endswith(('loss', 'accuracy'))
-                    ),
-                    flush=True,
-                )
+                shown = [f'{n} {v:.4f}' for n, v in row.items() if n.endswith(('loss', 'accuracy'))]
+                print(f'epoch {epoch + 1}{r.tag}: ' + '  '.join(shown), flush=True)
                 if r.observe(row, monitor, mode, es):
                     r.ckpt.save_best(int(state.step), state_k, r.best_value)
                 if r.stopped_early:
@@ -489,10 +443,7 @@ def train_variants(
             acc = jax.device_put(steps.zero_metrics(), repl)
             last = epoch + 1 == config.num_epochs
             if (epoch + 1) % max(1, config.get('checkpoint_every_epochs', 1)) == 0 or last:
-                for k, (r, a) in enumerate(zip(runs, _host_acc(acc), strict=True)):
-                    r.ckpt.save_latest(
-                        int(state.step), steps.variant(state, k), r.loop_record(epoch + 1, 0, a)
-                    )
+                _save_latest(runs, steps, state, acc, int(state.step), epoch + 1, 0)
             for r in stopping:
                 print(
                     f'Early stopping{r.tag} after epoch {epoch + 1}: {monitor} has not improved '

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from cnn_jax import run_record
-from cnn_jax.records import format_duration
+from cnn_jax.records import format_duration, read_json
+from cnn_jax.study_report import aggregate
 from reproduce.reported import EXPERIMENTS, Experiment, load_config, schedule
 
 ROOT = run_record.REPO_ROOT
@@ -126,8 +127,8 @@ def reuse_identical_runs(
         c.dataset = data[exp.dataset]
     finished = {}
     for record_file in root.rglob(run_record.CONFIG_FILE):
-        summary = _read_json(record_file.parent / 'summary.json') or {}
-        record = _read_json(record_file)
+        summary = read_json(record_file.parent / 'summary.json') or {}
+        record = read_json(record_file)
         if summary.get('status') == 'completed' and record and 'study.name' not in record['config']:
             finished[record_file.parent] = record['config']
     seeds = study.study_seeds(c)
@@ -189,7 +190,7 @@ def _probe_key(exp: Experiment, config: str) -> str:
 
 
 def measured_throughput(root: pathlib.Path) -> dict[str, dict]:
-    return _read_json(root / 'throughput.json') or {}
+    return read_json(root / 'throughput.json') or {}
 
 
 def probe(exp: Experiment, config: str, root: pathlib.Path, data: dict[str, str]) -> dict:
@@ -256,24 +257,8 @@ def estimate_seconds(config: str, measured: dict) -> float | None:
 # --- Collecting -------------------------------------------------------------------------
 
 
-def _read_json(path: pathlib.Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _aggregate(values: list[float]) -> dict[str, Any]:
-    import numpy as np
-
-    if not values:
-        return {'mean': None, 'std': None, 'n': 0}
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return {'mean': float(np.mean(values)), 'std': std, 'n': len(values)}
-
-
 def _seconds_spent(workdir: pathlib.Path) -> float | None:
-    spent = _read_json(workdir / TIME_FILE)
+    spent = read_json(workdir / TIME_FILE)
     return round(sum(s['seconds'] for s in spent), 1) if spent else None
 
 
@@ -301,7 +286,7 @@ def collect_rows(exp: Experiment, root: pathlib.Path, data: dict[str, str]) -> l
     for config in exp.configs:
         workdir = workdir_of(root, exp, config)
         record = run_record.read_record(workdir)
-        summary = _read_json(workdir / 'summary.json') or {}
+        summary = read_json(workdir / 'summary.json') or {}
         base = {
             'experiment': exp.id,
             'title': exp.title,
@@ -325,7 +310,7 @@ def collect_rows(exp: Experiment, root: pathlib.Path, data: dict[str, str]) -> l
                     'metric': target.metric,
                     'reported': target.value,
                     'reported_text': target.text,
-                    'ours': _aggregate([] if value is None else [value]),
+                    'ours': aggregate([] if value is None else [value]),
                     'epochs': summary.get('epochs_run'),
                     'status': summary['status']
                     + (' (stopped early)' if summary.get('stopped_early') else ''),
@@ -347,7 +332,7 @@ def _variant_row(
     target = exp.target(config, variant['variant'])
     runs = [r for r in variant['runs'] if r.get('status') in ('completed', 'diverged')]
     values = [r[target.metric] for r in runs if r.get(target.metric) is not None]
-    first = _read_json(pathlib.Path(variant['runs'][0]['workdir']) / 'summary.json') or {}
+    first = read_json(pathlib.Path(variant['runs'][0]['workdir']) / 'summary.json') or {}
     record = run_record.read_record(variant['runs'][0]['workdir'])
     return {
         **base,
@@ -355,7 +340,7 @@ def _variant_row(
         'metric': target.metric,
         'reported': target.value,
         'reported_text': target.text,
-        'ours': _aggregate(values),
+        'ours': aggregate(values),
         'epochs': max((r.get('epochs_run') or 0 for r in runs), default=None),
         'status': variant['status'],
         'device': _device(first, record),
@@ -397,7 +382,7 @@ def _planned_rows(exp: Experiment, config: str, base: dict, plan: dict | None) -
                 'metric': target.metric,
                 'reported': target.value,
                 'reported_text': target.text,
-                'ours': _aggregate([]),
+                'ours': aggregate([]),
                 'epochs': None,
                 'status': why,
                 'device': '',
@@ -408,7 +393,7 @@ def _planned_rows(exp: Experiment, config: str, base: dict, plan: dict | None) -
 
 def _tests_row(exp: Experiment, root: pathlib.Path) -> dict[str, Any]:
     """E9's row: the test file's result from its last run."""
-    result = _read_json(root / exp.id / TESTS_FILE) or {}
+    result = read_json(root / exp.id / TESTS_FILE) or {}
     last = result.get('result', '')
     return {
         'experiment': exp.id,
@@ -418,7 +403,7 @@ def _tests_row(exp: Experiment, root: pathlib.Path) -> dict[str, Any]:
         'metric': 'tests',
         'reported': None,
         'reported_text': 'helpers agree with the formulas and scipy',
-        'ours': _aggregate([]),
+        'ours': aggregate([]),
         'ours_text': last.strip('= ') or 'not run yet',
         'epochs': None,
         'status': 'passed'

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cnn_jax import data, parallel, training_loop
+from cnn_jax import data, parallel, train
 from cnn_jax.data import sources, stream
 from cnn_jax.errors import ConfigError, DataError
 from tests.conftest import tiny_config
@@ -338,11 +338,11 @@ def test_strided_subset_caps_a_split_and_keeps_every_class(folder):
     config.device_memory_budget_gb = 1e-6
     streamed = stream.load(config).train
     device = (resident.images, resident.labels)
-    assert training_loop.strided_subset(device, None) is device
-    assert training_loop.strided_subset(streamed, 100) is streamed
-    images, labels = training_loop.strided_subset(device, 8)
+    assert train.strided_subset(device, None) is device
+    assert train.strided_subset(streamed, 100) is streamed
+    images, labels = train.strided_subset(device, 8)
     np.testing.assert_array_equal(labels, resident.labels[::3])  # 21 examples, stride 3.
     assert sorted(set(labels.tolist())) == [0, 1, 2]
-    part = training_loop.strided_subset(streamed, 8)
+    part = train.strided_subset(streamed, 8)
     np.testing.assert_array_equal(part.labels, labels)
     np.testing.assert_array_equal(part.examples(np.arange(len(part))), images)

@@ -105,14 +105,11 @@ def merge_classes(
         raise ConfigError(f'label_groups leaves classes {missing} in no group')
     if names is not None and len(names) != len(groups):
         raise ConfigError(f'label_group_names has {len(names)} names for {len(groups)} groups')
-    names = (
-        list(names)
-        if names
-        else [
+    if not names:
+        names = [
             '+'.join(raw.class_names[_class_index(raw.class_names, c)] for c in m) for m in groups
         ]
-    )
-    return relabel(raw, table, names)
+    return relabel(raw, table, list(names))
 
 
 def one_vs_rest(raw: RawData, positive: str | int) -> RawData:

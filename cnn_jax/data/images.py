@@ -87,12 +87,10 @@ def default_workers() -> int:
     return min(32, (os.cpu_count() or 1) + 2)
 
 
-def load_all(
-    paths: Sequence[str], *, image_size: int | None = None, workers: int | None = None
-) -> list[np.ndarray]:
+def load_all(paths: Sequence[str]) -> list[np.ndarray]:
     """`load` over `paths` in a thread pool, in the order given."""
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
-        return list(pool.map(lambda p: load(p, image_size), paths))
+    with ThreadPoolExecutor(default_workers()) as pool:
+        return list(pool.map(load, paths))
 
 
 def tf_decode(data):

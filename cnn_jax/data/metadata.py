@@ -7,7 +7,6 @@ decoded, nothing is downloaded, and a TFDS dataset need not be prepared.
 
 from __future__ import annotations
 
-import gzip
 import io
 import pathlib
 import struct
@@ -17,11 +16,9 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-from cnn_jax.data import apply_class_options
+from cnn_jax.data import apply_class_options, sources
 from cnn_jax.data.sources import (
-    IDX_FILES,
     IMAGE_EXTENSIONS,
-    OFFLINE_HINT,
     RawData,
     _archive_key,
     check_folder,
@@ -81,25 +78,14 @@ def model_input_shape(config: ml_collections.ConfigDict, meta: Any) -> tuple[int
 
 
 def _idx_metadata(root: pathlib.Path) -> Metadata:
-    if not root.is_dir():
-        raise DataError(f'IDX directory {root} does not exist. {OFFLINE_HINT}')
-    stem = IDX_FILES['train_images']
-    found = [p for p in (root / stem, root / (stem + '.gz')) if p.exists()]
-    if not found:
-        raise DataError(f'{root}: missing {stem} (or {stem}.gz)')
-    opener = gzip.open if found[0].suffix == '.gz' else open
-    with opener(found[0], 'rb') as f:
+    path = sources.idx_file(root, 'train_images')
+    with sources.open_maybe_gz(path) as f:
         (magic,) = struct.unpack('>I', f.read(4))
         ndim = magic & 0xFF
         dims = struct.unpack(f'>{ndim}I', f.read(4 * ndim))
     if len(dims) != 3:
-        raise DataError(f'{found[0]}: expected (N, H, W) images, found dimensions {dims}')
-    names_file = root / 'classes.txt'
-    if names_file.exists():
-        names = [n.strip() for n in names_file.read_text().splitlines() if n.strip()]
-    else:
-        names = [str(i) for i in range(10)]
-    return Metadata((dims[1], dims[2], 1), names)
+        raise DataError(f'{path}: expected (N, H, W) images, found dimensions {dims}')
+    return Metadata((dims[1], dims[2], 1), sources.idx_class_names(root))
 
 
 def _image_shape(data: bytes | pathlib.Path) -> tuple[int, int, int]:
@@ -154,13 +140,7 @@ def _archive_metadata(archive: pathlib.Path) -> Metadata:
 
 def _tfds_metadata(name: str, data_dir: str | None) -> Metadata:
     """TFDS's feature description: the builder's code states it, no download needed."""
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # DatasetNotFoundError and friends.
-        raise unknown_dataset(name, e) from None
-    features = builder.info.features
+    features = sources.tfds_builder(name, data_dir=data_dir, prepare=False).info.features
     image_key = next((k for k in ('image', 'img') if k in features), None)
     if image_key is None or 'label' not in features:
         raise ConfigError(f'TFDS dataset {name!r} has no image and label features')

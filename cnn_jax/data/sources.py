@@ -116,15 +116,34 @@ IDX_FILES = {
 }
 
 
-def _open_maybe_gz(path: pathlib.Path):
+def open_maybe_gz(path: pathlib.Path):
     return gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')
+
+
+def idx_file(root: pathlib.Path, key: str) -> pathlib.Path:
+    """The file of IDX_FILES[key] in `root`, gzipped or not; DataError if there is none."""
+    if not root.is_dir():
+        raise DataError(f'IDX directory {root} does not exist. {OFFLINE_HINT}')
+    stem = IDX_FILES[key]
+    found = [p for p in (root / stem, root / (stem + '.gz')) if p.exists()]
+    if not found:
+        raise DataError(f'{root}: missing {stem} (or {stem}.gz)')
+    return found[0]
+
+
+def idx_class_names(root: pathlib.Path) -> list[str]:
+    """The lines of root/classes.txt, or '0'..'9' without one."""
+    names_file = root / 'classes.txt'
+    if not names_file.exists():
+        return [str(i) for i in range(10)]
+    return [n.strip() for n in names_file.read_text().splitlines() if n.strip()]
 
 
 def read_idx_file(path: str | os.PathLike) -> np.ndarray:
     """Reads one IDX file (optionally gzipped) into an array of its declared shape."""
     path = pathlib.Path(path)
     try:
-        with _open_maybe_gz(path) as f:
+        with open_maybe_gz(path) as f:
             data = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f'cannot read IDX file {path}: {e}') from None
@@ -147,15 +166,7 @@ def read_idx_file(path: str | os.PathLike) -> np.ndarray:
 def read_idx(directory: str) -> RawData:
     """MNIST-format IDX files in `directory`; optional classes.txt names the classes."""
     root = pathlib.Path(directory).expanduser()
-    if not root.is_dir():
-        raise DataError(f'IDX directory {root} does not exist. {OFFLINE_HINT}')
-    arrays = {}
-    for key, stem in IDX_FILES.items():
-        candidates = [root / stem, root / (stem + '.gz')]
-        found = [p for p in candidates if p.exists()]
-        if not found:
-            raise DataError(f'{root}: missing {stem} (or {stem}.gz)')
-        arrays[key] = read_idx_file(found[0])
+    arrays = {key: read_idx_file(idx_file(root, key)) for key in IDX_FILES}
     for split in ('train', 'test'):
         images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -163,17 +174,12 @@ def read_idx(directory: str) -> RawData:
                 f'{root}: {split} images {images.shape} and labels {labels.shape} do not match '
                 '(expected (N, H, W) and (N,))'
             )
-    names_file = root / 'classes.txt'
-    if names_file.exists():
-        names = [n.strip() for n in names_file.read_text().splitlines() if n.strip()]
-    else:
-        names = [str(i) for i in range(10)]
     return RawData(
         arrays['train_images'].astype(np.uint8)[..., None],
         arrays['train_labels'].astype(np.int32),
         arrays['test_images'].astype(np.uint8)[..., None],
         arrays['test_labels'].astype(np.int32),
-        names,
+        idx_class_names(root),
     )
 
 
@@ -405,8 +411,11 @@ def _missing_module(name: str, e: ImportError) -> DataError:
     )
 
 
-def tfds_builder(name: str, *, data_dir: str | None, manual_dir: str | None):
-    """The TFDS builder for `name`, downloaded and prepared in `data_dir` if it is not yet."""
+def tfds_builder(
+    name: str, *, data_dir: str | None, manual_dir: str | None = None, prepare: bool = True
+):
+    """The TFDS builder for `name`, downloaded and prepared in `data_dir` if it is not yet
+    (unless `prepare` is False: its static description needs neither)."""
     import tensorflow_datasets as tfds
 
     try:
@@ -415,6 +424,8 @@ def tfds_builder(name: str, *, data_dir: str | None, manual_dir: str | None):
         raise _missing_module(name, e) from None
     except Exception as e:  # DatasetNotFoundError and friends.
         raise unknown_dataset(name, e) from None
+    if not prepare:
+        return builder
     try:
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         builder.download_and_prepare(download_config=download_config)

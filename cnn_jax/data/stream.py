@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import queue
 import threading
@@ -72,15 +73,6 @@ class Batch:
 
 
 # --- order ------------------------------------------------------------------------------
-
-
-def resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    """(index, count), JAX's own where not given (tests pass them to play a process)."""
-    count = jax.process_count() if process_count is None else process_count
-    index = jax.process_index() if process_index is None else process_index
-    if not 0 <= index < count:
-        raise ValueError(f'process_index {index} is outside 0..{count - 1}')
-    return index, count
 
 
 def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -195,7 +187,12 @@ class Stream:
         prefetch: int = 4,
     ):
         self.image_size, self.prefetch = image_size, prefetch
-        self._process = resolve_processes(process_index, process_count)
+        # JAX's own process where not given (tests pass them to play a process).
+        count = jax.process_count() if process_count is None else process_count
+        index = jax.process_index() if process_index is None else process_index
+        if not 0 <= index < count:
+            raise ValueError(f'process_index {index} is outside 0..{count - 1}')
+        self._process = index, count
 
     def __len__(self) -> int:
         return len(self.index)
@@ -256,14 +253,11 @@ class FolderStream(Stream):
         self.paths, self.index = list(paths), np.arange(len(paths))
         self._labels, self.class_names = np.asarray(labels, np.int32), list(class_names)
         self.workers = workers or images_lib.default_workers()
-        self._image_shape: tuple[int, int, int] | None = None
 
-    @property
+    @functools.cached_property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of every batch's images (the first image's, without image_size)."""
-        if self._image_shape is None:
-            self._image_shape = tuple(images_lib.load(self.paths[0], self.image_size).shape)
-        return self._image_shape
+        return tuple(images_lib.load(self.paths[0], self.image_size).shape)
 
     def train(self, order: np.ndarray, start_step: int = 0) -> Iterator[Batch]:
         """This process's share of the (steps, B) global `order`'s rows from `start_step`."""

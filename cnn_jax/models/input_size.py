@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,18 @@ from cnn_jax.errors import ConfigError
 from cnn_jax.models import MODELS
 
 MAX_SIDE = 1024  # Sizes searched for the smallest that fits.
+
+
+def trace_init(model: nn.Module, batch_shape: Sequence[int], interceptor: Any) -> Any:
+    """The shapes of `model`'s variables (jax.eval_shape of its init on zeros of
+    `batch_shape`: nothing is computed), with `interceptor` around every module method."""
+
+    def init() -> Any:
+        rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+        with nn.intercept_methods(interceptor):
+            return model.init(rngs, jnp.zeros(batch_shape, jnp.float32), train=False)
+
+    return jax.eval_shape(init)
 
 
 def fits(model: nn.Module, input_shape: Sequence[int]) -> bool:
@@ -31,13 +44,8 @@ def fits(model: nn.Module, input_shape: Sequence[int]) -> bool:
             empty.append(context.module)
         return out
 
-    def init():
-        rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-        with nn.intercept_methods(record):
-            return model.init(rngs, jnp.zeros((1, *input_shape), jnp.float32), train=False)
-
     try:
-        jax.eval_shape(init)
+        trace_init(model, (1, *input_shape), record)
     except ConfigError:  # A bad option of the model: not a matter of size.
         raise
     except Exception:  # noqa: BLE001 - an empty map fails in many ways (ZeroDivisionError, ...)

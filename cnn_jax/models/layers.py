@@ -6,6 +6,7 @@ torchsummary lists ReLU and MaxPool2d. They own no variables, so they never chan
 model's parameter tree.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,27 +20,16 @@ from cnn_jax.errors import ConfigError
 Padding = str | int | Sequence[tuple[int, int]]
 
 
-def _identity(x: jax.Array) -> jax.Array:
-    return x
-
-
-def _leaky_relu(x: jax.Array) -> jax.Array:
-    return nn.leaky_relu(x, negative_slope=0.01)  # torch.nn.LeakyReLU's default slope.
-
-
-def _gelu(x: jax.Array) -> jax.Array:
-    return nn.gelu(x, approximate=False)  # torch.nn.GELU's default (erf) form.
-
-
 # name -> (function, display name in the layer table).
 ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], str]] = {
-    'identity': (_identity, 'Identity'),
+    'identity': (lambda x: x, 'Identity'),
     'relu': (nn.relu, 'ReLU'),
     'tanh': (jnp.tanh, 'Tanh'),
     'sigmoid': (nn.sigmoid, 'Sigmoid'),
     'swish': (nn.swish, 'SiLU'),
-    'leaky_relu': (_leaky_relu, 'LeakyReLU'),
-    'gelu': (_gelu, 'GELU'),
+    # torch.nn.LeakyReLU's default slope, torch.nn.GELU's default (erf) form.
+    'leaky_relu': (functools.partial(nn.leaky_relu, negative_slope=0.01), 'LeakyReLU'),
+    'gelu': (functools.partial(nn.gelu, approximate=False), 'GELU'),
 }
 
 # 'dropout' is Dropout2d (whole channels) after a conv and plain Dropout after a dense

@@ -58,9 +58,7 @@ def plot_per_class(classes: list[str], acc: dict[str, np.ndarray], path: pathlib
     for i, (v, a) in enumerate(acc.items()):
         ax.bar(x + (i - (len(acc) - 1) / 2) * width, a, width, label=v)
     ax.set_xticks(x, classes, rotation=30, ha='right')
-    ax.set_ylim(0, 1)
-    ax.set_ylabel('test accuracy')
-    ax.set_title('per-class test accuracy')
+    ax.set(ylim=(0, 1), ylabel='test accuracy', title='per-class test accuracy')
     ax.grid(axis='y', alpha=0.3)
     ax.legend()
     fig.tight_layout()

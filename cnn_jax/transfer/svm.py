@@ -57,14 +57,6 @@ CACHE_VERSION = 1
 # --- Features ---------------------------------------------------------------------------
 
 
-def _file_digest(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with path.open('rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def feature_cache_key(config: ml_collections.ConfigDict, weights_digest: str) -> str:
     """A short hash of the weights file digest and the config keys that shape the features."""
 
@@ -82,16 +74,14 @@ def extract_features(
     images: np.ndarray,
     mean: np.ndarray,
     std: np.ndarray,
-    *,
     image_size: int | None,
     batch_size: int,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: jax.sharding.Mesh,
 ) -> np.ndarray:
     """Pooled features (N, D) of uint8 NHWC `images`, in jitted batches over all devices.
 
     The batch is rounded up to a multiple of the device count; the last one is padded.
     """
-    mesh = mesh if mesh is not None else parallel.make_mesh()
     n_dev = mesh.devices.size
     batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -124,7 +114,8 @@ def load_or_extract(
     """Train (+ val) and test features with labels and class names; True if from cache."""
     check_exists(config.pretrained, config.model)
     weights = pathlib.Path(config.pretrained).expanduser()
-    key = feature_cache_key(config, _file_digest(weights))
+    with weights.open('rb') as f:
+        key = feature_cache_key(config, hashlib.file_digest(f, 'sha256').hexdigest())
     cache = workdir / f'features-{key}.npz'
     if cache.exists():
         print(f'SVM: features from the cache {cache}', flush=True)
@@ -153,18 +144,14 @@ def load_or_extract(
         variables[collection] = traverse_util.unflatten_dict(concrete)
 
     mesh = parallel.make_mesh()
-    features = functools.partial(
-        extract_features,
-        model,
-        variables,
-        mean=ds.mean,
-        std=ds.std,
-        image_size=config.image_size,
-        batch_size=config.eval_batch_size,
-        mesh=mesh,
-    )
     t0 = time.time()
-    arrays = {'train_features': features(train_images), 'test_features': features(ds.test.images)}
+    size, batch = config.image_size, config.eval_batch_size
+    arrays = {
+        f'{split}_features': extract_features(
+            model, variables, images, ds.mean, ds.std, size, batch, mesh
+        )
+        for split, images in (('train', train_images), ('test', ds.test.images))
+    }
     print(
         f'SVM: extracted {len(train_images)} + {len(ds.test)} features of dimension '
         f'{arrays["train_features"].shape[1]} in {time.time() - t0:.1f} s on '
@@ -238,11 +225,8 @@ def plot_roc(curves: dict, class_names: list[str], path: pathlib.Path, title: st
     for k, (fpr, tpr, a) in curves.items():
         ax.plot(fpr, tpr, lw=1.5, label=f'{class_names[k]} (AUC {a:.3f})')
     ax.plot([0, 1], [0, 1], '--', color='grey', lw=1, label='chance')
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel('false positive rate')
-    ax.set_ylabel('true positive rate')
-    ax.set_title(title)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.set(xlabel='false positive rate', ylabel='true positive rate')
     ax.grid(alpha=0.3)
     ax.legend(loc='lower right', fontsize=8)
     fig.tight_layout()

@@ -81,14 +81,6 @@ def _torch_axes(ndim: int) -> tuple[int, ...]:
     return {4: (3, 2, 0, 1), 2: (1, 0)}.get(ndim, tuple(range(ndim)))
 
 
-def _to_torch_layout(x: np.ndarray) -> np.ndarray:
-    return np.transpose(x, _torch_axes(x.ndim))
-
-
-def _from_torch_layout(x: np.ndarray) -> np.ndarray:
-    return np.transpose(x, np.argsort(_torch_axes(x.ndim)))
-
-
 def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[i] for i in _torch_axes(len(shape)))
 
@@ -123,7 +115,8 @@ def to_torchvision_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndar
     out: dict[str, np.ndarray] = {}
     for collection, path, value in _flat_variables(variables):
         name = torch_name(collection, path)
-        out[name] = np.ascontiguousarray(_to_torch_layout(np.asarray(value)))
+        value = np.asarray(value)
+        out[name] = np.ascontiguousarray(np.transpose(value, _torch_axes(value.ndim)))
         if name.endswith('.running_var'):  # torch's BN also saves its step counter.
             out[name[: -len('running_var')] + 'num_batches_tracked'] = np.array(0, np.int64)
     return {k: out[k] for k in sorted(out, key=_module_order)}
@@ -348,7 +341,8 @@ def load_torchvision(path: str, variables: Mapping[str, Any], *, arch: str) -> d
         if keep_head and name in head_keys:
             flat[collection][p] = value
         else:
-            array = _from_torch_layout(state[name]).astype(value.dtype)
+            array = np.transpose(state[name], np.argsort(_torch_axes(value.ndim)))
+            array = array.astype(value.dtype)
             flat[collection][p] = jnp.asarray(array)
     out = dict(variables)
     out['params'] = traverse_util.unflatten_dict(flat['params'])
