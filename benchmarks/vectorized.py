@@ -59,7 +59,7 @@ def benchmark_vectorized(
     spec = train.InputSpec(
         mean=(0.5,) * channels,
         std=(0.25,) * channels,
-        augment=AugmentConfig.from_config(config.get('augment')),
+        augment=AugmentConfig.from_config(config.augment),
     )
     runners, compile_s = {}, {}
 

@@ -91,10 +91,10 @@ def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int
         raise ConfigError(
             f'batch_size={config.batch_size} is larger than the {num_train} training examples'
         )
-    if config.get('steps_per_epoch'):
+    if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
     es = config.early_stopping
-    monitor = es.monitor if es.patience > 0 else config.get('best_metric', 'val_accuracy')
+    monitor = es.monitor if es.patience > 0 else config.best_metric
     if monitor.startswith('val_') and dataset.val is None:
         if es.patience > 0:
             raise ConfigError(f'early stopping monitors {monitor} but val_fraction is 0')
@@ -106,8 +106,8 @@ def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> train.Inp
     return train.InputSpec(
         mean=tuple(float(v) for v in dataset.mean),
         std=tuple(float(v) for v in dataset.std),
-        image_size=config.get('image_size') or None,  # 0 or None: no resize.
-        augment=AugmentConfig.from_config(config.get('augment')),
+        image_size=config.image_size or None,  # 0 or None: no resize.
+        augment=AugmentConfig.from_config(config.augment),
     )
 
 
@@ -305,7 +305,7 @@ def train_variants(
     state = jax.device_put(steps.state, repl)
     device_data = device_splits(dataset, mesh)
     writer = jax.process_index() == 0
-    keep = config.get('keep_checkpoints', 2)
+    keep = config.keep_checkpoints
     runs = [
         _Variant(
             config=c,
@@ -317,7 +317,8 @@ def train_variants(
         for k, (c, w) in enumerate(zip(configs, workdirs, strict=True))
     ]
 
-    acc = steps.zero_metrics()
+    # Placed on the mesh like the step's output, so the second step does not recompile.
+    acc = jax.device_put(steps.zero_metrics(), repl)
     start_epoch = start_step = 0
     resumed_from = None
     restored = _restore_latest(runs, steps, state)
@@ -354,7 +355,7 @@ def train_variants(
     active = mask()
     total_steps = config.num_epochs * steps_per_epoch
     progress = Progress(total_steps, enabled=writer)
-    log_every = max(1, config.get('log_every_steps', 50))
+    log_every = max(1, config.log_every_steps)
     compile_s, timed_steps, timed_s = 0.0, 0, 0.0
     t_start = time.perf_counter()
     stop, stop_wanted = StopRequest(), False
@@ -426,7 +427,7 @@ def train_variants(
                     )[0]
                     for split in ('val', 'test')
                     if split in device_data
-                    and (split == 'val' or config.get('eval_test_each_epoch'))
+                    and (split == 'val' or config.eval_test_each_epoch)
                 }
                 lr = train.optax_learning_rate(state_k, r.config, steps_per_epoch)
                 elapsed = time.perf_counter() - t_start
@@ -442,7 +443,7 @@ def train_variants(
                     stopping.append(r)
             acc = jax.device_put(steps.zero_metrics(), repl)
             last = epoch + 1 == config.num_epochs
-            if (epoch + 1) % max(1, config.get('checkpoint_every_epochs', 1)) == 0 or last:
+            if (epoch + 1) % max(1, config.checkpoint_every_epochs) == 0 or last:
                 _save_latest(runs, steps, state, acc, int(state.step), epoch + 1, 0)
             for r in stopping:
                 print(

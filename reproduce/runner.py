@@ -39,7 +39,7 @@ ROOT = run_record.REPO_ROOT
 DEFAULT_ROOT = pathlib.Path('results') / 'reproduction'
 TIME_FILE = 'reproduce_time.json'  # Seconds spent by every launch in this workdir.
 TESTS_FILE = 'tests.json'  # E9: the last run's pytest result line, exit code and commit.
-PROBE_STEPS = 6
+PROBE_STEPS = 10  # The first is excluded (compilation): 9 timed steps.
 
 
 def config_stem(config: str) -> str:

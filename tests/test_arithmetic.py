@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnn_jax import arithmetic
-from tests import conv_arithmetic
 
 # --- Output sizes ------------------------------------------------------------------
 
@@ -24,22 +23,22 @@ def test_output_size_worked_examples():
     assert arithmetic.conv_output_size(7, 3, stride=2, padding=0) == 3
     assert arithmetic.conv_output_size(227, 11, stride=4, padding=0) == 55  # AlexNet conv1.
     assert arithmetic.conv_output_size(224, 7, stride=2, padding=3) == 112  # ResNet stem.
-    assert conv_arithmetic.pool_output_size(112, 3, stride=2, padding=1) == 56  # ResNet max-pool.
+    assert arithmetic.pool_output_size(112, 3, stride=2, padding=1) == 56  # ResNet max-pool.
     assert arithmetic.conv_output_size(32, 5, padding=2) == 32  # E10.
     assert arithmetic.conv_output_size(5, 3, dilation=2) == 1
     # E3 at 28x28: conv 7, max-pool 2/1, conv 5, max-pool 2/1, conv 3, avg-pool 2/2.
     sizes = [28]
     for op, k, s in [('c', 7, 1), ('p', 2, 1), ('c', 5, 1), ('p', 2, 1), ('c', 3, 1), ('p', 2, 2)]:
-        f = arithmetic.conv_output_size if op == 'c' else conv_arithmetic.pool_output_size
+        f = arithmetic.conv_output_size if op == 'c' else arithmetic.pool_output_size
         sizes.append(f(sizes[-1], k, s))
     assert sizes == [28, 22, 21, 17, 16, 14, 7]
 
 
 def test_pool_stride_defaults_to_window_and_ceil_mode():
-    assert conv_arithmetic.pool_output_size(13, 2) == 6
-    assert conv_arithmetic.pool_output_size(13, 2, ceil_mode=True) == 7
+    assert arithmetic.pool_output_size(13, 2) == 6
+    assert arithmetic.pool_output_size(13, 2, ceil_mode=True) == 7
     # torch drops a last window that would start in the right padding.
-    assert conv_arithmetic.pool_output_size(4, 2, stride=2, padding=1, ceil_mode=True) == 3
+    assert arithmetic.pool_output_size(4, 2, stride=2, padding=1, ceil_mode=True) == 3
 
 
 def test_output_size_rejects_impossible_layers():
@@ -53,29 +52,27 @@ def test_output_size_rejects_impossible_layers():
 
 def test_same_padding_keeps_the_size():
     for k in (1, 3, 5, 7, 11):
-        p = conv_arithmetic.same_padding(k)
+        p = arithmetic.same_padding(k)
         assert p == (k - 1) // 2
         assert arithmetic.conv_output_size(17, k, padding=p) == 17
-    assert conv_arithmetic.same_padding(3, dilation=2) == 2
+    assert arithmetic.same_padding(3, dilation=2) == 2
     with pytest.raises(ValueError, match='even kernel'):
-        conv_arithmetic.same_padding(4)
+        arithmetic.same_padding(4)
     assert arithmetic.same_padding_pair(17, 4) == (1, 2)
     assert arithmetic.conv_output_size(17, 4, padding=(1, 2)) == 17
 
 
 def test_kernel_size_explains_the_output():
-    assert conv_arithmetic.kernel_size_for(28, 22) == 7
-    assert conv_arithmetic.kernel_size_for(32, 32, padding=2) == 5
-    assert (
-        conv_arithmetic.kernel_size_for(224, 112, stride=2, padding=3) == 8
-    )  # 7 floors to it too.
+    assert arithmetic.kernel_size_for(28, 22) == 7
+    assert arithmetic.kernel_size_for(32, 32, padding=2) == 5
+    assert arithmetic.kernel_size_for(224, 112, stride=2, padding=3) == 8  # 7 floors to it too.
     for w, f, s, p in itertools.product((9, 16, 31), (1, 2, 3, 5), (1, 2, 3), (0, 1, 2)):
         o = arithmetic.conv_output_size(w, f, s, p)
-        k = conv_arithmetic.kernel_size_for(w, o, s, p)
+        k = arithmetic.kernel_size_for(w, o, s, p)
         assert arithmetic.conv_output_size(w, k, s, p) == o
         assert f <= k < f + s
     with pytest.raises(ValueError, match='no kernel'):
-        conv_arithmetic.kernel_size_for(8, 20)
+        arithmetic.kernel_size_for(8, 20)
 
 
 # Grid of input sizes, kernels, strides and paddings against what flax produces.
@@ -108,7 +105,7 @@ def test_pool_output_size_matches_flax_pooling(pool):
             continue
         x = jax.ShapeDtypeStruct((1, w, w, 1), jnp.float32)
         out = jax.eval_shape(lambda x, k=k, s=s, p=p: pool(x, (k, k), (s, s), _flax_padding(p)), x)
-        assert out.shape[1] == conv_arithmetic.pool_output_size(w, k, s, p), (w, k, s, p)
+        assert out.shape[1] == arithmetic.pool_output_size(w, k, s, p), (w, k, s, p)
 
 
 # --- Parameter counts --------------------------------------------------------------
@@ -148,12 +145,12 @@ def test_conv2d_worked_example_flips_the_kernel():
     image = np.arange(9).reshape(3, 3)
     kernel = np.array([[1, 0], [0, 0]])  # Convolution shifts by the 1's offset; no flip would not.
     np.testing.assert_array_equal(
-        conv_arithmetic.conv2d(image, kernel, padding='valid'), [[4, 5], [7, 8]]
+        arithmetic.conv2d(image, kernel, padding='valid'), [[4, 5], [7, 8]]
     )
     np.testing.assert_array_equal(
-        conv_arithmetic.conv2d(image, np.array([[0, 0], [0, 1]]), padding='valid'), [[0, 1], [3, 4]]
+        arithmetic.conv2d(image, np.array([[0, 0], [0, 1]]), padding='valid'), [[0, 1], [3, 4]]
     )
-    full = conv_arithmetic.conv2d(np.ones((2, 2), int), np.ones((2, 2), int), padding='full')
+    full = arithmetic.conv2d(np.ones((2, 2), int), np.ones((2, 2), int), padding='full')
     np.testing.assert_array_equal(full, [[1, 2, 1], [2, 4, 2], [1, 2, 1]])
 
 
@@ -164,7 +161,7 @@ def test_conv2d_matches_scipy_ndimage_convolve(seed):
         image = rng.integers(-9, 10, size=(rng.integers(5, 12), rng.integers(5, 12)))
         kernel = rng.integers(-5, 6, size=(kh, kw))
         expected = scipy.ndimage.convolve(image, kernel, mode='constant', cval=0)
-        got = conv_arithmetic.conv2d(image, kernel, padding='same')
+        got = arithmetic.conv2d(image, kernel, padding='same')
         assert got.dtype.kind == 'i'
         np.testing.assert_array_equal(got, expected)
 
@@ -174,13 +171,13 @@ def test_conv2d_stride_and_padding_shapes_follow_the_formula():
     image = rng.integers(0, 5, size=(11, 11))
     kernel = rng.integers(0, 5, size=(3, 3))
     for stride, pad in itertools.product((1, 2, 3), (0, 1, 2)):
-        out = conv_arithmetic.conv2d(image, kernel, padding=pad, stride=stride)
+        out = arithmetic.conv2d(image, kernel, padding=pad, stride=stride)
         n = arithmetic.conv_output_size(11, 3, stride, pad)
         assert out.shape == (n, n)
     # Stride subsamples the stride-1 result.
     np.testing.assert_array_equal(
-        conv_arithmetic.conv2d(image, kernel, padding=1, stride=2),
-        conv_arithmetic.conv2d(image, kernel, padding=1)[::2, ::2],
+        arithmetic.conv2d(image, kernel, padding=1, stride=2),
+        arithmetic.conv2d(image, kernel, padding=1)[::2, ::2],
     )
 
 
@@ -192,7 +189,7 @@ def test_conv2d_equals_flax_conv_with_flipped_kernel():
     conv = nn.Conv(1, (3, 3), padding='SAME', use_bias=False)
     params = {'params': {'kernel': jnp.asarray(kernel[::-1, ::-1, None, None])}}
     out = conv.apply(params, jnp.asarray(image[None, :, :, None]))[0, :, :, 0]
-    np.testing.assert_allclose(out, conv_arithmetic.conv2d(image, kernel), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, arithmetic.conv2d(image, kernel), rtol=1e-5, atol=1e-5)
 
 
 # --- Softmax ------------------------------------------------------------------------
@@ -207,8 +204,8 @@ logits_strategy = hnp.arrays(
 @settings(max_examples=50, deadline=None)
 @given(logits=logits_strategy, shift=st.floats(-1e3, 1e3, allow_nan=False))
 def test_softmax_is_shift_invariant(logits, shift):
-    p = conv_arithmetic.softmax(logits)
-    np.testing.assert_allclose(conv_arithmetic.softmax(logits + shift), p, rtol=1e-9, atol=1e-12)
+    p = arithmetic.softmax(logits)
+    np.testing.assert_allclose(arithmetic.softmax(logits + shift), p, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(p.sum(axis=-1), 1.0, rtol=1e-12)
     # jax.nn.softmax, which the losses use, has the same invariance (float32 tolerance).
     q = jax.nn.softmax(jnp.asarray(logits + shift, jnp.float32))

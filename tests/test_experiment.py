@@ -53,6 +53,20 @@ def test_quickstart_runs_end_to_end_and_writes_every_file(tmp_path):
     assert 'Confusion matrix' in report and 'Total params:' in report
 
 
+def test_the_train_step_compiles_once_per_run(tmp_path, caplog):
+    """The initial state and running sums sit on the mesh as the step's outputs do: a
+    second compile at step 2 would cost a large model a minute of every launch."""
+    import jax
+
+    config = tiny_config(num_epochs=2, steps_per_epoch=4)
+    ds = experiment.stream.load(config)
+    model = experiment.build_model(config, ds.num_classes)
+    with jax.log_compiles(), caplog.at_level('WARNING'):
+        train_and_evaluate(config, tmp_path, ds, model)
+    compiles = [r for r in caplog.records if 'Compiling jit(train)' in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
+
+
 def _strip(rows):
     return [{k: v for k, v in r.items() if k != 'elapsed_s'} for r in rows]
 

@@ -11,7 +11,6 @@ import pytest
 from cnn_jax import arithmetic, cli
 from cnn_jax.data.metadata import dataset_metadata, model_input_shape, source_metadata
 from reproduce.reported import load_config
-from tests import conv_arithmetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(
@@ -33,7 +32,7 @@ def test_e1_network_total_is_what_the_layer_formulas_give(capsys, monkeypatch):
     convs = sum(arithmetic.conv_params(3, a, b) for a, b in itertools.pairwise(channels))
     side = 64
     for _ in range(5):
-        side = conv_arithmetic.pool_output_size(side, 2, 2)
+        side = arithmetic.pool_output_size(side, 2, 2)
     dense = (
         arithmetic.dense_params(side * side * 512, 4096)
         + arithmetic.dense_params(4096, 4096)

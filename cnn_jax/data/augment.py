@@ -27,14 +27,12 @@ class AugmentConfig:
     scale: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict | None) -> AugmentConfig:
-        if cfg is None:
-            return cls()
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> AugmentConfig:
         return cls(
-            flip=bool(cfg.get('flip', False)),
-            crop_padding=int(cfg.get('crop_padding', 0)),
-            rotation_degrees=float(cfg.get('rotation_degrees', 0.0)),
-            scale=float(cfg.get('scale', 0.0)),
+            flip=bool(cfg.flip),
+            crop_padding=int(cfg.crop_padding),
+            rotation_degrees=float(cfg.rotation_degrees),
+            scale=float(cfg.scale),
         )
 
     @property
