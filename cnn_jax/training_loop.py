@@ -426,8 +426,7 @@ def train_variants(
                         steps.evaluation, state_k, device_data[split], config.eval_batch_size, mesh
                     )[0]
                     for split in ('val', 'test')
-                    if split in device_data
-                    and (split == 'val' or config.eval_test_each_epoch)
+                    if split in device_data and (split == 'val' or config.eval_test_each_epoch)
                 }
                 lr = train.optax_learning_rate(state_k, r.config, steps_per_epoch)
                 elapsed = time.perf_counter() - t_start
