@@ -86,9 +86,21 @@ def describe_data(exp: Experiment, data: dict[str, str]) -> str:
 
 
 def _run_logged(cmd: list[str], workdir: pathlib.Path) -> int:
-    """Runs `cmd` from the repository root, its output to the terminal and launch.log."""
+    """Runs `cmd` from the repository root, its output to the terminal and launch.log.
+
+    Its seconds go to the workdir's ledger as it runs (every minute), so a launch killed
+    with the runner (a session's end) still counts up to its last minute.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    ledger = workdir / TIME_FILE
+    spent = json.loads(ledger.read_text()) if ledger.exists() else []
+    start = written = time.time()
+
+    def record(rc: int | None) -> None:
+        entry = {'seconds': round(time.time() - start, 1), 'exit_code': rc}
+        ledger.write_text(json.dumps([*spent, entry]) + '\n')
+
+    record(None)
     with open(workdir / 'launch.log', 'a') as log:
         log.write(f'\n$ {shlex.join(cmd)}\n')
         log.flush()
@@ -104,11 +116,11 @@ def _run_logged(cmd: list[str], workdir: pathlib.Path) -> int:
             sys.stdout.write(line)
             sys.stdout.flush()
             log.write(line)
+            if time.time() - written > 60:
+                record(None)
+                written = time.time()
         rc = proc.wait()
-    ledger = workdir / TIME_FILE
-    spent = json.loads(ledger.read_text()) if ledger.exists() else []
-    spent.append({'seconds': round(time.time() - start, 1), 'exit_code': rc})
-    ledger.write_text(json.dumps(spent) + '\n')
+    record(rc)
     return rc
 
 
@@ -258,8 +270,17 @@ def estimate_seconds(config: str, measured: dict) -> float | None:
 
 
 def _seconds_spent(workdir: pathlib.Path) -> float | None:
+    """The ledger's seconds, or the runs' own wall times where those add up to more: a
+    launch killed before the ledger recorded as it ran left no entry. A copied run's time
+    belongs to the workdir it came from."""
     spent = read_json(workdir / TIME_FILE)
-    return round(sum(s['seconds'] for s in spent), 1) if spent else None
+    ledger = sum(s['seconds'] for s in spent) if spent else 0.0
+    runs = 0.0
+    for path in workdir.rglob('summary.json'):
+        own = read_json(path) or {}
+        if 'wall_time_s' in own and not (path.parent / 'copied_from.txt').exists():
+            runs += own['wall_time_s']
+    return round(max(ledger, runs), 1) if spent or runs else None
 
 
 def _device(summary: dict, record: dict | None) -> str:
