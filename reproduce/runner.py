@@ -308,13 +308,17 @@ def collect_rows(exp: Experiment, root: pathlib.Path, data: dict[str, str]) -> l
         workdir = workdir_of(root, exp, config)
         record = run_record.read_record(workdir)
         summary = read_json(workdir / 'summary.json') or {}
+        used, command = data, launch_command(exp, config, workdir, data)
+        if record:  # What the run was launched with, whatever this call's --data says.
+            used = {**data, exp.dataset: record['config']['dataset']}
+            command = record['command']
         base = {
             'experiment': exp.id,
             'title': exp.title,
             'config': config,
-            'data': describe_data(exp, data),
+            'data': describe_data(exp, used),
             'commit': (record or {}).get('commit'),
-            'command': shlex.join(launch_command(exp, config, workdir, data)),
+            'command': shlex.join(command),
             'wall_time_s': _seconds_spent(workdir),
         }
         if 'variants' in summary:  # A study: one row per variant.
