@@ -41,6 +41,12 @@ def test_runs_an_experiment_then_reuses_it_and_tables_every_experiment(tmp_path,
     text = (tmp_path / 'REPRODUCTION.md').read_text()
     assert '| E10 | cifar_cnn3.py |' in text and 'Fashion' not in text
 
+    # Re-tabled without --data, a row still says what its run was launched with.
+    assert reproduce.main(['--table', '--root', str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / 'REPRODUCTION.json').read_text())
+    (again,) = [r for r in rows if r['experiment'] == 'E10']
+    assert again['data'] == e10['data'] and again['command'] == e10['command']
+
 
 def test_a_study_run_identical_to_a_finished_one_is_copied_not_retrained(tmp_path):
     exp = next(e for e in EXPERIMENTS if e.id == 'E4')
