@@ -347,7 +347,7 @@ def collect_rows(exp: Experiment, root: pathlib.Path, data: dict[str, str]) -> l
             plan = measured.get(_probe_key(exp, config))
             if plan is not None:
                 plan = {**plan, 'seconds': estimate_seconds(config, plan)}
-            rows.extend(_planned_rows(exp, config, base, plan))
+            rows.extend(_planned_rows(exp, config, base, plan, workdir, record))
     return rows
 
 
@@ -386,12 +386,39 @@ def _mark_winner(exp: Experiment, config: str, rows: list[dict]) -> None:
         r['winner_reported'] = r['variant'] == reported if reported else None
 
 
-def _planned_rows(exp: Experiment, config: str, base: dict, plan: dict | None) -> list[dict]:
+def _planned_rows(
+    exp: Experiment,
+    config: str,
+    base: dict,
+    plan: dict | None,
+    workdir: pathlib.Path,
+    record: dict | None,
+) -> list[dict]:
+    """Rows of a config without a finished summary; a study interrupted part-way shows the
+    variants it has finished (seed 0's run, where the study has seeds)."""
     variants = schedule(config)['variants']
     rows = []
     for variant in variants:
         target = exp.target(config, variant or None)
         why = exp.blocked or exp.planned_reason or 'not run yet'
+        run = read_json(workdir / variant / 'summary.json') if variant else None
+        run = run or (read_json(workdir / variant / 'seed_0' / 'summary.json') if variant else None)
+        if run and run.get('status') == 'completed':
+            value = _metric_of(run, target.metric)
+            rows.append(
+                {
+                    **base,
+                    'variant': variant,
+                    'metric': target.metric,
+                    'reported': target.value,
+                    'reported_text': target.text,
+                    'ours': aggregate([value] if value is not None else []),
+                    'epochs': run.get('epochs_run'),
+                    'status': 'completed; the study is not finished yet (rerun its command)',
+                    'device': _device(run, record),
+                }
+            )
+            continue
         if plan:
             if plan.get('seconds') is not None:
                 why += (

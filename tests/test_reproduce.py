@@ -64,3 +64,18 @@ def test_a_study_run_identical_to_a_finished_one_is_copied_not_retrained(tmp_pat
         done
     )
     assert not (target / 'adam_bn_relu_ce' / 'seed_1').exists()  # Another seed: no match.
+
+
+def test_a_study_stopped_part_way_shows_the_variants_it_finished(tmp_path):
+    exp = next(e for e in EXPERIMENTS if e.id == 'E4')
+    done = tmp_path / 'E4' / 'cifar_cnn6_optimizers' / 'sgd'
+    done.mkdir(parents=True)
+    run = {'status': 'completed', 'test_accuracy': 0.634, 'epochs_run': 20}
+    (done / 'summary.json').write_text(json.dumps(run))
+    rows = reproduce.collect_rows(exp, tmp_path, {})
+    config = 'ablations/cifar_cnn6_optimizers.py'
+    by_variant = {r['variant']: r for r in rows if r['config'] == config}
+    assert by_variant['sgd']['ours']['mean'] == 0.634 and by_variant['sgd']['epochs'] == 20
+    assert 'study is not finished' in by_variant['sgd']['status']
+    assert by_variant['adam']['ours']['mean'] is None
+    assert by_variant['adam']['status'].startswith('not run yet')
