@@ -6,10 +6,10 @@ for 3 epochs (the report stopped after epoch 7: train 0.757, val 0.734, test 0.7
     python launch.py --config=configs/cifar_cnn3.py --workdir=results/cifar_cnn3
     python launch.py --config=configs/cifar_cnn3.py --summary
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/cifar_cnn3.py --workdir=results/cifar_cnn3 \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 """
 
 import ml_collections

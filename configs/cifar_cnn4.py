@@ -6,10 +6,10 @@ stopping on validation loss. Reported: test 0.811 (0.770 before the changes, E10
     python launch.py --config=configs/cifar_cnn4.py --workdir=results/cifar_cnn4
     python launch.py --config=configs/cifar_cnn4.py --summary
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/cifar_cnn4.py --workdir=results/cifar_cnn4 \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 """
 
 import ml_collections

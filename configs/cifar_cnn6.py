@@ -8,10 +8,10 @@ hand, e.g. --config.model_options.norm=dropout, --config.model_options.activatio
     python launch.py --config=configs/cifar_cnn6.py --workdir=results/cifar_cnn6
     python launch.py --config=configs/cifar_cnn6.py --summary
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/cifar_cnn6.py --workdir=results/cifar_cnn6 \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 """
 
 import ml_collections

@@ -8,8 +8,8 @@ the model's own (the layer table; `--summary` prints it).
     python launch.py --config=configs/mnist_cnn.py:merged --workdir=results/mnist_cnn_merged
     python launch.py --config=configs/mnist_cnn.py --summary
 
-Offline on this machine (Fashion-MNIST: MNIST's format and shape, harder; the merged
-groups then join clothing classes by index):
+Offline, Fashion-MNIST from the Debian package dataset-fashion-mnist (MNIST's format and
+shape, harder; the merged groups then join clothing classes by index):
 
     python launch.py --config=configs/mnist_cnn.py --workdir=results/mnist_cnn \
         --config.dataset=idx:/usr/share/datasets/fashion-mnist

@@ -5,10 +5,10 @@ Reported after 5 epochs: train 97.2%, val 88.6%, test 88%, precision/recall/F1 0
     python launch.py --config=configs/resnet18.py --workdir=results/resnet18
     python launch.py --config=configs/resnet18.py --summary
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/resnet18.py --workdir=results/resnet18 \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 """
 
 import ml_collections

@@ -8,10 +8,10 @@ crops of the 4-pixel-padded image and horizontal flips. Reported: validation acc
     python launch.py --config=configs/resnet20.py --workdir=results/resnet20
     python launch.py --config=configs/resnet20.py --summary
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/resnet20.py --workdir=results/resnet20 \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 
 Deeper CIFAR ResNets: --config.model=resnet32 (44, 56, 110).
 """

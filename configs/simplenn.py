@@ -14,10 +14,10 @@ their rows are lower bounds, as results/REPRODUCTION.md says.
     python launch.py --config=configs/simplenn.py --workdir=results/simplenn
     python launch.py --config=configs/simplenn.py --summary
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/simplenn.py --workdir=results/simplenn \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 """
 
 import ml_collections

@@ -14,8 +14,8 @@ torchvision's tensor names works: --config.pretrained=PATH):
     python -c "import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')"
     python launch.py --config=configs/transfer_resnet18.py --workdir=results/e12
 
-Offline on this machine (CIFAR-10 as JPEG files): add
---config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz.
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data): add
+--config.dataset=folder:DIR.
 """
 
 import ml_collections

@@ -19,8 +19,8 @@ torchvision's tensor names works: --config.pretrained=PATH):
     python launch.py --config=configs/transfer_resnet50.py:svm --workdir=results/e5_svm
     python launch.py --config=configs/transfer_resnet50.py --workdir=results/e5_finetune
 
-Offline on this machine (CIFAR-10 as JPEG files): add
---config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz. On a GPU,
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data): add
+--config.dataset=folder:DIR. On a GPU,
 --config.dtype=bfloat16 roughly halves the time.
 """
 

@@ -16,10 +16,10 @@ Reported test accuracy: 90%, 92%, 90%, 91%, 93%.
 
 The data is three CIFAR-10 classes (dog, automobile, ship) resized to 64x64 (any image
 folder with train/ and test/ class sub-folders works: --config.dataset=folder:DIR
---config.classes=None). Offline on this machine (CIFAR-10 as JPEG files):
+--config.classes=None). Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/vgg.py:l2 --workdir=results/vgg_l2 \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 """
 
 import ml_collections

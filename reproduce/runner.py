@@ -1,4 +1,4 @@
-"""Reproduces ../shared/EXPERIMENTS.md: runs experiments at full schedule, writes the table.
+"""Reproduces the experiment list (figures in reproduce/reported.py): full-schedule runs, the table.
 
     python -m reproduce --plan                    # what would run, and for how long
     python -m reproduce --only E10,E2             # run them (finished ones reused)
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -83,6 +84,20 @@ def describe_data(exp: Experiment, data: dict[str, str]) -> str:
     if value == exp.dataset:
         return f'TFDS {value}'
     return f'{value} standing in for {exp.dataset}'
+
+
+# A data path is where the data lie on the machine that ran the row; a reader has their own.
+_DATA_PATH = re.compile(r'(=(?:folder|idx):)[^\s\'"]+')
+DATA_DIR_NOTE = (
+    'DIR: where the data lie on your machine. `folder:DIR`: an image folder '
+    '`DIR/{train,test}/<class>/*.jpg|png`, or a `.tar.gz` of one (here CIFAR-10 as JPEG files); '
+    '`idx:DIR`: a folder of the four MNIST-format IDX files.'
+)
+
+
+def portable_command(command: str) -> str:
+    """`command` with its `folder:`/`idx:` data path written as DIR (see DATA_DIR_NOTE)."""
+    return _DATA_PATH.sub(r'\1DIR', command)
 
 
 def _run_logged(cmd: list[str], workdir: pathlib.Path) -> int:
@@ -318,7 +333,7 @@ def collect_rows(exp: Experiment, root: pathlib.Path, data: dict[str, str]) -> l
             'config': config,
             'data': describe_data(exp, used),
             'commit': (record or {}).get('commit'),
-            'command': shlex.join(command),
+            'command': portable_command(shlex.join(command)),
             'wall_time_s': _seconds_spent(workdir),
         }
         if 'variants' in summary:  # A study: one row per variant.
@@ -528,7 +543,7 @@ def render_markdown(rows: list[dict]) -> str:
     if findings:
         lines += ['', '## Findings', '']
         lines += [f'- {e.id}: {e.finding}' for e in findings]
-    lines += ['', '## Commands and commits', '']
+    lines += ['', '## Commands and commits', '', DATA_DIR_NOTE, '']
     seen = set()
     for r in rows:
         if r['command'] in seen:

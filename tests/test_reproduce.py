@@ -79,3 +79,12 @@ def test_a_study_stopped_part_way_shows_the_variants_it_finished(tmp_path):
     assert 'study is not finished' in by_variant['sgd']['status']
     assert by_variant['adam']['ours']['mean'] is None
     assert by_variant['adam']['status'].startswith('not run yet')
+
+
+def test_table_commands_name_dir_not_the_data_path_of_the_machine_that_ran_them():
+    command = 'python launch.py --config=configs/x.py --config.dataset=folder:/srv/c10.tar.gz'
+    assert reproduce.portable_command(command).endswith('--config.dataset=folder:DIR')
+    idx = reproduce.portable_command('--config.dataset=idx:../data/fmnist --config.seed=1')
+    assert idx == '--config.dataset=idx:DIR --config.seed=1'
+    assert reproduce.portable_command('--config.dataset=digits') == '--config.dataset=digits'
+    assert 'DIR: where the data lie' in reproduce.render_markdown([])

@@ -7,11 +7,11 @@ Reported: cross-entropy wins.
     python launch.py --config=configs/ablations/cifar_cnn6_losses.py \
         --workdir=results/cifar_cnn6_losses
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/ablations/cifar_cnn6_losses.py \
         --workdir=results/cifar_cnn6_losses \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 
 Writes summary.md, summary.json and comparison.png in the workdir (one sub-folder per
 variant); `--config.only=<variant>` runs one variant, `--config.study.seeds='(0,1,2)'`

@@ -6,8 +6,9 @@ configs/mnist_cnn.py). Adam, batch 20, 10 epochs; validation accuracy and loss p
     python launch.py --config=configs/ablations/mnist_cnn_merged.py \
         --workdir=results/mnist_cnn_merged
 
-Offline on this machine (Fashion-MNIST, MNIST's format and shape; the merged groups
-then join clothing classes by index; `--config.dataset=digits` is a smaller fallback):
+Offline, Fashion-MNIST from the Debian package dataset-fashion-mnist (MNIST's format and
+shape; the merged groups then join clothing classes by index; `--config.dataset=digits` is a
+smaller fallback):
 
     python launch.py --config=configs/ablations/mnist_cnn_merged.py \
         --workdir=results/mnist_cnn_merged \

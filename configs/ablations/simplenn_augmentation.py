@@ -6,11 +6,11 @@ train/validation split; each variant reports its best validation accuracy.
     python launch.py --config=configs/ablations/simplenn_augmentation.py \
         --workdir=results/simplenn_augmentation
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/ablations/simplenn_augmentation.py \
         --workdir=results/simplenn_augmentation \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 
 Writes summary.md, summary.json and comparison.png in the workdir (one sub-folder per
 variant); `--config.only=<variant>` runs one variant, `--config.study.seeds='(0,1,2)'`

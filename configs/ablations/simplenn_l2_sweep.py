@@ -8,11 +8,11 @@ Reported: best at 1e-4.
     python launch.py --config=configs/ablations/simplenn_l2_sweep.py \
         --workdir=results/simplenn_l2_sweep
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/ablations/simplenn_l2_sweep.py \
         --workdir=results/simplenn_l2_sweep \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 
 Writes summary.md, summary.json and comparison.png in the workdir (one sub-folder per
 variant); `--config.only=<variant>` runs one variant, `--config.study.seeds='(0,1,2)'`

@@ -8,11 +8,11 @@ sweep.png (accuracy against the learning rate, log axis). Reported: best about 0
     python launch.py --config=configs/ablations/simplenn_lr_sweep.py \
         --workdir=results/simplenn_lr_sweep
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/ablations/simplenn_lr_sweep.py \
         --workdir=results/simplenn_lr_sweep \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 
 Writes summary.md, summary.json and comparison.png in the workdir (one sub-folder per
 variant); `--config.only=<variant>` runs one variant, `--config.study.seeds='(0,1,2)'`

@@ -9,11 +9,12 @@ per-class accuracy: from scratch 50-84%, fine-tuned 70-88%.
     python launch.py --config=configs/ablations/transfer_finetune_vs_scratch.py \
         --workdir=results/transfer_finetune_vs_scratch
 
-Offline on this machine (CIFAR-10 as JPEG files), with torchvision's resnet50-0676ba61.pth:
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data) and torchvision's
+resnet50-0676ba61.pth:
 
     python launch.py --config=configs/ablations/transfer_finetune_vs_scratch.py \
         --workdir=results/transfer_finetune_vs_scratch \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz \
+        --config.dataset=folder:DIR \
         --config.pretrained=/path/to/resnet50-0676ba61.pth
 
 A --config.pretrained flag changes the base config, so it applies to `finetune` only:

@@ -10,11 +10,11 @@ those of configs/vgg.py. Reported test accuracy: 90%, 92%, 90%, 91%, 93%.
     python launch.py --config=configs/ablations/vgg_regularization.py \
         --workdir=results/vgg_regularization
 
-Offline on this machine (CIFAR-10 as JPEG files):
+Offline, with CIFAR-10 as an image folder DIR (README.md, Data):
 
     python launch.py --config=configs/ablations/vgg_regularization.py \
         --workdir=results/vgg_regularization \
-        --config.dataset=folder:../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset=folder:DIR
 
 Writes summary.md, summary.json and comparison.png in the workdir (one sub-folder per
 variant); `--config.only=<variant>` runs one variant, `--config.study.seeds='(0,1,2)'`
