@@ -2,7 +2,11 @@
 
 import json
 
+import numpy as np
+
 from cnn_jax import run_record, study
+from cnn_jax.data.sources import IDX_FILES, idx_file, read_idx_file
+from reproduce import jpeg_cost
 from reproduce import runner as reproduce
 from reproduce.reported import EXPERIMENTS, load_config
 
@@ -88,3 +92,26 @@ def test_table_commands_name_dir_not_the_data_path_of_the_machine_that_ran_them(
     assert idx == '--config.dataset=idx:DIR --config.seed=1'
     assert reproduce.portable_command('--config.dataset=digits') == '--config.dataset=digits'
     assert 'DIR: where the data lie' in reproduce.render_markdown([])
+
+
+def test_jpeg_copy_keeps_labels_and_shape_and_moves_pixels_as_jpeg_does(tmp_path):
+    rng = np.random.default_rng(0)
+    lossless = tmp_path / 'lossless'
+    lossless.mkdir()
+    arrays = {
+        'train_images': rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+        'train_labels': np.arange(12, dtype=np.uint8) % 10,
+        'test_images': np.zeros((4, 28, 28), np.uint8),
+        'test_labels': np.arange(4, dtype=np.uint8),
+    }
+    for key, stem in IDX_FILES.items():
+        jpeg_cost.write_idx(lossless / f'{stem}.gz', arrays[key])
+    for key in IDX_FILES:  # The writer is the reader's inverse.
+        np.testing.assert_array_equal(read_idx_file(idx_file(lossless, key)), arrays[key])
+    error = jpeg_cost.make_jpeg_copy(lossless, tmp_path / 'jpeg', quality=75)
+    copy = {key: read_idx_file(idx_file(tmp_path / 'jpeg', key)) for key in IDX_FILES}
+    np.testing.assert_array_equal(copy['train_labels'], arrays['train_labels'])
+    np.testing.assert_array_equal(copy['test_images'], arrays['test_images'])  # Flat: exact.
+    assert copy['train_images'].shape == (12, 28, 28)
+    moved = np.abs(copy['train_images'].astype(int) - arrays['train_images']).sum()
+    assert moved > 0 and error == moved / (16 * 28 * 28)  # Mean |error| over all 16 images.
