@@ -1,8 +1,8 @@
 """PyTorch twins of cnn_jax's models: the benchmark's other side, and the tests' reference.
 
 `twin(module, input_shape, num_classes)` builds the torch.nn network of a Flax module of
-cnn_jax.models from the module's fields (BlockCNN, SmallCNN, VGG, ResNet): the same layers
-and parameter count (tests/test_benchmark.py checks), on NCHW input.
+cnn_jax.models from the module's fields (BlockCNN, SmallCNN, VGG, CifarCNN6, ResNet): the
+same layers and parameter count (tests/test_benchmark.py checks), on NCHW input.
 
 `ResNet` follows torchvision's definition (torchvision/models/resnet.py) and its state_dict
 names (conv1, bn1, layer1.0.conv1, ..., layer2.0.downsample.0/1, fc), so a torchvision
@@ -142,6 +142,8 @@ def twin(module: linen.Module, input_shape: Sequence[int], num_classes: int) -> 
         return _small_cnn(module, h, c, num_classes)
     if kind == 'VGG':
         return _vgg(module, h, c, num_classes)
+    if kind == 'CifarCNN6':
+        return _cifar_cnn6(module, h, c, num_classes)
     if kind == 'ResNet':
         return ResNet(
             module.block,
@@ -226,3 +228,27 @@ def _vgg(module: linen.Module, size: int, c: int, num_classes: int) -> nn.Module
         nn.Dropout(module.dropout_rate),
         nn.Linear(hidden, num_classes),
     )
+
+
+def _cifar_cnn6(module: linen.Module, size: int, c: int, num_classes: int) -> nn.Module:
+    """E4's six-conv CNN (cnn_jax/models/cifar_cnn6.py): the norm before its activation."""
+    act, dense_act = ACTIVATIONS[module.activation], ACTIVATIONS[module.dense_activation]
+
+    def norm(width: int, spatial: bool) -> list[nn.Module]:
+        layers = []
+        if 'batchnorm' in module.norm:
+            layers.append((nn.BatchNorm2d if spatial else nn.BatchNorm1d)(width))
+        if 'dropout' in module.norm:
+            layers.append((nn.Dropout2d if spatial else nn.Dropout)(module.norm_rate))
+        return layers
+
+    size = (size - 2) // 2 - 2  # 3x3 valid, 2x2 pool, 3x3 valid.
+    layers = [nn.Conv2d(c, 6, 3), act(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3), act()]
+    for cin, f in ((8, 10), (10, 12), (12, 14)):
+        layers += [nn.Conv2d(cin, f, 1), *(norm(f, True) if f == 14 else []), act()]
+    layers += [nn.Conv2d(14, 16, 1), act(), nn.Flatten()]
+    width = 16 * size * size
+    for f in (1024, 512, 256):
+        layers += [nn.Linear(width, f), *(norm(f, False) if f == 512 else []), dense_act()]
+        width = f
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))

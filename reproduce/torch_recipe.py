@@ -2,6 +2,8 @@
 
     python -m reproduce.torch_recipe --config=cifar_cnn3.py \
         --data cifar10=folder:DIR --out results/reproduction/E10/torch_recipe.json
+    python -m reproduce.torch_recipe --config=ablations/cifar_cnn6_optimizers.py --variant=sgd \
+        --data cifar10=folder:DIR --out results/reproduction/E4/torch_recipe_sgd.json
 
 Same data (cnn_jax.data.load_dataset: the same split and normalisation), the PyTorch twin
 of the config's model (benchmarks.torch_models.twin, PyTorch's default initialisation),
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cnn_jax import study
 from cnn_jax.data import load_dataset
 from cnn_jax.models import build_model
 from reproduce.reported import load_config
@@ -114,6 +117,8 @@ def train_recipe(config, seed: int = 0, log=print) -> dict:
         row = {'epoch': epoch, 'train_loss': total_loss / seen, 'train_accuracy': correct / seen}
         if data.val is not None:
             row['val_loss'], row['val_accuracy'] = evaluate(data.val)
+        if config.eval_test_each_epoch:
+            row['test_loss'], row['test_accuracy'] = evaluate(data.test)
         row['seconds'] = round(time.time() - t0, 1)
         rows.append(row)
         log(json.dumps(row))
@@ -153,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog='python -m reproduce.torch_recipe', description=__doc__.split('\n')[0]
     )
     p.add_argument('--config', required=True, help='a config under configs/, e.g. cifar_cnn3.py')
+    p.add_argument('--variant', default='', help="a study config's variant, e.g. adam")
     p.add_argument('--data', action='append', default=[], metavar='NAME=VALUE')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: its default)')
@@ -163,10 +169,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_config(args.config)
+    if 'study' in config:
+        if not args.variant:
+            raise SystemExit(f'error: {args.config} is a study: name one of its --variant')
+        config = study.variant_config(config, args.variant)
     swaps = dict(item.split('=', 1) for item in args.data)
     if config.dataset in swaps:
         config.dataset = swaps[config.dataset]
-    result = {'config': args.config, 'dataset': config.dataset, 'seed': args.seed}
+    result = {
+        'config': args.config,
+        'variant': args.variant,
+        'dataset': config.dataset,
+        'seed': args.seed,
+    }
     result.update(train_recipe(config, args.seed))
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

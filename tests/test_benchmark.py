@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import cases, cli, tables, train_step
 from cnn_jax.models import build_model
+from reproduce.reported import load_config
 
 FIGURES = (
     'compile_s',
@@ -91,3 +92,25 @@ def test_forward_backward_split_of_a_tiny_model(tmp_path):
     if 'torch_forward_ms' in row:  # torch is optional
         assert row['torch_forward_backward_ms'] > 0 and row['forward_speed_ratio'] > 0
     assert '| jax_forward_ms |' in out.with_suffix('.md').read_text()
+
+
+@pytest.mark.parametrize('norm', ['batchnorm', 'dropout'])
+def test_torch_twin_of_e4s_cnn_has_its_parameters_and_layers(norm):
+    torch = pytest.importorskip('torch')
+    from benchmarks import torch_models
+
+    config = load_config('cifar_cnn6.py')
+    config.model_options.norm = norm
+    model = build_model(config, 10)
+    shapes = jax.eval_shape(
+        lambda x: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x,
+                             train=False), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+    )  # fmt: skip
+    net = torch_models.twin(model, (32, 32, 3), 10)
+    flax_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes['params']))
+    assert sum(p.numel() for p in net.parameters()) == flax_count
+    kinds = {type(m).__name__ for m in net.modules()}
+    assert ({'BatchNorm2d', 'BatchNorm1d'} <= kinds) == (norm == 'batchnorm')
+    assert ({'Dropout2d', 'Dropout'} <= kinds) == (norm == 'dropout')
+    with torch.no_grad():
+        assert tuple(net.eval()(torch.zeros(2, 3, 32, 32)).shape) == (2, 10)

@@ -3,10 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 
 from cnn_jax import run_record, study
 from cnn_jax.data.sources import IDX_FILES, idx_file, read_idx_file
-from reproduce import jpeg_cost
+from reproduce import jpeg_cost, torch_recipe
 from reproduce import runner as reproduce
 from reproduce.reported import EXPERIMENTS, load_config
 
@@ -115,3 +116,18 @@ def test_jpeg_copy_keeps_labels_and_shape_and_moves_pixels_as_jpeg_does(tmp_path
     assert copy['train_images'].shape == (12, 28, 28)
     moved = np.abs(copy['train_images'].astype(int) - arrays['train_images']).sum()
     assert moved > 0 and error == moved / (16 * 28 * 28)  # Mean |error| over all 16 images.
+
+
+@pytest.mark.slow
+def test_torch_recipe_trains_a_study_variant_and_tests_each_epoch(tmp_path):
+    pytest.importorskip('torch')
+    out = tmp_path / 'sgd.json'
+    args = ['--config=ablations/cifar_cnn6_optimizers.py', '--variant=momentum']
+    assert torch_recipe.main([*args, '--data', 'cifar10=digits', '--out', str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result['variant'] == 'momentum' and result['epochs_run'] == 20
+    assert all({'test_loss', 'test_accuracy'} <= row.keys() for row in result['history'])
+    assert result['history'][-1]['test_accuracy'] == result['test_accuracy']  # No early stop.
+    assert result['test_accuracy'] > 0.8  # Digits learnt by the E4 CNN's torch twin.
+    with pytest.raises(SystemExit, match='is a study'):
+        torch_recipe.main(['--config=ablations/cifar_cnn6_optimizers.py', '--out', str(out)])
