@@ -109,7 +109,7 @@ def prepare(
 ) -> tuple[Dataset, nn.Module, str, Mesh]:
     """A run's data (device-resident or streamed), model, layer table and mesh, announced
     in one line (`variants`: what a vectorised study trains)."""
-    dataset = load_dataset(config)
+    dataset = load_dataset(config, allow_streams=True)
     model = build_model(config, dataset.num_classes)
     shape = model_input_shape(config, dataset)
     layer_table = summary.layer_table(model, shape)  # Raises if a count breaks its formula.

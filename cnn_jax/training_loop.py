@@ -258,8 +258,7 @@ def train_variants(
     keeps its state while the others train on. Returns each variant's TrainResult, with
     its final evaluation.
     """
-    loop = _Loop.open(configs, workdirs, dataset, model, mesh or parallel.make_mesh(), hooks,
-                      make_steps)  # fmt: skip
+    loop = _Loop(configs, workdirs, dataset, model, mesh or parallel.make_mesh(), hooks, make_steps)
     loop.resume()
     with loop.stop.installed():
         for epoch in range(loop.start_epoch, loop.config.num_epochs):
@@ -270,73 +269,42 @@ def train_variants(
     return loop.results()
 
 
-@dataclasses.dataclass
 class _Loop:
     """The state the phases of `train_variants` share: open, resume, each epoch's steps and
     its end (evaluation, early stopping, checkpoints), the results."""
 
-    config: ml_collections.ConfigDict  # What the variants share.
-    runs: list[_Variant]
-    steps: train.VariantSteps
-    splits: dict[str, Any]  # 'train' | 'val' | 'test' on the devices (Split.on_devices).
-    mesh: Mesh
-    hooks: Sequence[Hook]
-    steps_per_epoch: int
-    monitor: str
-    mode: str
-    state: train.TrainState
-    acc: train.Metrics
-    progress: Progress
-    stop: StopRequest = dataclasses.field(default_factory=StopRequest)
-    stop_wanted: bool = False
-    active: jax.Array | None = None
-    start_epoch: int = 0
-    start_step: int = 0
-    resumed_from: int | None = None
-    t_start: float = dataclasses.field(default_factory=time.perf_counter)
-    compile_s: float = 0.0
-    timed_steps: int = 0
-    timed_s: float = 0.0
-
-    @classmethod
-    def open(cls, configs, workdirs, dataset, model, mesh, hooks, make_steps) -> _Loop:
+    def __init__(self, configs, workdirs, dataset, model, mesh, hooks, make_steps):
         """Opens the variants' runs: checks, compiled steps, data on the devices, records."""
         if len(configs) != len(workdirs):
             raise ConfigError(f'{len(configs)} variants but {len(workdirs)} workdirs')
-        config = configs[0]
+        self.config = config = configs[0]  # What the variants share.
         parallel.check_batch_size(config.batch_size, mesh)
         parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-        steps_per_epoch, monitor, mode = epoch_plan(config, dataset)
+        self.steps_per_epoch, self.monitor, self.mode = epoch_plan(config, dataset)
         shape, spec = model_input_shape(config, dataset), input_spec(config, dataset)
-        num_train = len(dataset.train)
-        steps = make_steps(configs, model, shape, spec, mesh, num_train, steps_per_epoch)
-        runs = [
+        self.steps = make_steps(
+            configs, model, shape, spec, mesh, len(dataset.train), self.steps_per_epoch
+        )
+        self.runs = [
             _Variant(
                 config=c,
                 workdir=pathlib.Path(w),
-                report=Reporter(
-                    w, tag='' if len(configs) == 1 else f' [{c.get("name", None) or k}]'
-                ),
-                ckpt=Checkpoints(w, keep=config.keep_checkpoints, best_mode=mode),
+                report=Reporter(w, '' if len(configs) == 1 else f' [{c.get("name", None) or k}]'),
+                ckpt=Checkpoints(w, keep=config.keep_checkpoints, best_mode=self.mode),
             )
             for k, (c, w) in enumerate(zip(configs, workdirs, strict=True))
         ]
+        self.mesh, self.hooks = mesh, hooks
+        self.splits = {n: s.on_devices(mesh) for n, s in dataset.splits().items()}
         repl = parallel.replicated(mesh)
-        return cls(
-            config=config,
-            runs=runs,
-            steps=steps,
-            splits={n: s.on_devices(mesh) for n, s in dataset.splits().items()},
-            mesh=mesh,
-            hooks=hooks,
-            steps_per_epoch=steps_per_epoch,
-            monitor=monitor,
-            mode=mode,
-            state=jax.device_put(steps.state, repl),
-            # Placed on the mesh like the step's output, so the second step does not recompile.
-            acc=jax.device_put(steps.zero_metrics(), repl),
-            progress=Progress(config.num_epochs * steps_per_epoch),
-        )
+        self.state = jax.device_put(self.steps.state, repl)
+        # Placed on the mesh like the step's output, so the second step does not recompile.
+        self.acc = jax.device_put(self.steps.zero_metrics(), repl)
+        self.progress = Progress(config.num_epochs * self.steps_per_epoch)
+        self.stop, self.stop_wanted, self.active = StopRequest(), False, None
+        self.start_epoch, self.start_step, self.resumed_from = 0, 0, None
+        self.t_start, self.compile_s = time.perf_counter(), 0.0
+        self.timed_steps, self.timed_s = 0, 0.0
 
     def any_active(self) -> bool:
         return any(r.active for r in self.runs)

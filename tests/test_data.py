@@ -164,7 +164,7 @@ def test_tfds_by_name_through_mock_data(monkeypatch):
     monkeypatch.setenv('CNN_JAX_OFFLINE', '0')  # The mock downloads nothing.
 
     with tfds.testing.mock_data(num_examples=20):
-        ds = data.load_dataset(tiny_config(dataset='mnist', val_fraction=0.25, input_mode='device'))
+        ds = data.load_dataset(tiny_config(dataset='mnist', val_fraction=0.25))
     assert ds.image_shape == (28, 28, 1) and ds.num_classes == 10
     assert len(ds.train) == 15 and len(ds.val) == 5 and len(ds.test) == 20
 

@@ -59,7 +59,7 @@ def test_the_train_step_compiles_once_per_run(tmp_path, caplog):
     import jax
 
     config = tiny_config(num_epochs=2, steps_per_epoch=4)
-    ds = experiment.load_dataset(config)
+    ds = experiment.load_dataset(config, allow_streams=True)
     model = experiment.build_model(config, ds.num_classes)
     with jax.log_compiles(), caplog.at_level('WARNING'):
         train_and_evaluate(config, tmp_path, ds, model)
@@ -75,7 +75,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     config = tiny_config(num_epochs=3, steps_per_epoch=4)
     config.model_options.dropout_rate = 0.2
     config.augment.flip = True
-    ds = experiment.load_dataset(config)
+    ds = experiment.load_dataset(config, allow_streams=True)
     model = experiment.build_model(config, ds.num_classes)
     straight = train_and_evaluate(config, tmp_path / 'a', ds, model)
     with pytest.raises(Interrupted, match='interrupted at step 6'):

@@ -318,11 +318,12 @@ def test_dataset_bytes_and_budget():
 
 def test_auto_streams_what_exceeds_the_budget(folder, capsys):
     config = tiny_config(dataset=f'folder:{folder}', val_fraction=0.25, max_eval_examples=9)
-    resident = data.load_dataset(config)  # Tiny: 'auto' keeps it on the devices.
-    assert isinstance(data.load_dataset(config).train, data.Split)
+    resident = data.load_dataset(config)
+    # Tiny: 'auto' keeps it on the devices.
+    assert isinstance(data.load_dataset(config, allow_streams=True).train, data.Split)
     assert 'Input: device-resident (1.' in capsys.readouterr().out
     config.device_memory_budget_gb = 1e-6
-    streamed = data.load_dataset(config)
+    streamed = data.load_dataset(config, allow_streams=True)
     assert 'Input: streamed from the host (1.' in capsys.readouterr().out
     # The same examples in the same splits (validation held out alike), the same statistics.
     for split in ('train', 'val', 'test'):
@@ -340,7 +341,7 @@ def test_strided_subset_caps_a_split_and_keeps_every_class(folder):
     config = tiny_config(dataset=f'folder:{folder}')
     resident = data.load_dataset(config).train
     config.device_memory_budget_gb = 1e-6
-    streamed = data.load_dataset(config).train
+    streamed = data.load_dataset(config, allow_streams=True).train
     mesh = parallel.make_mesh()
     device, placed = resident.on_devices(mesh), streamed.on_devices(mesh)
     assert device.strided(None) is device

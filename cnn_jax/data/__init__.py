@@ -14,14 +14,14 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh
 
 from cnn_jax import parallel
 from cnn_jax.data import stream
-from cnn_jax.data.resolve import Source, config_source, stored_shape
+from cnn_jax.data.resolve import Source, config_source
 from cnn_jax.data.sources import RawData
 from cnn_jax.errors import ConfigError, DataError
+from cnn_jax.records import Reporter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -206,27 +206,30 @@ def open_streams(config: ml_collections.ConfigDict, source: Source) -> list | No
         return None
     image_size = config.image_size or None
     streams = [source.stream(split, image_size=image_size) for split in ('train', 'test')]
-    needed = stream.dataset_bytes(sum(len(s) for s in streams), stored_shape(config, source))
+    # As the device path holds them: as stored (resized on the device) where sizes agree.
+    h, w, c = source.describe().image_shape
+    shape = (h or config.image_size or 1, w or config.image_size or 1, c)
+    needed = stream.dataset_bytes(sum(len(s) for s in streams), shape)
     budget = stream.device_memory_budget(config.device_memory_budget_gb)
     why = f'{needed / 2**30:.3g} GiB of images, device memory budget {budget / 2**30:.3g} GiB'
     if mode == 'auto':
         mode = 'device' if needed <= budget else 'stream'
     else:
         why = f'input_mode=stream; {why}'
-    line = f'Input: {"streamed from the host" if mode == "stream" else "device-resident"} ({why}).'
-    logging.info(line)
-    print(line, flush=True)
+    kind = 'streamed from the host' if mode == 'stream' else 'device-resident'
+    Reporter().line(f'Input: {kind} ({why}).')
     return streams if mode == 'stream' else None
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+def load_dataset(config: ml_collections.ConfigDict, allow_streams: bool = False) -> Dataset:
     """Reads config.dataset and applies the class options, split and subsampling.
 
-    Streams (`open_streams`) are selected from by example number, the same selection as
-    the arrays': the splits are streams then, and only the statistics' sample is decoded.
+    With `allow_streams` (training), the splits are streams where config.input_mode says
+    so (`open_streams`): they are selected from by example number, the same selection as
+    the arrays', and only the statistics' sample is decoded.
     """
     source = config_source(config)
-    streams = open_streams(config, source)
+    streams = open_streams(config, source) if allow_streams else None
     if streams is None:
         raw = source.read(config.image_size or None)
     else:  # Example numbers in place of the images.

@@ -19,6 +19,7 @@ from cnn_jax.data import images as images_lib
 from cnn_jax.data.images import IMAGE_EXTENSIONS
 from cnn_jax.data.sources import OFFLINE_HINT, Metadata, RawData, default_cache_dir
 from cnn_jax.errors import DataError
+from cnn_jax.records import Reporter
 
 
 def _cache(cache_dir: str | None) -> pathlib.Path:
@@ -46,7 +47,7 @@ def _extract_archive(archive: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.
     """Extracts a .tar(.gz) once into the cache; returns the folder with train/ and test/."""
     target = cache_dir / f'extracted-{archive_key(archive)}'
     if not (target / '.complete').exists():
-        print(f'Extracting {archive} to {target} (once) ...', flush=True)
+        Reporter().line(f'Extracting {archive} to {target} (once) ...')
         target.mkdir(parents=True, exist_ok=True)
         try:
             with tarfile.open(archive) as tar:

@@ -135,10 +135,3 @@ def config_source(config: ml_collections.ConfigDict) -> Source:
         manual_dir=config.manual_dir,
         cache_dir=config.cache_dir,
     )
-
-
-def stored_shape(config: ml_collections.ConfigDict, source: Source) -> tuple[int, int, int]:
-    """(H, W, C) of the images as the device path holds them: as stored where their sizes
-    agree (resized on the device), else config.image_size."""
-    h, w, c = source.describe().image_shape
-    return h or config.image_size or 1, w or config.image_size or 1, c

@@ -1,11 +1,10 @@
 """Streaming host input for datasets past one device's memory.
 
-The device-resident path (`training_loop.device_splits`) copies every split to every
-device. A stream instead has each process read, decode and batch only its own share of
-each batch, and `to_device` assembles the shares into one global batch sharded over the
-'data' mesh axis. `load` chooses between the two: config.input_mode, and for 'auto' the
-dataset's bytes (counted from file lists and headers, nothing decoded) against
-config.device_memory_budget_gb.
+A device-resident split (`ResidentSplit`) is copied to every device. A stream instead has
+each process read, decode and batch only its own share of each batch, and `to_device`
+assembles the shares into one global batch sharded over the 'data' mesh axis. Both serve
+the training loop through one interface (`train_inputs`, `eval_inputs`, `strided`);
+cnn_jax.data.load_dataset chooses between them (config.input_mode).
 
 Order. The training loop hands a stream the epoch's (steps, B) example numbers, the
 device-resident path's `steps.permutation(epoch)`: a function of (seed, epoch). Process p
