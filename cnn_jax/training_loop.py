@@ -2,9 +2,11 @@
 
 `train_and_evaluate` resumes from the workdir's latest checkpoint, stops cleanly on
 Ctrl-C/SIGTERM (saving first), detects divergence, and returns the state to test with
-(the best one when early stopping is on) and the per-epoch history. `train_variants` is
-the same loop over K variants trained in step (cnn_jax.sweep stacks them), each with
-the records, checkpoints and early stopping of a run of its own; a plain run is K = 1.
+(the best one when early stopping is on), its final evaluation and the per-epoch history.
+`train_variants` is the same loop over K variants trained in step (cnn_jax.sweep stacks
+them), each with the records, checkpoints and early stopping of a run of its own; a plain
+run is K = 1. Its phases are `_Loop`'s methods: open (__init__), resume, run_epoch,
+end_epoch (evaluate, early stop, checkpoint) and results (the final evaluation).
 """
 
 from __future__ import annotations
@@ -303,8 +305,7 @@ class _Loop:
         self.progress = Progress(config.num_epochs * self.steps_per_epoch)
         self.stop, self.stop_wanted, self.active = StopRequest(), False, None
         self.start_epoch, self.start_step, self.resumed_from = 0, 0, None
-        self.t_start, self.compile_s = time.perf_counter(), 0.0
-        self.timed_steps, self.timed_s = 0, 0.0
+        self.t_start, self.compile_s, self.timed_steps, self.timed_s = 0.0, 0.0, 0, 0.0
 
     def any_active(self) -> bool:
         return any(r.active for r in self.runs)
@@ -344,6 +345,7 @@ class _Loop:
             for row in r.history:  # Rebuild early-stopping state from the epochs already run.
                 r.observe(row, self.monitor, self.mode, es)
         self._mask()
+        self.t_start = time.perf_counter()  # Compilation and elapsed_s count from here.
 
     def run_epoch(self, epoch: int, first_step: int) -> bool:
         """The steps of `epoch` from `first_step`; False when every variant has diverged.
