@@ -23,11 +23,13 @@ from cnn_jax import parallel
 
 
 class Reporter:
-    """Where a run's messages and metrics go; only the main process writes any of them.
+    """Where a run's messages and metrics go, and which process writes them.
 
     `line` prints a console line; with a `workdir`, `epoch` appends a row to
     workdir/metrics.jsonl (and prints it), and `scalars` go to TensorBoard too where CLU
-    is installed (it is not on the accelerator image). `tag` prefixes a variant's lines.
+    is installed (it is not on the accelerator image). Files are the main process's
+    alone; every process prints its console lines to its own log, so each shows it is
+    alive. `tag` prefixes a variant's lines.
     """
 
     def __init__(self, workdir: str | pathlib.Path | None = None, tag: str = ''):
@@ -44,10 +46,9 @@ class Reporter:
                 logging.info('clu/tensorboard not installed: writing metrics.jsonl only')
 
     def line(self, text: str) -> None:
-        """A console line (stdout), on the main process only."""
-        if self.main:
-            sys.stdout.write(text + '\n')
-            sys.stdout.flush()
+        """A console line (stdout)."""
+        sys.stdout.write(text + '\n')
+        sys.stdout.flush()
 
     def warn(self, text: str) -> None:
         self.line(f'WARNING: {text}')
@@ -63,10 +64,9 @@ class Reporter:
 
     def epoch(self, row: dict[str, Any]) -> None:
         """An epoch's row: metrics.jsonl, TensorBoard and a console line of its metrics."""
-        if not self.main:
-            return
-        with self.path.open('a') as f:
-            f.write(json.dumps(row) + '\n')
+        if self.main:
+            with self.path.open('a') as f:
+                f.write(json.dumps(row) + '\n')
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
         self.scalars(row['step'], {k: v for k, v in numbers.items() if k not in ('epoch', 'step')})
         shown = [f'{n} {v:.4f}' for n, v in row.items() if n.endswith(('loss', 'accuracy'))]

@@ -164,26 +164,27 @@ def test_sanity_checks_report_shape_and_first_loss(capsys):
     assert 'WARNING' not in capsys.readouterr().out
 
 
-def test_reporter_writes_only_on_the_main_process(tmp_path, monkeypatch, capsys):
-    """Console lines, metrics.jsonl and TensorBoard all go through records.Reporter: on
-    any process but the main one it writes nothing, and a resume reads the main one's rows."""
+def test_reporter_writes_files_only_on_the_main_process(tmp_path, monkeypatch, capsys):
+    """Console lines, metrics.jsonl and TensorBoard all go through records.Reporter: only
+    the main process writes files (every process prints to its own log), and a resume
+    reads the main one's rows."""
     from cnn_jax import parallel, records
 
     row = {'epoch': 1, 'step': 4, 'train_loss': 0.5, 'train_accuracy': 0.75}
+    line = 'epoch 1 [a]: train_loss 0.5000  train_accuracy 0.7500\n'
     (tmp_path / 'main').mkdir()
     main = records.Reporter(tmp_path / 'main', tag=' [a]')
     main.epoch(row)
     main.close()
-    assert capsys.readouterr().out == 'epoch 1 [a]: train_loss 0.5000  train_accuracy 0.7500\n'
+    assert capsys.readouterr().out == line
     assert records.read_metrics(tmp_path / 'main') == [row]
     assert main.resume(0) == [] and records.read_metrics(tmp_path / 'main') == []
     monkeypatch.setattr(parallel, 'is_main_process', lambda: False)
     (tmp_path / 'other').mkdir()
-    other = records.Reporter(tmp_path / 'other')
-    other.line('not shown')
+    other = records.Reporter(tmp_path / 'other', tag=' [a]')
     other.epoch(row)
     other.close()
-    assert capsys.readouterr().out == ''
+    assert capsys.readouterr().out == line
     assert list((tmp_path / 'other').iterdir()) == []
 
 
