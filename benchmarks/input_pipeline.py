@@ -93,14 +93,14 @@ def training_rate(model: str, size: int, batch_size: int, steps: int, **options)
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from cnn_jax.data import stream
+    from cnn_jax.data.resolve import parse_source
 
     quick = args.quick
     n_images = 256 if quick else args.images
-    cifar = [stream.open_stream(args.cifar, split, process_count=1) for split in ('train', 'test')]
+    cifar = [parse_source(args.cifar).stream(split, process_count=1) for split in ('train', 'test')]
     big_root = pathlib.Path(args.cache).expanduser() / f'cifar{args.size}-jpeg-{n_images}'
     make_upscaled_folder(cifar, big_root, args.size, n_images)
-    big = stream.open_stream(f'folder:{big_root}', 'train', process_count=1)
+    big = parse_source(f'folder:{big_root}').stream('train', process_count=1)
     folders = {'cifar10_32px': (cifar[0], 32), f'cifar10_upscaled_{args.size}px': (big, args.size)}
     out: dict = {
         'machine': {

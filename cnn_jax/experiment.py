@@ -19,10 +19,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cnn_jax import losses, parallel, records, report, summary, train
-from cnn_jax.data import Dataset, stream
+from cnn_jax.data import Dataset, load_dataset
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
+from cnn_jax.records import Reporter
 from cnn_jax.training_loop import TrainResult, input_spec, train_and_evaluate
 
 
@@ -70,8 +71,8 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
         ok = abs(loss - expected) <= tolerance * expected
         checks.update(expected_first_loss_ln_classes=round(expected, 4), first_loss_ok=ok)
         if not ok:
-            print(
-                f'WARNING: first-batch loss {loss:.3f} is far from ln({dataset.num_classes}) = '
+            Reporter().warn(
+                f'first-batch loss {loss:.3f} is far from ln({dataset.num_classes}) = '
                 f'{expected:.3f}: check the initialisation, labels and normalisation.'
             )
     checks.update(summary.count_fields(variables), params_match_formula=True)
@@ -88,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     workdir = pathlib.Path(workdir)
     finished = records.read_summary(workdir)
     if finished is not None and finished['status'] in ('completed', 'diverged'):
-        print(f'{workdir} already holds this run, {finished["status"]}; nothing to do.')
+        Reporter().line(f'{workdir} already holds this run, {finished["status"]}; nothing to do.')
         return finished
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -108,17 +109,16 @@ def prepare(
 ) -> tuple[Dataset, nn.Module, str, Mesh]:
     """A run's data (device-resident or streamed), model, layer table and mesh, announced
     in one line (`variants`: what a vectorised study trains)."""
-    dataset = stream.load(config)
+    dataset = load_dataset(config, allow_streams=True)
     model = build_model(config, dataset.num_classes)
     shape = model_input_shape(config, dataset)
     layer_table = summary.layer_table(model, shape)  # Raises if a count breaks its formula.
     mesh = parallel.make_mesh()
-    print(
+    Reporter().line(
         f'{config.model} on {dataset.name}: {len(dataset.train)} train / '
         f'{len(dataset.val) if dataset.val else 0} val / {len(dataset.test)} test examples, '
         f'{dataset.num_classes} classes, input {shape}{variants}; {mesh.devices.size} '
-        f'{jax.devices()[0].platform} device(s).',
-        flush=True,
+        f'{jax.devices()[0].platform} device(s).'
     )
     return dataset, model, layer_table, mesh
 
@@ -133,62 +133,64 @@ def finish(
     t0: float,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluates a trained run (or a variant of cnn_jax.sweep's) and writes its reports.
+    """Writes a trained run's (or a cnn_jax.sweep variant's) reports; returns what
+    summary.json holds (timing since `t0`, `extra` keys last)."""
+    out = summary_fields(config, result, dataset, time.perf_counter() - t0)
+    out = {**out, 'sanity': sanity, **(extra or {})}
+    out = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
+    if parallel.is_main_process():  # Only process 0 writes files.
+        write_reports(config, workdir, out, result.history, dataset.class_names, layer_table)
+    return out
 
-    Returns what summary.json holds (timing since `t0`, `extra` keys last).
-    """
-    evals, predictions = {}, None
-    for split in ('train', 'val', 'test'):
-        if split in result.device_data:
-            data = result.device_data[split]
-            if split == 'train':  # val and test were capped when they were loaded.
-                data = train.strided_subset(data, config.max_eval_examples)
-            evals[split], preds = train.evaluate(
-                result.steps,
-                result.state,
-                data,
-                config.eval_batch_size,
-                result.mesh,
-                with_predictions=split == 'test',
-            )
-            predictions = preds if split == 'test' else predictions
-    metrics = report.classification_metrics(dataset.test.labels, predictions, dataset.num_classes)
-    out = {
+
+def summary_fields(
+    config: ml_collections.ConfigDict, result: TrainResult, dataset: Dataset, wall_s: float
+) -> dict[str, Any]:
+    """The numbers summary.json records of a run: its final evaluation, counts, timing."""
+    metrics = report.classification_metrics(
+        dataset.test.labels, result.test_predictions, dataset.num_classes
+    )
+    variables = {'params': result.state.params, 'batch_stats': result.state.batch_stats}
+    device = jax.devices()[0]
+    return {
         'name': config.get('name', None) or config.model,
         'status': result.status,
         'diverged_at_step': result.diverged_at_step,
         'stopped_early': result.stopped_early,
         'best_epoch': result.best_epoch,
-        **{f'{s}_accuracy': m['accuracy'] for s, m in evals.items()},
-        **{f'{s}_loss': m['loss'] for s, m in evals.items()},
+        **{f'{s}_accuracy': m['accuracy'] for s, m in result.evals.items()},
+        **{f'{s}_loss': m['loss'] for s, m in result.evals.items()},
         **metrics,
-        **summary.count_fields(
-            {'params': result.state.params, 'batch_stats': result.state.batch_stats}
-        ),
+        **summary.count_fields(variables),
         'epochs_run': len(result.history),
         'steps_per_epoch': result.steps_per_epoch,
-        'wall_time_s': round(time.perf_counter() - t0, 2),
+        'wall_time_s': round(wall_s, 2),
         'compile_s': round(result.compile_s, 2),
         'train_steps_per_s': round(result.train_steps_per_s, 3),
         'train_images_per_s': round(result.train_steps_per_s * config.batch_size, 1),
-        'num_devices': int(result.mesh.devices.size),
-        'platform': jax.devices()[0].platform,
-        'device_kind': jax.devices()[0].device_kind,
+        'num_devices': result.num_devices,
+        'platform': device.platform,
+        'device_kind': device.device_kind,
         'num_train_examples': len(dataset.train),
         'resumed_from_step': result.resumed_from_step,
         'class_names': dataset.class_names,
-        'sanity': sanity,
-        **(extra or {}),
     }
-    out = {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()
-    }
-    if not parallel.is_main_process():  # Only process 0 writes files.
-        return out
-    report.plot_curves(result.history, workdir / 'curves.png', title=out['name'])
+
+
+def write_reports(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    out: dict[str, Any],
+    history: list[dict[str, Any]],
+    class_names: list[str],
+    layer_table: str,
+) -> None:
+    """curves.png, confusion_matrix.png, report.md, then summary.json (which marks the run
+    finished), and the closing console line."""
+    report.plot_curves(history, workdir / 'curves.png', title=out['name'])
     report.plot_confusion_matrix(
         out['confusion_matrix'],
-        dataset.class_names,
+        class_names,
         workdir / 'confusion_matrix.png',
         title=f'{out["name"]}: test confusion matrix',
     )
@@ -199,10 +201,8 @@ def finish(
     }
     report.write_report(workdir, printable, str(config), layer_table)
     records.write_json(workdir / 'summary.json', out)  # Last: it marks the run finished.
-    print(
+    Reporter().line(
         f'{out["status"]}: test accuracy {printable["test_accuracy"]:.4f}, test loss '
         f'{printable["test_loss"]:.4f}, F1 {out["f1"]:.4f}. Reports in {workdir}/ (report.md, '
-        'summary.json, curves.png, confusion_matrix.png).',
-        flush=True,
+        'summary.json, curves.png, confusion_matrix.png).'
     )
-    return out

@@ -1,9 +1,8 @@
-"""What a run writes while it trains: metrics.jsonl, TensorBoard events, a progress line.
+"""What a run reports: console lines, metrics.jsonl, TensorBoard events, a progress line.
 
+`Reporter` is the one way out for all of them, and decides which process writes.
 metrics.jsonl has one JSON object per epoch (plots and studies read it: `read_metrics`);
-`write_json` writes the JSON files that mark a run or a study done. TensorBoard
-events come from CLU's metric writers when CLU is installed (it is not on the
-accelerator image; the JSONL file is always written).
+`write_json` writes the JSON files that mark a run or a study done.
 """
 
 from __future__ import annotations
@@ -20,15 +19,25 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from cnn_jax import parallel
 
-class MetricsLog:
-    """Appends epoch rows to workdir/metrics.jsonl and scalars to TensorBoard."""
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
-        self.path = pathlib.Path(workdir) / 'metrics.jsonl'
-        self.enabled = enabled
+class Reporter:
+    """Where a run's messages and metrics go, and which process writes them.
+
+    `line` prints a console line; with a `workdir`, `epoch` appends a row to
+    workdir/metrics.jsonl (and prints it), and `scalars` go to TensorBoard too where CLU
+    is installed (it is not on the accelerator image). Files are the main process's
+    alone; every process prints its console lines to its own log, so each shows it is
+    alive. `tag` prefixes a variant's lines.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path | None = None, tag: str = ''):
+        self.main = parallel.is_main_process()
+        self.tag = tag
+        self.path = None if workdir is None else pathlib.Path(workdir) / 'metrics.jsonl'
         self._tb = None
-        if enabled:
+        if self.main and workdir is not None:
             try:
                 from clu import metric_writers
 
@@ -36,30 +45,37 @@ class MetricsLog:
             except ImportError:
                 logging.info('clu/tensorboard not installed: writing metrics.jsonl only')
 
-    def truncate(self, epochs: int) -> list[dict[str, Any]]:
-        """Keeps the rows of the first `epochs` epochs (a resumed run rewrites the rest)."""
-        rows = [r for r in read_metrics(self.path.parent) if r['epoch'] <= epochs]
-        if self.enabled:
+    def line(self, text: str) -> None:
+        """A console line (stdout)."""
+        sys.stdout.write(text + '\n')
+        sys.stdout.flush()
+
+    def warn(self, text: str) -> None:
+        self.line(f'WARNING: {text}')
+
+    def resume(self, epochs: int) -> list[dict[str, Any]]:
+        """The rows of the first `epochs` epochs, read by the main process (which drops
+        the rest from the file: a resumed run rewrites them) and given to every process."""
+        rows = None
+        if self.main:
+            rows = [r for r in read_metrics(self.path.parent) if r['epoch'] <= epochs]
             self.path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-        return rows
+        return parallel.from_main(rows)
 
-    def write_epoch(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open('a') as f:
-            f.write(json.dumps(row) + '\n')
+    def epoch(self, row: dict[str, Any]) -> None:
+        """An epoch's row: metrics.jsonl, TensorBoard and a console line of its metrics."""
+        if self.main:
+            with self.path.open('a') as f:
+                f.write(json.dumps(row) + '\n')
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        self.scalars(row['step'], {k: v for k, v in numbers.items() if k not in ('epoch', 'step')})
+        shown = [f'{n} {v:.4f}' for n, v in row.items() if n.endswith(('loss', 'accuracy'))]
+        self.line(f'epoch {row["epoch"]}{self.tag}: ' + '  '.join(shown))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._tb is not None:
-            scalars = {
-                k: v
-                for k, v in row.items()
-                if isinstance(v, (int, float)) and k not in ('epoch', 'step')
-            }
-            self._tb.write_scalars(row['step'], scalars)
+            self._tb.write_scalars(step, values)
             self._tb.flush()
-
-    def write_step(self, step: int, scalars: dict[str, float]) -> None:
-        if self.enabled and self._tb is not None:
-            self._tb.write_scalars(step, scalars)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -135,10 +151,10 @@ class Progress:
     per update, so a long run still shows it is alive.
     """
 
-    def __init__(self, total_steps: int, stream: TextIO | None = None, enabled: bool = True):
+    def __init__(self, total_steps: int, stream: TextIO | None = None):
         self.total_steps = total_steps
         self.stream = stream or sys.stderr
-        self.enabled = enabled
+        self.enabled = parallel.is_main_process()
         self.interactive = hasattr(self.stream, 'isatty') and self.stream.isatty()
         self._t0: float | None = None
         self._step0 = 0

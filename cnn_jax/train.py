@@ -6,14 +6,14 @@ pipeline (gather from the device-resident dataset, augment, normalise) into func
 compiled once with `jax.jit` over the 'data' mesh, the train state donated.
 `plain_steps` packs them for the training loop, which trains K variants of a run in step
 (cnn_jax.sweep stacks K > 1; a plain run is K = 1). `evaluate` runs the eval step over a
-whole split, device-resident or streamed.
+whole split on the devices, resident or streamed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +26,6 @@ from jax.sharding import Mesh
 
 from cnn_jax import losses, optim, parallel
 from cnn_jax.data import augment as augment_lib
-from cnn_jax.data import stream
 from cnn_jax.models import torch_init
 
 Metrics = dict[str, jax.Array]
@@ -347,44 +346,17 @@ def plain_steps(
     )
 
 
-def strided_subset(data: Any, n: int | None) -> Any:
-    """At most `n` evenly spaced examples of a split (all when n is None): every class of
-    a class-sorted folder, for a capped evaluation of the training split."""
-    size = len(data) if isinstance(data, stream.Stream) else data[1].shape[0]
-    if not n or n >= size:
-        return data
-    index = np.arange(0, size, -(-size // n))
-    if isinstance(data, stream.Stream):
-        return data.take(index, data.labels[index])
-    return tuple(a[index] for a in data)
-
-
-def _padded_batches(data: tuple, batch_size: int, mesh: Mesh) -> Iterator[tuple]:
-    """(images, labels, indices, mask) of each batch of a device-resident split; the last
-    batch is padded with example 0, masked out."""
-    shard = parallel.data_sharding(mesh)
-    for index in stream.eval_order(int(data[1].shape[0]), batch_size):  # -1: padding.
-        mask = jax.device_put((index >= 0).astype(np.float32), shard)
-        yield *data, jax.device_put(np.maximum(index, 0).astype(np.int32), shard), mask
-
-
 def evaluate(
     steps: CompiledSteps,
     state: TrainState,
-    data: Any,
+    split: Any,
     batch_size: int,
-    mesh: Mesh,
     with_predictions: bool = False,
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Mean loss and accuracy over a device-resident split or a stream (padding masked),
-    and every prediction when asked."""
-    if isinstance(data, stream.Stream):
-        batches = stream.prefetch((stream.to_device(b, mesh) for b in data.eval(batch_size)), 1)
-        calls = ((a['image'], a['label'], None, a['mask']) for a in batches)
-    else:
-        calls = _padded_batches(data, batch_size, mesh)
+    """Mean loss and accuracy over a split on the devices (`eval_inputs`: a ResidentSplit
+    or a placed stream, padding masked), and every prediction when asked."""
     total, preds = zero_metrics(), []
-    for args in calls:
+    for args in split.eval_inputs(batch_size):
         m, p = steps.evaluate(state, *args)
         total = jax.tree.map(jnp.add, total, m)
         if with_predictions:
@@ -393,7 +365,7 @@ def evaluate(
     count = max(float(total['count']), 1.0)
     result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
     # Sharded across devices and processes: gathered whole once, not a host sync per batch.
-    n = len(data) if isinstance(data, stream.Stream) else data[1].shape[0]
+    n = len(split)
     predictions = np.concatenate([parallel.to_host(p) for p in preds])[:n] if preds else None
     return result, predictions
 

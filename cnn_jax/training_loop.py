@@ -2,9 +2,11 @@
 
 `train_and_evaluate` resumes from the workdir's latest checkpoint, stops cleanly on
 Ctrl-C/SIGTERM (saving first), detects divergence, and returns the state to test with
-(the best one when early stopping is on) and the per-epoch history. `train_variants` is
-the same loop over K variants trained in step (cnn_jax.sweep stacks them), each with
-the records, checkpoints and early stopping of a run of its own; a plain run is K = 1.
+(the best one when early stopping is on), its final evaluation and the per-epoch history.
+`train_variants` is the same loop over K variants trained in step (cnn_jax.sweep stacks
+them), each with the records, checkpoints and early stopping of a run of its own; a plain
+run is K = 1. Its phases are `_Loop`'s methods: open (__init__), resume, run_epoch,
+end_epoch (evaluate, early stop, checkpoint) and results (the final evaluation).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from jax.sharding import Mesh
 
 from cnn_jax import parallel, train
 from cnn_jax.checkpoints import Checkpoints
-from cnn_jax.data import Dataset, stream
+from cnn_jax.data import Dataset
 from cnn_jax.data.augment import AugmentConfig
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError, Interrupted
-from cnn_jax.records import MetricsLog, Progress
+from cnn_jax.records import Progress, Reporter
 
 Hook = Callable[[int], bool | None]  # Called after each step; True asks the loop to stop.
 
@@ -42,19 +44,19 @@ Hook = Callable[[int], bool | None]  # Called after each step; True asks the loo
 class TrainResult:
     """One run's (one variant's) outcome; the fields from steps_per_epoch on are shared."""
 
-    state: train.TrainState
+    state: train.TrainState  # The one tested: the best one when early stopping is on.
     history: list[dict[str, Any]]
     status: str  # 'completed' | 'diverged'
     diverged_at_step: int | None
     stopped_early: bool
     best_epoch: int | None
+    evals: dict[str, dict[str, float]]  # Final {'train'|'val'|'test': {loss, accuracy}}.
+    test_predictions: np.ndarray
     steps_per_epoch: int
     train_steps_per_s: float
     compile_s: float
     resumed_from_step: int | None
-    device_data: dict[str, Any]  # device_splits': arrays on the devices, or streams
-    steps: train.CompiledSteps
-    mesh: Mesh
+    num_devices: int
 
 
 class StopRequest:
@@ -151,37 +153,6 @@ def agreed_improvement(value: float, best: float | None, mode: str, min_delta: f
     return better if jax.process_count() == 1 else bool(parallel.from_main(better))
 
 
-def device_splits(dataset: Any, mesh: Any) -> dict[str, Any]:
-    """{'train'|'val'|'test': (images, labels) replicated on every device, or a stream}."""
-    return {
-        name: split
-        if isinstance(split, stream.Stream)
-        else (
-            parallel.put_replicated(split.images, mesh),
-            parallel.put_replicated(split.labels, mesh),
-        )
-        for name, split in (('train', dataset.train), ('val', dataset.val), ('test', dataset.test))
-        if split is not None
-    }
-
-
-def _train_inputs(data: Any, perm: jax.Array, first_step: int, mesh: Mesh) -> Iterator[tuple]:
-    """(images, labels, perm, step_in_epoch) of each step from `first_step` on.
-
-    A stream follows `perm` on the host (the device path's order: the same batches) and
-    its batches go to the devices a step ahead, each device's rows where the step uses
-    them (perm None: no gather).
-    """
-    if not isinstance(data, stream.Stream):
-        yield from ((*data, perm, np.int32(s)) for s in range(first_step, perm.shape[-2]))
-        return
-    if perm.ndim != 2:
-        raise ConfigError('a stream serves one order: a sweep over seed cannot stream')
-    arrays = (stream.to_device(b, mesh) for b in data.train(parallel.to_host(perm), first_step))
-    for a in stream.prefetch(arrays, 1):
-        yield a['image'], a['label'], None, np.int32(0)
-
-
 # --- The K variants one loop trains ------------------------------------------------------
 
 
@@ -191,9 +162,8 @@ class _Variant:
 
     config: ml_collections.ConfigDict
     workdir: pathlib.Path
-    log: MetricsLog
+    report: Reporter  # Its console lines (tagged, K > 1) and metrics.
     ckpt: Checkpoints
-    tag: str  # Prefix of its printed lines ('' for a plain run).
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     status: str = 'completed'  # 'completed' | 'diverged'
     diverged_at: int | None = None
@@ -287,196 +257,235 @@ def train_variants(
     The configs differ only in numbers `make_steps` can hold per variant (cnn_jax.sweep);
     `plain_steps` and one config is a plain run. Each variant resumes, logs, checkpoints
     (latest and best in its workdir), diverges and stops early on its own; one that stops
-    keeps its state while the others train on. Returns each variant's TrainResult.
+    keeps its state while the others train on. Returns each variant's TrainResult, with
+    its final evaluation.
     """
-    if len(configs) != len(workdirs):
-        raise ConfigError(f'{len(configs)} variants but {len(workdirs)} workdirs')
-    config = configs[0]  # Everything the variants share.
-    mesh = mesh or parallel.make_mesh()
-    parallel.check_batch_size(config.batch_size, mesh)
-    parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-    repl = parallel.replicated(mesh)
-    num_train = len(dataset.train)
-    steps_per_epoch, monitor, mode = epoch_plan(config, dataset)
-    es = config.early_stopping
+    loop = _Loop(configs, workdirs, dataset, model, mesh or parallel.make_mesh(), hooks, make_steps)
+    loop.resume()
+    with loop.stop.installed():
+        for epoch in range(loop.start_epoch, loop.config.num_epochs):
+            first_step = loop.start_step if epoch == loop.start_epoch else 0
+            if not loop.any_active() or not loop.run_epoch(epoch, first_step):
+                break  # Every variant diverged or stopped early.
+            loop.end_epoch(epoch)
+    return loop.results()
 
-    shape, spec = model_input_shape(config, dataset), input_spec(config, dataset)
-    steps = make_steps(configs, model, shape, spec, mesh, num_train, steps_per_epoch)
-    state = jax.device_put(steps.state, repl)
-    device_data = device_splits(dataset, mesh)
-    writer = jax.process_index() == 0
-    keep = config.keep_checkpoints
-    runs = [
-        _Variant(
-            config=c,
-            workdir=pathlib.Path(w),
-            log=MetricsLog(w, enabled=writer),
-            ckpt=Checkpoints(w, keep=keep, best_mode=mode),
-            tag='' if len(configs) == 1 else f' [{c.get("name", None) or k}]',
+
+class _Loop:
+    """The state the phases of `train_variants` share: open, resume, each epoch's steps and
+    its end (evaluation, early stopping, checkpoints), the results."""
+
+    def __init__(self, configs, workdirs, dataset, model, mesh, hooks, make_steps):
+        """Opens the variants' runs: checks, compiled steps, data on the devices, records."""
+        if len(configs) != len(workdirs):
+            raise ConfigError(f'{len(configs)} variants but {len(workdirs)} workdirs')
+        self.config = config = configs[0]  # What the variants share.
+        parallel.check_batch_size(config.batch_size, mesh)
+        parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+        self.steps_per_epoch, self.monitor, self.mode = epoch_plan(config, dataset)
+        shape, spec = model_input_shape(config, dataset), input_spec(config, dataset)
+        self.steps = make_steps(
+            configs, model, shape, spec, mesh, len(dataset.train), self.steps_per_epoch
         )
-        for k, (c, w) in enumerate(zip(configs, workdirs, strict=True))
-    ]
-
-    # Placed on the mesh like the step's output, so the second step does not recompile.
-    acc = jax.device_put(steps.zero_metrics(), repl)
-    start_epoch = start_step = 0
-    resumed_from = None
-    restored = _restore_latest(runs, steps, state)
-    if restored is not None:
-        state, loops = restored
-        state = jax.device_put(state, repl)
-        start_epoch, start_step = loops[0]['epoch'], loops[0]['step_in_epoch']
-        acc = jax.tree.map(
-            lambda zero, *vs: jnp.asarray(vs, jnp.float32).reshape(zero.shape),
-            acc,
-            *[loop['acc'] for loop in loops],
-        )
-        acc = jax.device_put(acc, repl)
-        for r, loop in zip(runs, loops, strict=True):
-            if loop.get('diverged_at_step') is not None:
-                r.status, r.diverged_at = 'diverged', loop['diverged_at_step']
-        resumed_from = int(state.step)
-        logging.info('Resuming from step %d in %s', resumed_from, [str(r.workdir) for r in runs])
-        print(
-            f'Resuming from checkpoint at step {resumed_from} '
-            f'(epoch {start_epoch + 1}, step {start_step} of {steps_per_epoch}).',
-            flush=True,
-        )
-    for r in runs:
-        # Process 0 reads (and truncates) metrics.jsonl; the others get its rows.
-        rows = r.log.truncate(start_epoch) if parallel.is_main_process() else None
-        r.history = parallel.from_main(rows)
-        for row in r.history:  # Rebuild early-stopping state from the epochs already run.
-            r.observe(row, monitor, mode, es)
-
-    def mask() -> jax.Array:
-        return jax.device_put(np.array([r.active for r in runs]), repl)
-
-    active = mask()
-    total_steps = config.num_epochs * steps_per_epoch
-    progress = Progress(total_steps, enabled=writer)
-    log_every = max(1, config.log_every_steps)
-    compile_s, timed_steps, timed_s = 0.0, 0, 0.0
-    t_start = time.perf_counter()
-    stop, stop_wanted = StopRequest(), False
-    with stop.installed():
-        for epoch in range(start_epoch, config.num_epochs):
-            if not any(r.active for r in runs):
-                break
-            first_step = start_step if epoch == start_epoch else 0
-            t_epoch = None
-            inputs = _train_inputs(device_data['train'], steps.permutation(epoch), first_step, mesh)
-            for s, args in zip(range(first_step, steps_per_epoch), inputs, strict=False):
-                state, acc = steps.train(state, acc, *args, steps.rng, active)
-                gstep = epoch * steps_per_epoch + s + 1
-                if t_epoch is None:  # First step of this process: includes compilation.
-                    jax.block_until_ready(acc)
-                    if compile_s == 0.0:
-                        compile_s = time.perf_counter() - t_start
-                    progress.start(gstep)
-                    t_epoch, first_timed = time.perf_counter(), gstep
-                log_point = gstep % log_every == 0 or s == steps_per_epoch - 1
-                if log_point:
-                    live = []  # The only host sync inside an epoch.
-                    for r, a in zip(runs, _host_acc(acc), strict=True):
-                        loss = a['loss'] / max(a['count'], 1.0)
-                        if r.active and not math.isfinite(loss):
-                            r.status, r.diverged_at = 'diverged', gstep
-                            message = f'Diverged{r.tag} at step {gstep}: training loss is {loss}.'
-                            logging.warning(message)
-                            print('\n' + message, flush=True)
-                            active = mask()
-                        elif r.active:
-                            live.append((loss, a['correct'] / max(a['count'], 1.0)))
-                            r.log.write_step(gstep, {'train_loss_running': loss})
-                    if not live:
-                        break
-                    progress.update(
-                        gstep,
-                        epoch + 1,
-                        config.num_epochs,
-                        loss=float(np.mean([x[0] for x in live])),
-                        accuracy=float(np.mean([x[1] for x in live])),
-                    )
-                hook_stop = any([bool(h(gstep)) for h in hooks])
-                stop_wanted = stop_wanted or stop.requested or hook_stop
-                if agreed_stop(stop_wanted, log_point):
-                    jax.block_until_ready(state)
-                    _save_latest(runs, steps, state, acc, gstep, epoch, s + 1)
-                    for r in runs:
-                        r.ckpt.wait()
-                    progress.end_line()
-                    inputs.close()  # Stops a stream's decoding threads.
-                    raise Interrupted(gstep, ', '.join(str(r.workdir) for r in runs))
-            inputs.close()
-            if not any(r.active for r in runs):
-                break  # Every variant diverged.
-            jax.block_until_ready(state)
-            if t_epoch is not None:
-                timed_steps += gstep - first_timed
-                timed_s += time.perf_counter() - t_epoch
-            progress.end_line()
-            stopping = []
-            for k, (r, a) in enumerate(zip(runs, _host_acc(acc), strict=True)):
-                if not r.active:
-                    continue
-                state_k = steps.variant(state, k)
-                evals = {
-                    split: train.evaluate(
-                        steps.evaluation, state_k, device_data[split], config.eval_batch_size, mesh
-                    )[0]
-                    for split in ('val', 'test')
-                    if split in device_data and (split == 'val' or config.eval_test_each_epoch)
-                }
-                lr = train.optax_learning_rate(state_k, r.config, steps_per_epoch)
-                elapsed = time.perf_counter() - t_start
-                row = _epoch_row(epoch + 1, int(state.step), a, lr, elapsed, evals)
-                r.history.append(row)
-                r.log.write_epoch(row)
-                logging.info('epoch %d%s: %s', epoch + 1, r.tag, row)
-                shown = [f'{n} {v:.4f}' for n, v in row.items() if n.endswith(('loss', 'accuracy'))]
-                print(f'epoch {epoch + 1}{r.tag}: ' + '  '.join(shown), flush=True)
-                if r.observe(row, monitor, mode, es):
-                    r.ckpt.save_best(int(state.step), state_k, r.best_value)
-                if r.stopped_early:
-                    stopping.append(r)
-            acc = jax.device_put(steps.zero_metrics(), repl)
-            last = epoch + 1 == config.num_epochs
-            if (epoch + 1) % max(1, config.checkpoint_every_epochs) == 0 or last:
-                _save_latest(runs, steps, state, acc, int(state.step), epoch + 1, 0)
-            for r in stopping:
-                print(
-                    f'Early stopping{r.tag} after epoch {epoch + 1}: {monitor} has not improved '
-                    f'for {r.bad_epochs} epochs (best {r.best_value:.4f} at epoch {r.best_epoch}).'
-                )
-            if stopping:
-                active = mask()
-    steps_per_s = timed_steps / timed_s if timed_s > 0 else float('nan')
-    results = []
-    for k, r in enumerate(runs):
-        r.ckpt.wait()
-        state_k = steps.variant(state, k)
-        if es.patience > 0 and r.status == 'completed':
-            best = r.ckpt.restore_best(state_k)  # Keras' restore_best_weights.
-            if best is not None:
-                state_k = best
-        r.ckpt.close()
-        r.log.close()
-        results.append(
-            TrainResult(
-                state=state_k,
-                history=r.history,
-                status=r.status,
-                diverged_at_step=r.diverged_at,
-                stopped_early=r.stopped_early,
-                best_epoch=r.best_epoch,
-                steps_per_epoch=steps_per_epoch,
-                train_steps_per_s=steps_per_s,
-                compile_s=compile_s,
-                resumed_from_step=resumed_from,
-                device_data=device_data,
-                steps=steps.evaluation,
-                mesh=mesh,
+        self.runs = [
+            _Variant(
+                config=c,
+                workdir=pathlib.Path(w),
+                report=Reporter(w, '' if len(configs) == 1 else f' [{c.get("name", None) or k}]'),
+                ckpt=Checkpoints(w, keep=config.keep_checkpoints, best_mode=self.mode),
             )
+            for k, (c, w) in enumerate(zip(configs, workdirs, strict=True))
+        ]
+        self.mesh, self.hooks = mesh, hooks
+        self.splits = {n: s.on_devices(mesh) for n, s in dataset.splits().items()}
+        repl = parallel.replicated(mesh)
+        self.state = jax.device_put(self.steps.state, repl)
+        # Placed on the mesh like the step's output, so the second step does not recompile.
+        self.acc = jax.device_put(self.steps.zero_metrics(), repl)
+        self.progress = Progress(config.num_epochs * self.steps_per_epoch)
+        self.stop, self.stop_wanted, self.active = StopRequest(), False, None
+        self.start_epoch, self.start_step, self.resumed_from = 0, 0, None
+        self.t_start, self.compile_s, self.timed_steps, self.timed_s = 0.0, 0.0, 0, 0.0
+
+    def any_active(self) -> bool:
+        return any(r.active for r in self.runs)
+
+    def _mask(self) -> None:
+        """Which variants the step trains (the others keep their states)."""
+        self.active = jax.device_put(
+            np.array([r.active for r in self.runs]), parallel.replicated(self.mesh)
         )
-    return results
+
+    def resume(self) -> None:
+        """Restores the newest checkpoint all variants saved (if any), with the loop's
+        position and running sums, and each variant's history and early-stopping state."""
+        restored = _restore_latest(self.runs, self.steps, self.state)
+        if restored is not None:
+            repl = parallel.replicated(self.mesh)
+            state, loops = restored
+            self.state = jax.device_put(state, repl)
+            self.start_epoch, self.start_step = loops[0]['epoch'], loops[0]['step_in_epoch']
+            acc = jax.tree.map(
+                lambda zero, *vs: jnp.asarray(vs, jnp.float32).reshape(zero.shape),
+                self.acc,
+                *[loop['acc'] for loop in loops],
+            )
+            self.acc = jax.device_put(acc, repl)
+            for r, loop in zip(self.runs, loops, strict=True):
+                if loop.get('diverged_at_step') is not None:
+                    r.status, r.diverged_at = 'diverged', loop['diverged_at_step']
+            self.resumed_from = int(self.state.step)
+            self.runs[0].report.line(
+                f'Resuming from checkpoint at step {self.resumed_from} (epoch '
+                f'{self.start_epoch + 1}, step {self.start_step} of {self.steps_per_epoch}).'
+            )
+        es = self.config.early_stopping
+        for r in self.runs:
+            r.history = r.report.resume(self.start_epoch)
+            for row in r.history:  # Rebuild early-stopping state from the epochs already run.
+                r.observe(row, self.monitor, self.mode, es)
+        self._mask()
+        self.t_start = time.perf_counter()  # Compilation and elapsed_s count from here.
+
+    def run_epoch(self, epoch: int, first_step: int) -> bool:
+        """The steps of `epoch` from `first_step`; False when every variant has diverged.
+
+        Raises Interrupted, after saving, when a signal or a hook asks the loop to stop.
+        """
+        spe = self.steps_per_epoch
+        inputs = self.splits['train'].train_inputs(self.steps.permutation(epoch), first_step)
+        t_epoch = first_timed = None
+        try:
+            for s, args in zip(range(first_step, spe), inputs, strict=False):
+                self.state, self.acc = self.steps.train(
+                    self.state, self.acc, *args, self.steps.rng, self.active
+                )
+                gstep = epoch * spe + s + 1
+                if t_epoch is None:  # First step of this process: includes compilation.
+                    jax.block_until_ready(self.acc)
+                    self.compile_s = self.compile_s or time.perf_counter() - self.t_start
+                    self.progress.start(gstep)
+                    t_epoch, first_timed = time.perf_counter(), gstep
+                log_point = gstep % max(1, self.config.log_every_steps) == 0 or s == spe - 1
+                if log_point and not self._log_point(gstep, epoch):
+                    break
+                hook_stop = any([bool(h(gstep)) for h in self.hooks])
+                self.stop_wanted = self.stop_wanted or self.stop.requested or hook_stop
+                if agreed_stop(self.stop_wanted, log_point):
+                    self._save_and_stop(gstep, epoch, s + 1)
+        finally:
+            inputs.close()  # Stops a stream's decoding threads.
+        if not self.any_active():
+            return False
+        jax.block_until_ready(self.state)
+        if t_epoch is not None:
+            self.timed_steps += gstep - first_timed
+            self.timed_s += time.perf_counter() - t_epoch
+        self.progress.end_line()
+        return True
+
+    def _log_point(self, gstep: int, epoch: int) -> bool:
+        """The running losses (the only host sync inside an epoch): divergence, the
+        progress line; whether any variant still trains."""
+        live = []
+        for r, a in zip(self.runs, _host_acc(self.acc), strict=True):
+            loss = a['loss'] / max(a['count'], 1.0)
+            if r.active and not math.isfinite(loss):
+                r.status, r.diverged_at = 'diverged', gstep
+                r.report.line(f'\nDiverged{r.report.tag} at step {gstep}: training loss is {loss}.')
+                self._mask()
+            elif r.active:
+                live.append((loss, a['correct'] / max(a['count'], 1.0)))
+                r.report.scalars(gstep, {'train_loss_running': loss})
+        if live:
+            loss, accuracy = np.mean(live, axis=0)
+            self.progress.update(
+                gstep, epoch + 1, self.config.num_epochs, loss=float(loss), accuracy=float(accuracy)
+            )
+        return bool(live)
+
+    def _save_and_stop(self, gstep: int, epoch: int, step_in_epoch: int) -> None:
+        jax.block_until_ready(self.state)
+        _save_latest(self.runs, self.steps, self.state, self.acc, gstep, epoch, step_in_epoch)
+        for r in self.runs:
+            r.ckpt.wait()
+        self.progress.end_line()
+        raise Interrupted(gstep, ', '.join(str(r.workdir) for r in self.runs))
+
+    def end_epoch(self, epoch: int) -> None:
+        """Each active variant's evaluation, row, best checkpoint and early stop; then the
+        latest checkpoints."""
+        config, step = self.config, int(self.state.step)
+        stopping = []
+        for k, (r, a) in enumerate(zip(self.runs, _host_acc(self.acc), strict=True)):
+            if not r.active:
+                continue
+            state_k = self.steps.variant(self.state, k)
+            evals = {
+                split: self._evaluate(state_k, split)[0]
+                for split in ('val', 'test')
+                if split in self.splits and (split == 'val' or config.eval_test_each_epoch)
+            }
+            lr = train.optax_learning_rate(state_k, r.config, self.steps_per_epoch)
+            elapsed = time.perf_counter() - self.t_start
+            row = _epoch_row(epoch + 1, step, a, lr, elapsed, evals)
+            r.history.append(row)
+            r.report.epoch(row)
+            if r.observe(row, self.monitor, self.mode, config.early_stopping):
+                r.ckpt.save_best(step, state_k, r.best_value)
+            if r.stopped_early:
+                stopping.append(r)
+        self.acc = jax.device_put(self.steps.zero_metrics(), parallel.replicated(self.mesh))
+        if (epoch + 1) % max(
+            1, config.checkpoint_every_epochs
+        ) == 0 or epoch + 1 == config.num_epochs:
+            _save_latest(self.runs, self.steps, self.state, self.acc, step, epoch + 1, 0)
+        for r in stopping:
+            r.report.line(
+                f'Early stopping{r.report.tag} after epoch {epoch + 1}: {self.monitor} has not '
+                f'improved for {r.bad_epochs} epochs (best {r.best_value:.4f} at epoch '
+                f'{r.best_epoch}).'
+            )
+        if stopping:
+            self._mask()
+
+    def _evaluate(self, state: train.TrainState, split: str, predictions: bool = False):
+        data = self.splits[split]
+        if split == 'train':  # Val and test were capped when they were loaded.
+            data = data.strided(self.config.max_eval_examples)
+        return train.evaluate(
+            self.steps.evaluation, state, data, self.config.eval_batch_size, predictions
+        )
+
+    def results(self) -> list[TrainResult]:
+        """Each variant's state to test (its best when early stopping is on, as Keras'
+        restore_best_weights), evaluated on every split, and its records closed."""
+        steps_per_s = self.timed_steps / self.timed_s if self.timed_s > 0 else float('nan')
+        results = []
+        for k, r in enumerate(self.runs):
+            r.ckpt.wait()
+            state = self.steps.variant(self.state, k)
+            if self.config.early_stopping.patience > 0 and r.status == 'completed':
+                best = r.ckpt.restore_best(state)
+                state = state if best is None else best
+            r.ckpt.close()
+            r.report.close()
+            evals = {split: self._evaluate(state, split, split == 'test') for split in self.splits}
+            results.append(
+                TrainResult(
+                    state=state,
+                    history=r.history,
+                    status=r.status,
+                    diverged_at_step=r.diverged_at,
+                    stopped_early=r.stopped_early,
+                    best_epoch=r.best_epoch,
+                    evals={split: m for split, (m, _) in evals.items()},
+                    test_predictions=evals['test'][1],
+                    steps_per_epoch=self.steps_per_epoch,
+                    train_steps_per_s=steps_per_s,
+                    compile_s=self.compile_s,
+                    resumed_from_step=self.resumed_from,
+                    num_devices=int(self.mesh.devices.size),
+                )
+            )
+        return results

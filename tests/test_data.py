@@ -2,7 +2,10 @@
 
 import gzip
 import os
+import pathlib
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ from cnn_jax import data
 from cnn_jax.data import sources
 from cnn_jax.errors import ConfigError, DataError
 from tests.conftest import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def write_idx(path, array, gz=True):
@@ -153,8 +158,10 @@ def test_folder_errors_name_the_path(tmp_path, breakage, match):
         data.load_dataset(tiny_config(dataset=f'folder:{root}'))
 
 
-def test_tfds_by_name_through_mock_data():
+def test_tfds_by_name_through_mock_data(monkeypatch):
     import tensorflow_datasets as tfds
+
+    monkeypatch.setenv('CNN_JAX_OFFLINE', '0')  # The mock downloads nothing.
 
     with tfds.testing.mock_data(num_examples=20):
         ds = data.load_dataset(tiny_config(dataset='mnist', val_fraction=0.25))
@@ -201,6 +208,8 @@ def test_tfds_unprepared_name_offline_reaches_download_and_names_alternatives(
 def test_tfds_missing_module_is_an_install_error_not_offline(monkeypatch):
     import tensorflow_datasets as tfds
 
+    monkeypatch.setenv('CNN_JAX_OFFLINE', '0')  # Online, the download step imports it.
+
     def missing(self, *args, **kwargs):
         raise ModuleNotFoundError(
             "No module named 'importlib_resources'", name='importlib_resources'
@@ -209,6 +218,23 @@ def test_tfds_missing_module_is_an_install_error_not_offline(monkeypatch):
     monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', missing)
     with pytest.raises(DataError, match='needs the Python module importlib_resources.*pip install'):
         data.load_dataset(tiny_config(dataset='mnist', data_dir='/nonexistent-tfds'))
+
+
+def test_offline_launch_of_a_tfds_config_fails_at_once_with_the_hint(tmp_path):
+    """The project's headline command offline: the hint and exit 2, not TFDS's retries.
+    CNN_JAX_OFFLINE=1 makes the network check fail as a machine without one does."""
+    r = subprocess.run(
+        [sys.executable, 'launch.py', '--config=configs/vgg.py', f'--workdir={tmp_path / "w"}'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, 'CNN_JAX_OFFLINE': '1', 'TFDS_DATA_DIR': str(tmp_path / 'tfds')},
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "error: could not download or prepare TFDS dataset 'cifar10' (no network" in r.stderr
+    assert '--config.dataset=folder:DIR' in r.stderr and 'Traceback' not in r.stderr
+    assert 'Retrying' not in r.stderr
 
 
 def test_unknown_dataset_lists_known_kinds():

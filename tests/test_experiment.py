@@ -59,7 +59,7 @@ def test_the_train_step_compiles_once_per_run(tmp_path, caplog):
     import jax
 
     config = tiny_config(num_epochs=2, steps_per_epoch=4)
-    ds = experiment.stream.load(config)
+    ds = experiment.load_dataset(config, allow_streams=True)
     model = experiment.build_model(config, ds.num_classes)
     with jax.log_compiles(), caplog.at_level('WARNING'):
         train_and_evaluate(config, tmp_path, ds, model)
@@ -75,7 +75,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     config = tiny_config(num_epochs=3, steps_per_epoch=4)
     config.model_options.dropout_rate = 0.2
     config.augment.flip = True
-    ds = experiment.stream.load(config)
+    ds = experiment.load_dataset(config, allow_streams=True)
     model = experiment.build_model(config, ds.num_classes)
     straight = train_and_evaluate(config, tmp_path / 'a', ds, model)
     with pytest.raises(Interrupted, match='interrupted at step 6'):
@@ -162,3 +162,45 @@ def test_sanity_checks_report_shape_and_first_loss(capsys):
     assert checks['expected_first_loss_ln_classes'] == pytest.approx(math.log(10), abs=1e-4)
     assert checks['first_loss_ok'], checks['first_batch_loss']
     assert 'WARNING' not in capsys.readouterr().out
+
+
+def test_reporter_writes_files_only_on_the_main_process(tmp_path, monkeypatch, capsys):
+    """Console lines, metrics.jsonl and TensorBoard all go through records.Reporter: only
+    the main process writes files (every process prints to its own log), and a resume
+    reads the main one's rows."""
+    from cnn_jax import parallel, records
+
+    row = {'epoch': 1, 'step': 4, 'train_loss': 0.5, 'train_accuracy': 0.75}
+    line = 'epoch 1 [a]: train_loss 0.5000  train_accuracy 0.7500\n'
+    (tmp_path / 'main').mkdir()
+    main = records.Reporter(tmp_path / 'main', tag=' [a]')
+    main.epoch(row)
+    main.close()
+    assert capsys.readouterr().out == line
+    assert records.read_metrics(tmp_path / 'main') == [row]
+    assert main.resume(0) == [] and records.read_metrics(tmp_path / 'main') == []
+    monkeypatch.setattr(parallel, 'is_main_process', lambda: False)
+    (tmp_path / 'other').mkdir()
+    other = records.Reporter(tmp_path / 'other', tag=' [a]')
+    other.epoch(row)
+    other.close()
+    assert capsys.readouterr().out == line
+    assert list((tmp_path / 'other').iterdir()) == []
+
+
+def test_train_result_holds_the_final_evaluation_the_summary_reports(tmp_path):
+    """The final evaluation is the loop's last phase: TrainResult carries its numbers and
+    the test predictions, and the summary reports exactly those."""
+    from cnn_jax.data import load_dataset
+    from cnn_jax.models import build_model
+
+    config = tiny_config(num_epochs=1)
+    dataset = load_dataset(config)
+    result = train_and_evaluate(config, tmp_path, dataset, build_model(config, 10))
+    assert set(result.evals) == {'train', 'val', 'test'}
+    assert result.test_predictions.shape == dataset.test.labels.shape
+    accuracy = float((result.test_predictions == dataset.test.labels).mean())
+    assert math.isclose(result.evals['test']['accuracy'], accuracy, rel_tol=1e-6)
+    out = experiment.finish(config, tmp_path, result, dataset, {}, '', 0.0)
+    assert out['test_accuracy'] == result.evals['test']['accuracy']
+    assert out['accuracy'] == accuracy  # report.classification_metrics of the predictions.

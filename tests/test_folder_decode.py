@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn_jax.data import sources
+from cnn_jax.data import folder as folder_lib
 from cnn_jax.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,9 +22,9 @@ import sys
 for name in ('tensorflow', 'tensorflow_datasets'):
     sys.modules[name] = None  # `import tensorflow` now raises ImportError.
 import numpy as np
-from cnn_jax.data import sources
-assert not sources.tensorflow_available()
-raw = sources.read_folder(sys.argv[1], cache_dir=sys.argv[2])
+from cnn_jax.data import folder as folder_lib
+assert not folder_lib.tensorflow_available()
+raw = folder_lib.read_folder(sys.argv[1], cache_dir=sys.argv[2])
 np.savez(sys.argv[3], **raw._asdict())
 """
 
@@ -84,7 +84,7 @@ def assert_same_arrays(raw, other):
 def test_folder_without_tensorflow_equals_tfds_image_folder(tmp_path):
     root = make_folder(tmp_path / 'imgs')
     no_tf = read_without_tensorflow(root, tmp_path)
-    with_tf = sources.read_folder(str(root), cache_dir=str(tmp_path / 'cache_tf'), decoder='tf')
+    with_tf = folder_lib.read_folder(str(root), cache_dir=str(tmp_path / 'cache_tf'), decoder='tf')
     assert with_tf.train_images.shape == (21, 12, 10, 3)
     # ImageFolder's shuffled order, not class by class: a sorted reader would fail here.
     assert list(with_tf.train_labels) != sorted(with_tf.train_labels)
@@ -95,7 +95,7 @@ def test_pil_decoder_names_the_unreadable_file(tmp_path):
     root = make_folder(tmp_path / 'imgs')
     (root / 'train' / 'bee' / 'bad.jpg').write_bytes(b'not a jpeg at all')
     with pytest.raises(DataError, match=r'unreadable image in .*train: .*train/bee/bad\.jpg'):
-        sources.read_folder(str(root), cache_dir=str(tmp_path / 'c'), decoder='pil')
+        folder_lib.read_folder(str(root), cache_dir=str(tmp_path / 'c'), decoder='pil')
 
 
 def extract_sample(archive, target, per_class):
@@ -122,7 +122,7 @@ def test_real_cifar10_jpegs_read_without_tensorflow_as_with_it(tmp_path):
     archive = tmp_path / 'sample.tar.gz'
     with tarfile.open(archive, 'w:gz') as tar:
         tar.add(root, arcname=root.name)
-    with_tf = sources.read_folder(str(root), cache_dir=str(tmp_path / 'c_tf'), decoder='tf')
+    with_tf = folder_lib.read_folder(str(root), cache_dir=str(tmp_path / 'c_tf'), decoder='tf')
     assert with_tf.train_images.shape == (1000, 32, 32, 3)
     assert 'airplane' in with_tf.class_names
     assert np.bincount(with_tf.test_labels).tolist() == [100] * 10

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import parallel
-from cnn_jax.data import sources
+from cnn_jax.data import folder as folder_lib
 from cnn_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -228,7 +228,7 @@ def runs(tmp_path_factory):
     (root / 'tiny.py').write_text(CONFIG)
     write_digits(root / 'digits')
     # The device-resident runs' decoded cache, made here: no TensorFlow import in each.
-    sources.read_folder(str(root / 'digits'), cache_dir=str(root / 'cache'))
+    folder_lib.read_folder(str(root / 'digits'), cache_dir=str(root / 'cache'))
     ((rc, out),) = finish([start(root, root / 'one', 'one', 2)])
     assert rc == 0, out
     # Past a tiny memory budget, 'auto' streams (as a dataset too large for a device would).

@@ -11,13 +11,20 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cnn_jax import data, parallel, train
+from cnn_jax import data, parallel
+from cnn_jax.data import folder as folder_lib
 from cnn_jax.data import sources, stream
+from cnn_jax.data.resolve import parse_source
 from cnn_jax.errors import ConfigError, DataError
 from tests.conftest import tiny_config
 from tests.test_folder_decode import make_folder
 
 N_TRAIN = 21  # make_folder: 3 classes x 7 images per split.
+
+
+def open_stream(dataset, split, data_dir=None, **options):
+    """A stream of `split` of the dataset string, as the training loads it."""
+    return parse_source(dataset, data_dir=data_dir).stream(split, **options)
 
 
 class StreamToy(tfds.core.GeneratorBasedBuilder):
@@ -62,7 +69,7 @@ def toy_dir(tmp_path_factory):
 def folder_stream(root, split='train', **kwargs):
     """A stream of the folder `root` with 2 decode threads."""
     kwargs.setdefault('workers', 2)
-    return stream.open_stream(f'folder:{root}', split, **kwargs)
+    return open_stream(f'folder:{root}', split, **kwargs)
 
 
 def stacked(batches):
@@ -129,7 +136,7 @@ def test_resuming_mid_epoch_yields_the_remaining_batches(folder, start_step):
 
 @pytest.mark.parametrize('processes, batch_size', [(1, 4), (2, 4), (3, 6), (4, 8)])
 def test_eval_padding_counts_every_example_once(folder, processes, batch_size):
-    resident = sources.read_folder(str(folder))
+    resident = folder_lib.read_folder(str(folder))
     counted, steps = [], set()
     for p in range(processes):
         s = folder_stream(folder, 'test', process_index=p, process_count=processes)
@@ -149,7 +156,7 @@ def test_eval_padding_counts_every_example_once(folder, processes, batch_size):
 
 
 def test_pixels_equal_the_device_resident_loader(folder):
-    resident = sources.read_folder(str(folder))  # TensorFlow's decode where installed.
+    resident = folder_lib.read_folder(str(folder))  # TensorFlow's decode where installed.
     s = folder_stream(folder, process_index=1, process_count=2)
     index, images, labels, _ = stacked(list(s.train(epoch_order())))
     np.testing.assert_array_equal(images, resident.train_images[index])
@@ -172,7 +179,7 @@ def make_mixed_sizes(root):
 
 def test_mixed_sizes_resize_on_the_host_as_the_resident_loader(tmp_path):
     root = make_mixed_sizes(tmp_path / 'mixed')
-    resident = sources.read_folder(str(root), cache_dir=str(tmp_path / 'c'), image_size=8)
+    resident = folder_lib.read_folder(str(root), cache_dir=str(tmp_path / 'c'), image_size=8)
     s = folder_stream(root, image_size=8)
     index, images, _, _ = stacked(list(s.train(epoch_order(6, 2))))
     assert images.shape == (6, 8, 8, 3)
@@ -188,9 +195,7 @@ def test_tfds_stream_shards_order_resume_selection_and_pixels(toy_dir):
     resident = sources.read_tfds('stream_toy', data_dir=toy_dir, manual_dir=None)
     seen = []
     for p in range(2):
-        s = stream.open_stream(
-            'stream_toy', 'train', data_dir=toy_dir, process_index=p, process_count=2
-        )
+        s = open_stream('stream_toy', 'train', data_dir=toy_dir, process_index=p, process_count=2)
         np.testing.assert_array_equal(s.labels, resident.train_labels)
         batches = list(s.train(epoch_order(40, 6, seed=1)))
         assert len(batches) == 6 and batches[0].images.shape == (3, 6, 5, 3)
@@ -207,7 +212,7 @@ def test_tfds_stream_shards_order_resume_selection_and_pixels(toy_dir):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 36  # 2 x 6 steps x 3.
     # A selection (a validation split's, relabelled) reads only its examples.
     chosen = np.arange(1, 40, 3)
-    s = stream.open_stream('stream_toy', 'train', data_dir=toy_dir, process_count=1)
+    s = open_stream('stream_toy', 'train', data_dir=toy_dir, process_count=1)
     part = s.take(chosen, labels=np.arange(len(chosen)) % 2)
     index, images, labels, _ = stacked(list(part.train(epoch_order(len(chosen), 2))))
     np.testing.assert_array_equal(images, resident.train_images[chosen[index]])
@@ -219,9 +224,7 @@ def test_tfds_eval_counts_every_example_once(toy_dir):
     resident = sources.read_tfds('stream_toy', data_dir=toy_dir, manual_dir=None)
     counted = []
     for p in range(3):
-        s = stream.open_stream(
-            'stream_toy', 'test', data_dir=toy_dir, process_index=p, process_count=3
-        )
+        s = open_stream('stream_toy', 'test', data_dir=toy_dir, process_index=p, process_count=3)
         batches = list(s.eval(6))
         assert len(batches) == 3  # ceil(13 / 6) global batches.
         for b in batches:
@@ -283,13 +286,13 @@ def test_to_device_shards_the_global_batch_over_the_data_axis(folder):
 
 
 def test_open_stream_by_dataset_string(folder, toy_dir):
-    s = stream.open_stream(f'folder:{folder}', 'test', process_count=1)
+    s = open_stream(f'folder:{folder}', 'test', process_count=1)
     assert isinstance(s, stream.FolderStream) and s.class_names == ['ant', 'bee', 'cat']
-    t = stream.open_stream('stream_toy', 'train', data_dir=toy_dir)
+    t = open_stream('stream_toy', 'train', data_dir=toy_dir)
     assert isinstance(t, stream.TfdsStream) and len(t) == 40
     with pytest.raises(ConfigError, match="cannot stream.*input_mode='device'"):
-        stream.open_stream('digits', 'train')
-    three = stream.open_stream(f'folder:{folder}', 'train', process_count=3, process_index=0)
+        open_stream('digits', 'train')
+    three = open_stream(f'folder:{folder}', 'train', process_count=3, process_index=0)
     with pytest.raises(ConfigError, match='does not divide over 3 processes'):
         three.train(epoch_order(batch_size=4))
 
@@ -315,11 +318,12 @@ def test_dataset_bytes_and_budget():
 
 def test_auto_streams_what_exceeds_the_budget(folder, capsys):
     config = tiny_config(dataset=f'folder:{folder}', val_fraction=0.25, max_eval_examples=9)
-    resident = data.load_dataset(config)  # Tiny: 'auto' keeps it on the devices.
-    assert isinstance(stream.load(config).train, data.Split)
+    resident = data.load_dataset(config)
+    # Tiny: 'auto' keeps it on the devices.
+    assert isinstance(data.load_dataset(config, allow_streams=True).train, data.Split)
     assert 'Input: device-resident (1.' in capsys.readouterr().out
     config.device_memory_budget_gb = 1e-6
-    streamed = stream.load(config)
+    streamed = data.load_dataset(config, allow_streams=True)
     assert 'Input: streamed from the host (1.' in capsys.readouterr().out
     # The same examples in the same splits (validation held out alike), the same statistics.
     for split in ('train', 'val', 'test'):
@@ -332,17 +336,28 @@ def test_auto_streams_what_exceeds_the_budget(folder, capsys):
 
 
 def test_strided_subset_caps_a_split_and_keeps_every_class(folder):
-    """The capped final train evaluation (max_eval_examples) of a class-sorted folder."""
+    """The capped final train evaluation (max_eval_examples) of a class-sorted folder,
+    through the split interface both kinds of split share."""
     config = tiny_config(dataset=f'folder:{folder}')
     resident = data.load_dataset(config).train
     config.device_memory_budget_gb = 1e-6
-    streamed = stream.load(config).train
-    device = (resident.images, resident.labels)
-    assert train.strided_subset(device, None) is device
-    assert train.strided_subset(streamed, 100) is streamed
-    images, labels = train.strided_subset(device, 8)
+    streamed = data.load_dataset(config, allow_streams=True).train
+    mesh = parallel.make_mesh()
+    device, placed = resident.on_devices(mesh), streamed.on_devices(mesh)
+    assert device.strided(None) is device
+    assert placed.strided(100) is placed
+    part = device.strided(8)
+    labels = np.asarray(part.labels)
     np.testing.assert_array_equal(labels, resident.labels[::3])  # 21 examples, stride 3.
     assert sorted(set(labels.tolist())) == [0, 1, 2]
-    part = train.strided_subset(streamed, 8)
-    np.testing.assert_array_equal(part.labels, labels)
-    np.testing.assert_array_equal(part.examples(np.arange(len(part))), images)
+    streamed_part = placed.strided(8)
+    np.testing.assert_array_equal(streamed_part.labels, labels)
+    images = streamed_part.examples(np.arange(len(streamed_part)))
+    np.testing.assert_array_equal(images, np.asarray(part.images))
+    # Both serve the same evaluation batches (the resident one by index), padding masked.
+    for a, b in zip(part.eval_inputs(8), streamed_part.eval_inputs(8), strict=True):
+        index, mask = np.asarray(a[2]), np.asarray(a[3])
+        np.testing.assert_array_equal(mask, np.asarray(b[3]))
+        real = mask.astype(bool)
+        np.testing.assert_array_equal(np.asarray(a[0])[index][real], np.asarray(b[0])[real])
+        np.testing.assert_array_equal(np.asarray(a[1])[index][real], np.asarray(b[1])[real])

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from cnn_jax import arithmetic, cli
-from cnn_jax.data.metadata import dataset_metadata, model_input_shape, source_metadata
+from cnn_jax.data.metadata import dataset_metadata, model_input_shape
+from cnn_jax.data.resolve import parse_source
 from reproduce.reported import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,9 +52,9 @@ def test_metadata_of_each_source_kind(tmp_path):
         for name in ('cat', 'dog'):
             (tmp_path / split / name).mkdir(parents=True)
             Image.new('RGB', (12, 10)).save(tmp_path / split / name / 'a.png')
-    assert source_metadata(f'folder:{tmp_path}') == ((10, 12, 3), ['cat', 'dog'], True)
-    assert source_metadata('digits').image_shape == (8, 8, 1)
-    meta = source_metadata('cifar10')  # TFDS's feature description: no download.
+    assert parse_source(f'folder:{tmp_path}').describe() == ((10, 12, 3), ['cat', 'dog'], True)
+    assert parse_source('digits').describe().image_shape == (8, 8, 1)
+    meta = parse_source('cifar10').describe()  # TFDS's feature description: no download.
     assert meta.image_shape == (32, 32, 3) and len(meta.class_names) == 10
 
     config = load_config('vgg.py')  # Three named classes of cifar10, resized to 64.
@@ -73,11 +74,12 @@ def test_every_config_prints_its_table_offline_without_loading_data(tmp_path):
         'from cnn_jax import cli\n'
         'from reproduce.reported import load_config\n'
         'import cnn_jax.data as data\n'
-        'from cnn_jax.data import sources\n'
+        'from cnn_jax.data import folder, sources\n'
         'def no_load(*a, **k):\n'
         "    raise AssertionError('--summary loaded the dataset')\n"
-        'data.load_dataset = data.read_source = no_load\n'
-        'sources.read_tfds = sources.read_folder = sources.read_idx = no_load\n'
+        'data.load_dataset = no_load\n'
+        'sources.read_tfds = sources.read_idx = sources.read_digits = no_load\n'
+        'folder.read_folder = no_load\n'
         'for name in sys.argv[1:]:\n'
         '    assert cli.print_summary(load_config(name)) == 0, name\n'
         "    print('OK', name, flush=True)\n"
@@ -124,9 +126,7 @@ def test_metadata_of_an_archive_already_extracted_skips_the_marker(tmp_path, mon
     with tarfile.open(archive, 'w:gz') as tar:
         tar.add(tmp_path / 'imgs', arcname='imgs')
     monkeypatch.setenv('CNN_JAX_CACHE', str(tmp_path / 'cache'))
-    from cnn_jax.data import sources
-
-    sources.read_source(f'folder:{archive}', cache_dir=str(tmp_path / 'cache'))  # Extracts.
+    parse_source(f'folder:{archive}', cache_dir=str(tmp_path / 'cache')).read()  # Extracts.
     listed = pathlib.Path.iterdir
     monkeypatch.setattr(pathlib.Path, 'iterdir', lambda p: iter(sorted(listed(p))))  # Marker 1st.
-    assert source_metadata(f'folder:{archive}') == ((10, 12, 3), ['cat', 'dog'], True)
+    assert parse_source(f'folder:{archive}').describe() == ((10, 12, 3), ['cat', 'dog'], True)

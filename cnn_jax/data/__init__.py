@@ -1,8 +1,10 @@
-"""Datasets as in-memory arrays: read, relabel, split and describe them.
+"""Datasets: read, relabel, split and subsample, device-resident or streamed.
 
-`load_dataset(config)` reads them (`stream.load(config)` chooses between it and streams,
-which share the splits' API). Images stay uint8 on the host; they are converted, resized,
-augmented and normalised on the device (see `augment.py`).
+`load_dataset(config)` reads config.dataset (cnn_jax.data.resolve) into host arrays, or
+opens streams of it (cnn_jax.data.stream) where config.input_mode says so. Both kinds of
+split share one API, and `on_devices(mesh)` gives what the training loop asks for batches.
+Images stay uint8 on the host; they are converted, resized, augmented and normalised on
+the device (see `augment.py`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from cnn_jax.data.sources import RawData, read_source
+from cnn_jax import parallel
+from cnn_jax.data import stream
+from cnn_jax.data.resolve import Source, config_source
+from cnn_jax.data.sources import RawData
 from cnn_jax.errors import ConfigError, DataError
+from cnn_jax.records import Reporter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,15 +45,20 @@ class Split:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
+    def on_devices(self, mesh: Mesh) -> stream.ResidentSplit:
+        """The split replicated on every device of `mesh`."""
+        put = parallel.put_replicated
+        return stream.ResidentSplit(put(self.images, mesh), put(self.labels, mesh), mesh)
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Splits on the host, or streams of them (cnn_jax.data.stream) with the same API."""
+    """Splits on the host, or streams of them with the same API."""
 
     name: str
-    train: Split
-    val: Split | None
-    test: Split
+    train: Split | stream.Stream
+    val: Split | stream.Stream | None
+    test: Split | stream.Stream
     class_names: list[str]
     mean: np.ndarray  # (C,) float32, in [0, 1] pixel units
     std: np.ndarray
@@ -58,6 +70,11 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.train.image_shape
+
+    def splits(self) -> dict[str, Split | stream.Stream]:
+        """{'train', 'val' (when there is one), 'test'}: each split by name."""
+        named = {'train': self.train, 'val': self.val, 'test': self.test}
+        return {name: split for name, split in named.items() if split is not None}
 
 
 def _class_index(names: Sequence[str], c: str | int) -> int:
@@ -178,21 +195,43 @@ def apply_class_options(raw: RawData, config: ml_collections.ConfigDict) -> RawD
     return raw
 
 
-def load_dataset(config: ml_collections.ConfigDict, streams: Sequence | None = None) -> Dataset:
+def open_streams(config: ml_collections.ConfigDict, source: Source) -> list | None:
+    """The (train, test) streams where config.input_mode streams, else None.
+
+    'auto' opens the streams (a file listing; TFDS's split sizes), reads one image header,
+    and streams when the dataset's bytes exceed the device memory budget.
+    """
+    mode = config.input_mode
+    if mode == 'device' or (mode == 'auto' and not source.streamable):
+        return None
+    image_size = config.image_size or None
+    streams = [source.stream(split, image_size=image_size) for split in ('train', 'test')]
+    # As the device path holds them: as stored (resized on the device) where sizes agree.
+    h, w, c = source.describe().image_shape
+    shape = (h or config.image_size or 1, w or config.image_size or 1, c)
+    needed = stream.dataset_bytes(sum(len(s) for s in streams), shape)
+    budget = stream.device_memory_budget(config.device_memory_budget_gb)
+    why = f'{needed / 2**30:.3g} GiB of images, device memory budget {budget / 2**30:.3g} GiB'
+    if mode == 'auto':
+        mode = 'device' if needed <= budget else 'stream'
+    else:
+        why = f'input_mode=stream; {why}'
+    kind = 'streamed from the host' if mode == 'stream' else 'device-resident'
+    Reporter().line(f'Input: {kind} ({why}).')
+    return streams if mode == 'stream' else None
+
+
+def load_dataset(config: ml_collections.ConfigDict, allow_streams: bool = False) -> Dataset:
     """Reads config.dataset and applies the class options, split and subsampling.
 
-    `streams`, config.dataset's (train, test) streams (cnn_jax.data.stream.load), are
-    selected from by example number, the same selection: the splits are streams then, and
-    only the normalisation statistics' sample is decoded.
+    With `allow_streams` (training), the splits are streams where config.input_mode says
+    so (`open_streams`): they are selected from by example number, the same selection as
+    the arrays', and only the statistics' sample is decoded.
     """
+    source = config_source(config)
+    streams = open_streams(config, source) if allow_streams else None
     if streams is None:
-        raw = read_source(
-            config.dataset,
-            data_dir=config.data_dir,
-            manual_dir=config.manual_dir,
-            cache_dir=config.cache_dir,
-            image_size=config.image_size or None,
-        )
+        raw = source.read(config.image_size or None)
     else:  # Example numbers in place of the images.
         number = [np.arange(len(s)) for s in streams]
         raw = RawData(number[0], streams[0].labels, number[1], streams[1].labels,

@@ -1,29 +1,24 @@
-"""Readers that turn a `config.dataset` string into uint8 NHWC arrays on the host.
+"""Readers of the dataset sources: uint8 NHWC arrays on the host, or a cheap description.
 
-Four kinds of source, chosen by the string:
-- 'digits': scikit-learn's bundled 8x8 digits (no download, no TensorFlow);
-- 'idx:DIR': MNIST-format IDX files (e.g. Fashion-MNIST from the Debian package);
-- 'folder:DIR' (or 'folder:ARCHIVE.tar.gz'): DIR/{train,test}/<class>/*.jpg|png, read with
-  TFDS's ImageFolder, or with Pillow where TensorFlow is not installed (same arrays);
-- any other name: a TFDS dataset.
-TensorFlow and TFDS are imported only by the last two.
+'digits' (scikit-learn's bundled 8x8 digits: no download, no TensorFlow), 'idx:DIR'
+(MNIST-format IDX files, e.g. Fashion-MNIST from the Debian package) and TFDS names are
+here; 'folder:DIR' is cnn_jax.data.folder. cnn_jax.data.resolve.parse_source tells them
+apart. TensorFlow and TFDS are imported only by the TFDS functions.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import pathlib
+import socket
 import struct
-import tarfile
+import threading
 from typing import NamedTuple
 
 import numpy as np
 
-from cnn_jax.data import images as images_lib
-from cnn_jax.data.images import IMAGE_EXTENSIONS
-from cnn_jax.errors import DataError
+from cnn_jax.errors import ConfigError, DataError
 
 OFFLINE_HINT = (
     'Offline, use one of: --config.dataset=digits (bundled with scikit-learn); '
@@ -33,6 +28,13 @@ OFFLINE_HINT = (
     'folder:../shared/data/cifar10-jpeg.tar.gz); or prepare the TFDS dataset elsewhere and '
     'pass --config.data_dir (and --config.manual_dir for manual downloads).'
 )
+
+NETWORK_PROBE = ('storage.googleapis.com', 443)  # TFDS's own download host.
+
+
+def default_cache_dir() -> pathlib.Path:
+    """Where extracted archives, decoded folders and compiled programs are kept."""
+    return pathlib.Path(os.environ.get('CNN_JAX_CACHE', '~/.cache/cnn_jax')).expanduser()
 
 
 class RawData(NamedTuple):
@@ -45,28 +47,14 @@ class RawData(NamedTuple):
     class_names: list[str]
 
 
-def read_source(
-    dataset: str,
-    *,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    cache_dir: str | None = None,
-    image_size: int | None = None,
-) -> RawData:
-    """Reads `dataset` (see the module docstring) and checks its labels."""
-    if dataset == 'digits':
-        raw = read_digits()
-    elif dataset.startswith('idx:'):
-        raw = read_idx(dataset[4:])
-    elif dataset.startswith('folder:'):
-        raw = read_folder(dataset[7:], cache_dir=cache_dir, image_size=image_size)
-    elif ':' in dataset or '/' in dataset:
-        raise unknown_dataset(dataset)
-    else:
-        raw = read_tfds(dataset, data_dir=data_dir, manual_dir=manual_dir)
-    for split, labels in (('train', raw.train_labels), ('test', raw.test_labels)):
-        check_labels(labels, len(raw.class_names), f'{dataset} ({split})')
-    return raw
+class Metadata(NamedTuple):
+    """What a source looks like, read without loading it."""
+
+    # (H, W, C) as stored, before config.image_size; H and W are None when they vary.
+    image_shape: tuple[int | None, int | None, int]
+    class_names: list[str]
+    # False where only the class count is known (TFDS names some classes at download).
+    names_known: bool = True
 
 
 def unknown_dataset(name: str, e: Exception | None = None) -> DataError:
@@ -183,221 +171,16 @@ def read_idx(directory: str) -> RawData:
     )
 
 
-# --- image folder -----------------------------------------------------------------------
-
-
-def default_cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get('CNN_JAX_CACHE', '~/.cache/cnn_jax')).expanduser()
-
-
-def _archive_key(archive: pathlib.Path, chunk: int = 1 << 20) -> str:
-    """A key for the archive's content: its size and first and last MiB.
-
-    Not its path or mtime: a copy, or the same file provisioned afresh, must not pay for
-    another extraction and decode (minutes for CIFAR-10's 60,000 JPEGs). Not a hash of
-    every byte either, which would read a 150 GB ImageNet tarball on every start.
-    """
-    size = archive.stat().st_size
-    digest = hashlib.sha1(str(size).encode())
-    with open(archive, 'rb') as f:
-        digest.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(chunk, size - chunk))
-            digest.update(f.read(chunk))
-    return digest.hexdigest()[:12]
-
-
-def _extract_archive(archive: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
-    """Extracts a .tar(.gz) once into the cache; returns the folder with train/ and test/."""
-    target = cache_dir / f'extracted-{_archive_key(archive)}'
-    if not (target / '.complete').exists():
-        print(f'Extracting {archive} to {target} (once) ...', flush=True)
-        target.mkdir(parents=True, exist_ok=True)
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(target, filter='data')
-        except (tarfile.TarError, OSError) as e:
-            raise DataError(f'cannot extract {archive}: {e}') from None
-        (target / '.complete').touch()
-    return extracted_root(target)
-
-
-def extracted_root(target: pathlib.Path) -> pathlib.Path:
-    """The folder with train/ and test/ in an extraction: itself or its one sub-folder."""
-    if (target / 'train').is_dir():
-        return target
-    subdirs = [p for p in target.iterdir() if p.is_dir()]  # Not the .complete marker.
-    if len(subdirs) == 1 and (subdirs[0] / 'train').is_dir():
-        return subdirs[0]
-    return target  # check_folder() explains what is missing.
-
-
-def check_folder(root: pathlib.Path) -> list[str]:
-    """Checks the layout root/{train,test}/<class>/<images>; returns the class names."""
-    if not root.exists():
-        raise DataError(f'image folder {root} does not exist. {OFFLINE_HINT}')
-    classes = None
-    for split in ('train', 'test'):
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise DataError(
-                f'image folder {root} has no {split}/ sub-folder; expected '
-                f'{root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg'
-            )
-        names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-        if not names:
-            raise DataError(f'{split_dir} is empty: expected one sub-folder per class')
-        for name in names:
-            if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (split_dir / name).iterdir()):
-                raise DataError(
-                    f'class folder {split_dir / name} has no images ({", ".join(IMAGE_EXTENSIONS)})'
-                )
-        if classes is not None and names != classes:
-            raise DataError(
-                f'{root}: train/ and test/ have different class folders: {classes} vs {names}'
-            )
-        classes = names
-    return classes
-
-
-def _find_unreadable_image(split_dir: pathlib.Path) -> str:
-    """Names the first file PIL cannot decode (used only after TensorFlow failed)."""
-    from PIL import Image
-
-    for path in sorted(split_dir.rglob('*')):
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            try:
-                with Image.open(path) as im:
-                    im.load()
-            except Exception as e:  # noqa: BLE001 - any decoder failure names the file.
-                return f'{path}: {e}'
-    return 'no single file could be blamed'
-
-
-def _to_rgb_array(images: list[np.ndarray], image_size: int | None, where: str) -> np.ndarray:
-    shapes = {im.shape for im in images}
-    if len(shapes) == 1:
-        return np.stack(images)
-    if image_size is None:
-        examples = ', '.join(str(s[:2]) for s in list(shapes)[:3])
-        raise DataError(
-            f'{where}: images have different sizes ({examples}, ...); set '
-            '--config.image_size to resize them to one square size'
-        )
-    return np.stack([images_lib.resize(im, image_size) for im in images])
-
-
-def tensorflow_available() -> bool:
-    """Whether TensorFlow imports (a GPU machine may have JAX and PyTorch but no TF)."""
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _decode_split_tf(root: pathlib.Path, split: str) -> tuple[list[np.ndarray], list[int]]:
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    builder = tfds.ImageFolder(str(root))
-    images, labels = [], []
-    try:
-        ds = builder.as_dataset(
-            split=split,
-            shuffle_files=False,
-            as_supervised=True,
-            decoders={'image': tfds.decode.SkipDecoding()},
-        )
-        ds = ds.map(
-            lambda data, label: (images_lib.tf_decode(data), label),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        for image, label in tfds.as_numpy(ds):
-            images.append(image)
-            labels.append(label)
-    except Exception as e:  # TF decode errors do not name the file: find it.
-        culprit = _find_unreadable_image(root / split)
-        raise DataError(
-            f'unreadable image in {root / split}: {culprit} ({type(e).__name__})'
-        ) from None
-    return images, labels
-
-
-def _decode_split_pil(
-    root: pathlib.Path, split: str, class_names: list[str]
-) -> tuple[list[np.ndarray], list[int]]:
-    paths, labels = images_lib.list_examples(root, split, class_names)
-    try:
-        return images_lib.load_all(paths), list(labels)
-    except DataError as e:
-        raise DataError(f'unreadable image in {root / split}: {e}') from None
-
-
-def folder_root(path: str, *, cache_dir: str | None = None) -> pathlib.Path:
-    """The image folder of folder:PATH: PATH itself, or a .tar(.gz) extracted once."""
-    root = pathlib.Path(path).expanduser()
-    if root.is_file() and (root.name.endswith(('.tar.gz', '.tgz', '.tar'))):
-        cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        root = _extract_archive(root, cache)
-    return root
-
-
-def read_folder(
-    path: str,
-    *,
-    cache_dir: str | None = None,
-    image_size: int | None = None,
-    decoder: str = 'auto',
-) -> RawData:
-    """An image folder (or a .tar.gz of one), decoded once and cached as .npz.
-
-    `decoder`: 'tf' (TFDS ImageFolder), 'pil' (Pillow threads), or 'auto' (TF when it is
-    installed). Both give the same class order, example order and pixels.
-    """
-    if decoder not in ('auto', 'tf', 'pil'):
-        raise ValueError(f"decoder must be 'auto', 'tf' or 'pil', got {decoder!r}")
-    cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    root = folder_root(path, cache_dir=cache_dir)
-    class_names = check_folder(root)
-    files = sorted(str(p) for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS)
-    newest = max(os.stat(f).st_mtime for f in files)
-
-    def cache_file(size: int | None) -> pathlib.Path:
-        # 'islow': caches from before both decoders used the accurate JPEG DCT are stale.
-        key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{newest}:{size}:islow'.encode())
-        return cache / f'folder-{key.hexdigest()[:12]}.npz'
-
-    # Images of one size are cached as they are (any image_size resizes on the device);
-    # mixed sizes are cached after the host resize to image_size.
-    for cached in (cache_file(None), cache_file(image_size)):
-        if cached.exists():
-            with np.load(cached) as z:
-                return RawData(
-                    z['train_images'],
-                    z['train_labels'],
-                    z['test_images'],
-                    z['test_labels'],
-                    list(z['class_names']),
-                )
-    use_tf = decoder == 'tf' or (decoder == 'auto' and tensorflow_available())
-    arrays, resized = {}, False
-    for split in ('train', 'test'):
-        if use_tf:
-            images, labels = _decode_split_tf(root, split)
-        else:
-            images, labels = _decode_split_pil(root, split, class_names)
-        resized |= len({im.shape for im in images}) > 1
-        arrays[f'{split}_images'] = _to_rgb_array(images, image_size, str(root / split))
-        arrays[f'{split}_labels'] = np.asarray(labels, np.int32)
-    raw = RawData(**arrays, class_names=class_names)
-    cached = cache_file(image_size if resized else None)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix('.tmp.npz')
-    np.savez(tmp, **arrays, class_names=np.asarray(class_names))
-    os.replace(tmp, cached)
-    return raw
+def idx_metadata(root: pathlib.Path) -> Metadata:
+    """Shape and classes from the train images' header and classes.txt."""
+    path = idx_file(root, 'train_images')
+    with open_maybe_gz(path) as f:
+        (magic,) = struct.unpack('>I', f.read(4))
+        ndim = magic & 0xFF
+        dims = struct.unpack(f'>{ndim}I', f.read(4 * ndim))
+    if len(dims) != 3:
+        raise DataError(f'{path}: expected (N, H, W) images, found dimensions {dims}')
+    return Metadata((dims[1], dims[2], 1), idx_class_names(root))
 
 
 # --- TFDS -------------------------------------------------------------------------------
@@ -409,6 +192,27 @@ def _missing_module(name: str, e: ImportError) -> DataError:
         f'TFDS dataset {name!r} needs the Python module {e.name or e}, which is not installed; '
         'run `pip install -r requirements.txt`.'
     )
+
+
+def network_error(timeout: float = 3.0) -> str | None:
+    """Why the internet is unreachable, or None: one short connect, checked before a TFDS
+    download. CNN_JAX_OFFLINE=1 says it is unreachable, =0 skips the check."""
+    forced = os.environ.get('CNN_JAX_OFFLINE', '')
+    if forced in ('0', '1'):
+        return 'CNN_JAX_OFFLINE=1' if forced == '1' else None
+    result = [f'no answer within {timeout:g} s']
+
+    def probe() -> None:  # In a thread: name resolution has no timeout of its own.
+        try:
+            socket.create_connection(NETWORK_PROBE, timeout=timeout).close()
+            result[0] = None
+        except OSError as e:
+            result[0] = str(e) or type(e).__name__
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return result[0]
 
 
 def tfds_builder(
@@ -426,6 +230,10 @@ def tfds_builder(
         raise unknown_dataset(name, e) from None
     if not prepare:
         return builder
+    if not builder.is_prepared() and manual_dir is None and builder.url_infos:  # Downloads.
+        offline = network_error()  # Not minutes of TFDS's download retries.
+        if offline is not None:
+            raise _offline_error(name, ConnectionError(f'no network: {offline}'))
     try:
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         builder.download_and_prepare(download_config=download_config)
@@ -466,3 +274,15 @@ def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> Raw
         np.asarray(test_y, np.int32),
         list(names),
     )
+
+
+def tfds_metadata(name: str, data_dir: str | None) -> Metadata:
+    """TFDS's feature description: the builder's code states it, no download needed."""
+    features = tfds_builder(name, data_dir=data_dir, prepare=False).info.features
+    image_key = next((k for k in ('image', 'img') if k in features), None)
+    if image_key is None or 'label' not in features:
+        raise ConfigError(f'TFDS dataset {name!r} has no image and label features')
+    h, w, c = features[image_key].shape
+    # Before download, CIFAR-10's ClassLabel holds placeholder names '0'..'9'.
+    names = list(features['label'].names)
+    return Metadata((h, w, c), names, names != [str(i) for i in range(len(names))])

@@ -1,11 +1,10 @@
 """Streaming host input for datasets past one device's memory.
 
-The device-resident path (`training_loop.device_splits`) copies every split to every
-device. A stream instead has each process read, decode and batch only its own share of
-each batch, and `to_device` assembles the shares into one global batch sharded over the
-'data' mesh axis. `load` chooses between the two: config.input_mode, and for 'auto' the
-dataset's bytes (counted from file lists and headers, nothing decoded) against
-config.device_memory_budget_gb.
+A device-resident split (`ResidentSplit`) is copied to every device. A stream instead has
+each process read, decode and batch only its own share of each batch, and `to_device`
+assembles the shares into one global batch sharded over the 'data' mesh axis. Both serve
+the training loop through one interface (`train_inputs`, `eval_inputs`, `strided`);
+cnn_jax.data.load_dataset chooses between them (config.input_mode).
 
 Order. The training loop hands a stream the epoch's (steps, B) example numbers, the
 device-resident path's `steps.permutation(epoch)`: a function of (seed, epoch). Process p
@@ -43,13 +42,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import jax
-import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh
 
 from cnn_jax import parallel
-from cnn_jax.data import Dataset, load_dataset, metadata, sources
 from cnn_jax.data import images as images_lib
 from cnn_jax.errors import ConfigError, DataError
 
@@ -215,6 +211,34 @@ class Stream:
         part = copy.copy(self)
         part.index, part._labels = self.index[index], np.asarray(labels, np.int32)
         return part
+
+    # The split interface the training loop uses (ResidentSplit's too).
+
+    def on_devices(self, mesh: Mesh) -> Stream:
+        """This stream, its batches put on `mesh`'s devices as they are read."""
+        placed = copy.copy(self)
+        placed.mesh = mesh
+        return placed
+
+    def train_inputs(self, perm: jax.Array, first_step: int) -> Iterator[tuple]:
+        """(images, labels, perm, step_in_epoch) of the steps from `first_step` on: the
+        batches of `perm`'s order, sharded where the step uses them (perm None: no gather),
+        put on the devices a step ahead."""
+        if perm.ndim != 2:
+            raise ConfigError('a stream serves one order: a sweep over seed cannot stream')
+        arrays = (to_device(b, self.mesh) for b in self.train(parallel.to_host(perm), first_step))
+        for a in prefetch(arrays, 1):
+            yield a['image'], a['label'], None, np.int32(0)
+
+    def eval_inputs(self, batch_size: int) -> Iterator[tuple]:
+        """(images, labels, indices, mask) of each evaluation batch (padding masked)."""
+        batches = prefetch((to_device(b, self.mesh) for b in self.eval(batch_size)), 1)
+        return ((a['image'], a['label'], None, a['mask']) for a in batches)
+
+    def strided(self, n: int | None) -> Stream:
+        """At most `n` evenly spaced examples (module function `strided_index`)."""
+        index = strided_index(len(self), n)
+        return self if index is None else self.take(index, self.labels[index])
 
     def _batches(self, order: np.ndarray) -> Iterator[Batch]:
         """Batches of `order`'s rows (-1 = padding: zeros, mask 0)."""
@@ -384,32 +408,44 @@ class TfdsStream(Stream):
         yield lambda index: [next(records)[1] for _ in index]
 
 
-def open_stream(
-    dataset: str,
-    split: str,
-    *,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    cache_dir: str | None = None,
-    **options: Any,
-) -> FolderStream | TfdsStream:
-    """A stream of `split` of config.dataset, 'folder:...' (in tfds.ImageFolder's order)
-    or a TFDS name; `options` are Stream's."""
-    if dataset.startswith('folder:'):
-        root = sources.folder_root(dataset[7:], cache_dir=cache_dir)
-        class_names = sources.check_folder(root)
-        paths, labels = images_lib.list_examples(root, split, class_names)
-        return FolderStream(paths, labels, class_names, **options)
-    if dataset == 'digits' or ':' in dataset or '/' in dataset:
-        raise ConfigError(
-            f'{dataset!r} cannot stream: streaming reads folder:DIR or a TFDS name '
-            "(digits and idx: datasets fit in memory: use input_mode='device')"
-        )
-    builder = sources.tfds_builder(dataset, data_dir=data_dir, manual_dir=manual_dir)
-    return TfdsStream(builder, split, **options)
-
-
 # --- device-resident or streamed --------------------------------------------------------
+
+
+def strided_index(size: int, n: int | None) -> np.ndarray | None:
+    """At most `n` evenly spaced example numbers of `size` (None: keep all): every class of
+    a class-sorted folder, for a capped evaluation of the training split."""
+    return None if not n or n >= size else np.arange(0, size, -(-size // n))
+
+
+class ResidentSplit:
+    """A split replicated on every device (cnn_jax.data.Split.on_devices): each step
+    gathers its batch there. It serves the training loop as a placed Stream does."""
+
+    def __init__(self, images: jax.Array, labels: jax.Array, mesh: Mesh):
+        self.images, self.labels, self.mesh = images, labels, mesh
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def train_inputs(self, perm: jax.Array, first_step: int) -> Iterator[tuple]:
+        """(images, labels, perm, step_in_epoch): the step gathers perm[step_in_epoch]."""
+        for s in range(first_step, perm.shape[-2]):
+            yield self.images, self.labels, perm, np.int32(s)
+
+    def eval_inputs(self, batch_size: int) -> Iterator[tuple]:
+        """(images, labels, indices, mask) of each batch; the last batch is padded with
+        example 0, masked out."""
+        shard = parallel.data_sharding(self.mesh)
+        for index in eval_order(len(self), batch_size):  # -1: padding.
+            mask = jax.device_put((index >= 0).astype(np.float32), shard)
+            indices = jax.device_put(np.maximum(index, 0).astype(np.int32), shard)
+            yield self.images, self.labels, indices, mask
+
+    def strided(self, n: int | None) -> ResidentSplit:
+        index = strided_index(len(self), n)
+        if index is None:
+            return self
+        return ResidentSplit(self.images[index], self.labels[index], self.mesh)
 
 
 def dataset_bytes(num_examples: int, image_shape: Sequence[int], label_bytes: int = 4) -> int:
@@ -433,40 +469,3 @@ def device_memory_budget(budget_gb: float = 0, device: Any = None) -> int:
     if stats and stats.get('bytes_limit'):
         return int(stats['bytes_limit'] * DEVICE_MEMORY_FRACTION)
     return CPU_BUDGET_BYTES
-
-
-def load(config: ml_collections.ConfigDict) -> Dataset:
-    """config.dataset with device-resident splits or streams, as config.input_mode says.
-
-    'auto' opens the streams (a file listing; TFDS's split sizes), reads one image header,
-    and streams when the dataset's bytes exceed the device memory budget; `load_dataset`
-    then selects the same examples either way.
-    """
-    mode, streamable = config.input_mode, config.dataset.split(':')[0] not in ('digits', 'idx')
-    if mode == 'device' or (mode == 'auto' and not streamable):
-        return load_dataset(config)
-    streams = [
-        open_stream(
-            config.dataset,
-            split,
-            data_dir=config.data_dir,
-            manual_dir=config.manual_dir,
-            cache_dir=config.cache_dir,
-            image_size=config.image_size or None,
-        )
-        for split in ('train', 'test')
-    ]
-    # As the device path holds them: as stored (resized on the device) where sizes agree.
-    h, w, c = metadata.source_metadata(config.dataset, data_dir=config.data_dir).image_shape
-    shape = (h or config.image_size or 1, w or config.image_size or 1, c)
-    needed = dataset_bytes(sum(len(s) for s in streams), shape) / 2**30
-    budget = device_memory_budget(config.device_memory_budget_gb) / 2**30
-    why = f'{needed:.3g} GiB of images, device memory budget {budget:.3g} GiB'
-    if mode == 'auto':
-        mode = 'device' if needed <= budget else 'stream'
-    else:
-        why = f'input_mode=stream; {why}'
-    line = f'Input: {"streamed from the host" if mode == "stream" else "device-resident"} ({why}).'
-    logging.info(line)
-    print(line, flush=True)
-    return load_dataset(config, streams if mode == 'stream' else None)

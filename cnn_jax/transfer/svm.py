@@ -33,6 +33,7 @@ from cnn_jax.data.augment import preprocess
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
+from cnn_jax.records import Reporter
 from cnn_jax.transfer.weights import check_exists, load_torchvision
 
 # Config keys that change the features (the cache key hashes them with the weights file).
@@ -118,7 +119,7 @@ def load_or_extract(
         key = feature_cache_key(config, hashlib.file_digest(f, 'sha256').hexdigest())
     cache = workdir / f'features-{key}.npz'
     if cache.exists():
-        print(f'SVM: features from the cache {cache}', flush=True)
+        Reporter().line(f'SVM: features from the cache {cache}')
         with np.load(cache, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}, True
 
@@ -152,11 +153,10 @@ def load_or_extract(
         )
         for split, images in (('train', train_images), ('test', ds.test.images))
     }
-    print(
+    Reporter().line(
         f'SVM: extracted {len(train_images)} + {len(ds.test)} features of dimension '
         f'{arrays["train_features"].shape[1]} in {time.time() - t0:.1f} s on '
-        f'{mesh.devices.size} {jax.devices()[0].platform} device(s)',
-        flush=True,
+        f'{mesh.devices.size} {jax.devices()[0].platform} device(s)'
     )
     arrays.update(
         train_labels=train_labels.astype(np.int32),
@@ -197,7 +197,7 @@ def fit_svm(
         clf.fit(train_x, train_y)
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
-            print(f'WARNING: SVM: {w.message} (raise config.svm.max_iter)', flush=True)
+            Reporter().warn(f'SVM: {w.message} (raise config.svm.max_iter)')
     return clf
 
 
@@ -344,11 +344,10 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report.plot_confusion_matrix(cm, names, wd / 'confusion_matrix.png', title=title)
     _write_report(wd, summary, config)
     records.write_json(wd / 'summary.json', summary)  # Last: it marks the run finished.
-    print(
+    Reporter().line(
         f'completed: SVM test accuracy {summary["accuracy"]:.4f}, AUC '
         f'{"n/a" if auc is None else f"{auc:.4f}"}, precision {precision:.4f}, recall '
         f'{recall:.4f}, F1 {f1:.4f}. Reports in {wd}/ (report.md, summary.json, roc.png, '
-        'confusion_matrix.png).',
-        flush=True,
+        'confusion_matrix.png).'
     )
     return summary

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from cnn_jax.errors import ConfigError
+from cnn_jax.records import Reporter
 
 TORCH_EXTENSIONS = ('.pth', '.pt')
 EXTENSIONS = (*TORCH_EXTENSIONS, '.safetensors', '.npz')
@@ -312,10 +313,9 @@ def load_torchvision(path: str, variables: Mapping[str, Any], *, arch: str) -> d
         if len(theirs) == 2 and theirs[1] == ours[1] and bias_ok:
             keep_head = True
             wrong = []
-            print(
+            Reporter().line(
                 f'Replacing the classifier head: {path} has {theirs[0]} classes, the model '
-                f'{ours[0]}; fc is freshly initialised.',
-                flush=True,
+                f'{ours[0]}; fc is freshly initialised.'
             )
 
     if missing or extra or wrong:
@@ -349,7 +349,7 @@ def load_torchvision(path: str, variables: Mapping[str, Any], *, arch: str) -> d
     if 'batch_stats' in variables or flat['batch_stats']:
         out['batch_stats'] = traverse_util.unflatten_dict(flat['batch_stats'])
     n = sum(1 for k in expected if not (keep_head and k in head_keys))
-    print(f'Loaded {n} tensors of {arch} from {path}.', flush=True)
+    Reporter().line(f'Loaded {n} tensors of {arch} from {path}.')
     return out
 
 
