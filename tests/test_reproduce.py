@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cnn_jax import run_record, study
 from reproduce import runner as reproduce
 from reproduce.reported import EXPERIMENTS, load_config
@@ -16,6 +18,7 @@ QUICK = [
 ]
 
 
+@pytest.mark.slow
 def test_runs_an_experiment_then_reuses_it_and_tables_every_experiment(tmp_path, capsys):
     args = ['--only', 'E10', '--root', str(tmp_path), *QUICK]
     assert reproduce.main(args) == 0
