@@ -21,6 +21,7 @@ def _compilation_cache(request, tmp_path_factory):
     jax.config.update('jax_compilation_cache_dir', str(where))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    jax.config.update('jax_compilation_cache_max_size', 2**30)  # Oldest entries go first.
     yield
 
 
