@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -43,23 +43,32 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f'{name}={value!r} is not an integer') from None
 
 
-def cluster_process_count() -> int:
-    """Processes in the cluster job JAX detects (SLURM, Open MPI, TPU pod, ...); 1 if none.
+# The launchers whose jobs jax.distributed.initialize() joins without arguments, told by
+# the environment variables each documents and JAX reads (JAX's private cluster detection
+# is not imported; tests/test_multiprocess.py checks that the two agree).
+SLURM_VARS = 'SLURM_JOB_ID SLURM_STEP_NODELIST SLURM_NTASKS SLURM_PROCID SLURM_LOCALID'.split()
+OMPI_URI = 'OMPI_MCA_orte_hnp_uri'  # Set only under Open MPI's mpirun/mpiexec.
+TPU_HOSTS = ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES')  # A GKE TPU slice's workers.
 
-    Reads the launcher's environment only: no backend starts.
+
+def cluster_process_count(environ: Mapping[str, str] | None = None) -> int:
+    """Processes in the cluster job JAX would join (Open MPI, SLURM, GKE TPU); 1 if none.
+
+    Reads the launcher's environment only (`os.environ` by default): no backend starts.
+    Kubernetes jobs (their size is in the Kubernetes API) and TPU VMs whose workers are
+    listed only in GCE metadata are not detected: give them JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID.
     """
-    # JAX's own detection, as jax.distributed.initialize() uses it (a private API). Best
-    # effort and quiet: e.g. any Kubernetes pod, CI runners included, looks like a cluster
-    # to it and warns when the `kubernetes` package is missing.
+    env = os.environ if environ is None else environ
     try:
-        from jax._src.clusters import ClusterEnv
-
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            for env in ClusterEnv._cluster_types:
-                if not env.opt_in_only_method and env.is_env_present():
-                    return int(env.get_process_count())
-    except Exception:  # noqa: BLE001 - an undetectable cluster is a single-process run.
+        if OMPI_URI in env:
+            return int(env['OMPI_COMM_WORLD_SIZE'])
+        if all(name in env for name in SLURM_VARS):
+            return int(env['SLURM_NTASKS'])
+        hosts = next((env[name] for name in TPU_HOSTS if env.get(name)), '')
+        if hosts:
+            return len(hosts.split(',')) * int(env.get('MEGASCALE_NUM_SLICES') or 1)
+    except (KeyError, ValueError):  # A malformed launcher environment: a single process.
         pass
     return 1
 

@@ -45,13 +45,24 @@ def jaxlib_knows(flag: str) -> bool:
 
 
 def backends_started() -> bool:
-    """True once JAX has started a backend (XLA_FLAGS set later would be ignored)."""
-    try:
-        from jax._src import xla_bridge
+    """True once JAX has started a backend (XLA_FLAGS set later would be ignored).
 
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):
+    JAX has no public query for this; its documented rule for `jax_num_cpu_devices`
+    ("must be set before JAX is initialized": jax.config.update raises RuntimeError
+    afterwards) answers it. The probe sets another value and puts the old one back.
+    """
+    import jax  # Here, not above: launch.py imports this module before it loads JAX.
+
+    try:
+        current = jax.config.jax_num_cpu_devices
+    except AttributeError:  # A JAX without the option: assume not started, as before.
         return False
+    try:
+        jax.config.update('jax_num_cpu_devices', 2 if current == 1 else 1)
+    except RuntimeError:
+        return True
+    jax.config.update('jax_num_cpu_devices', current)
+    return False
 
 
 def apply_xla_flags(flags: Sequence[str]) -> bool:

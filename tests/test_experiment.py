@@ -150,6 +150,7 @@ def test_launch_summary_prints_totals(tmp_path):
     assert lines[-1].startswith('Non-trainable params: ')
 
 
+@pytest.mark.slow
 def test_sanity_checks_report_shape_and_first_loss(capsys):
     """A deep BN net at initialisation: one example gives C logits, the first loss ~ ln(C)."""
     from cnn_jax.data import load_dataset

@@ -113,6 +113,7 @@ def extract_sample(archive, target, per_class):
     return target / pathlib.PurePosixPath(member.name).parts[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason=f'{CIFAR_ARCHIVE} not present')
 def test_real_cifar10_jpegs_read_without_tensorflow_as_with_it(tmp_path):
     """Measured on all 60,000 CIFAR-10 JPEGs: Pillow equals TensorFlow's INTEGER_ACCURATE

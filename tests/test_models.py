@@ -194,6 +194,7 @@ def test_train_and_eval_differ_exactly_where_bn_and_dropout_say(case):
         assert jax.tree.all(changed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', CASES, ids=IDS)
 def test_trains_a_few_steps_on_random_data(case):
     model, variables = _model(case), _init(case)

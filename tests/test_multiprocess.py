@@ -210,6 +210,39 @@ def test_a_slurm_job_of_several_tasks_is_detected(monkeypatch):
     assert parallel.initialize_distributed() is False
 
 
+SLURM_2 = {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'node1', 'SLURM_PROCID': '0'}
+SLURM_2 |= {'SLURM_LOCALID': '0', 'SLURM_NTASKS': '2'}
+OMPI_3 = {'OMPI_MCA_orte_hnp_uri': '1.0;tcp://10.0.0.1:3491', 'OMPI_COMM_WORLD_SIZE': '3'}
+OMPI_3 |= {'OMPI_COMM_WORLD_RANK': '0', 'OMPI_COMM_WORLD_LOCAL_RANK': '0'}
+
+
+def test_cluster_jobs_are_counted_from_their_launchers_environment():
+    assert parallel.cluster_process_count({}) == 1
+    assert parallel.cluster_process_count(SLURM_2) == 2
+    partial = {k: v for k, v in SLURM_2.items() if k != 'SLURM_STEP_NODELIST'}
+    assert parallel.cluster_process_count(partial) == 1  # JAX could not join it either.
+    assert parallel.cluster_process_count(OMPI_3) == 3
+    assert parallel.cluster_process_count({**SLURM_2, **OMPI_3}) == 3  # mpirun inside SLURM.
+    gke = {'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'}
+    assert parallel.cluster_process_count(gke) == 4
+    assert parallel.cluster_process_count({**gke, 'MEGASCALE_NUM_SLICES': '2'}) == 8
+    assert parallel.cluster_process_count({**OMPI_3, 'OMPI_COMM_WORLD_SIZE': 'x'}) == 1
+
+
+@pytest.mark.parametrize('launcher', [{}, SLURM_2, OMPI_3, {**SLURM_2, **OMPI_3}])
+def test_the_environment_check_agrees_with_jax_own_detection(launcher, monkeypatch):
+    """JAX's cluster detection is private (cnn_jax does not import it); a test may."""
+    clusters = pytest.importorskip('jax._src.clusters')
+    for key in [*SLURM_2, *OMPI_3]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in launcher.items():
+        monkeypatch.setenv(key, value)
+    envs = (clusters.OmpiCluster, clusters.SlurmCluster)
+    jax_env = next((env for env in envs if env.is_env_present()), None)
+    want = 1 if jax_env is None else jax_env.get_process_count()
+    assert parallel.cluster_process_count() == want
+
+
 def test_a_half_described_job_is_an_error_not_a_hang(monkeypatch):
     for key in (parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID):
         monkeypatch.delenv(key, raising=False)

@@ -21,6 +21,7 @@ QUICK = [
 ]
 
 
+@pytest.mark.slow
 def test_runs_an_experiment_then_reuses_it_and_tables_every_experiment(tmp_path, capsys):
     args = ['--only', 'E10', '--root', str(tmp_path), *QUICK]
     assert reproduce.main(args) == 0

@@ -27,6 +27,7 @@ def launch(*args):
     )
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_changed_learning_rate_and_accepts_a_logging_change(
     tmp_path, capsys, monkeypatch
 ):

@@ -92,6 +92,7 @@ STOPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stop_at', STOPS.values(), ids=STOPS.keys())
 def test_stop_at_any_step_then_rerun_equals_uninterrupted(stop_at, straight, tmp_path, monkeypatch):
     with pytest.raises(Interrupted, match=f'interrupted at step {stop_at};'):
@@ -122,6 +123,7 @@ KILLS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method, step, resume_at', KILLS.values(), ids=KILLS.keys())
 def test_kill_between_saves_then_rerun_equals_uninterrupted(
     method, step, resume_at, straight, tmp_path, monkeypatch
@@ -186,6 +188,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage, resume_at', CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous(
     damage, resume_at, straight, tmp_path, monkeypatch, capsys

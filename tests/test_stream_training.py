@@ -42,6 +42,7 @@ def results(out, workdir):
     return {k: v for k, v in out.items() if k not in VOLATILE}, epoch_rows(workdir)
 
 
+@pytest.mark.slow
 def test_streamed_run_stopped_mid_epoch_and_resumed_equals_device_resident(
     tmp_path, monkeypatch, capsys
 ):

@@ -100,6 +100,7 @@ def test_three_learning_rates_equal_three_sequential_runs():
     assert not np.allclose(p0, p2)
 
 
+@pytest.mark.slow
 def test_seeds_smoothing_decay_and_momentum_per_variant():
     variants = [
         {'seed': 1, 'label_smoothing': 0.0, 'momentum': 0.9},

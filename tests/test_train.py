@@ -52,6 +52,7 @@ def test_eval_step_ignores_masked_examples():
     assert float(full['count']) == 4.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (virtual) devices')
 def test_eight_devices_match_one_device():
     """3 steps with BN, dropout and augmentation: same loss and parameters (1e-5)."""

@@ -59,7 +59,9 @@ def assert_same_variables(a, b):
 # --- Numerical agreement with torchvision ------------------------------------------------
 
 
-@pytest.fixture(scope='module', params=['resnet18', 'resnet50'])
+@pytest.fixture(
+    scope='module', params=['resnet18', pytest.param('resnet50', marks=pytest.mark.slow)]
+)
 def imported(request, tmp_path_factory):
     """(arch, torchvision state_dict, images NCHW, our logits) for random weights."""
     arch = request.param

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
+
 from cnn_jax import xla_cpu
 
 
@@ -42,3 +44,27 @@ def test_recommended_flags_start_jax():
     assert proc.returncode == 0, proc.stderr[-2000:]
     added, flags = json.loads(proc.stdout.strip().splitlines()[-1])
     assert flags.split() == added  # Nothing was set before; what was added reached XLA.
+
+
+def test_backends_started_is_told_without_changing_jax_config():
+    """In a fresh process: False after `import jax`, True once a computation ran; the
+    probe leaves jax_num_cpu_devices as it was, so XLA_FLAGS' device count still holds."""
+    code = (
+        'import json\n'
+        'import jax, jax.numpy as jnp\n'
+        'from cnn_jax import xla_cpu\n'
+        'before = xla_cpu.backends_started()\n'
+        'total = float(jnp.ones(3).sum())\n'
+        'after = xla_cpu.backends_started()\n'
+        'print(json.dumps([before, total, after, jax.config.jax_num_cpu_devices,'
+        ' jax.device_count()]))\n'
+    )
+    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=3'}
+    root = pathlib.Path(__file__).parent.parent
+    proc = subprocess.run(
+        [sys.executable, '-c', code], env=env, capture_output=True, text=True, cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, 3.0, True, -1, 3]
+    jnp.zeros(1).block_until_ready()  # This process's JAX has started now, if not before.
+    assert xla_cpu.backends_started()
