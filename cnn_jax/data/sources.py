@@ -24,8 +24,8 @@ OFFLINE_HINT = (
     'Offline, use one of: --config.dataset=digits (bundled with scikit-learn); '
     '--config.dataset=idx:DIR (MNIST-format IDX files, e.g. '
     'idx:/usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist); '
-    '--config.dataset=folder:DIR with DIR/{train,test}/<class>/*.jpg (e.g. '
-    'folder:../shared/data/cifar10-jpeg.tar.gz); or prepare the TFDS dataset elsewhere and '
+    '--config.dataset=folder:DIR with DIR/{train,test}/<class>/*.jpg, or a .tar.gz of '
+    'such a folder; or prepare the TFDS dataset elsewhere and '
     'pass --config.data_dir (and --config.manual_dir for manual downloads).'
 )
 
