@@ -76,11 +76,7 @@ def _pads(
 
 
 def conv_output_size(
-    input_size: int,
-    kernel_size: int,
-    stride: int = 1,
-    padding: PaddingArg = 0,
-    dilation: int = 1,
+    input_size: int, kernel_size: int, stride: int = 1, padding: PaddingArg = 0, dilation: int = 1
 ) -> int:
     """O = floor((W + P_before + P_after - F_eff) / S) + 1, the size of a conv's output."""
     _positive(input_size=input_size, kernel_size=kernel_size, stride=stride, dilation=dilation)

@@ -74,9 +74,7 @@ def cluster_process_count(environ: Mapping[str, str] | None = None) -> int:
 
 
 def initialize_distributed(
-    coordinator: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> bool:
     """Joins a multi-process job when this is one; True if it did.
 

@@ -154,10 +154,7 @@ def code_section(title: str, text: str) -> list[str]:
 
 
 def write_report(
-    workdir: str | pathlib.Path,
-    summary: dict[str, Any],
-    config_text: str,
-    layer_table: str,
+    workdir: str | pathlib.Path, summary: dict[str, Any], config_text: str, layer_table: str
 ) -> None:
     """report.md: config, parameter table, results, per-class accuracy, confusion matrix."""
     workdir = pathlib.Path(workdir)

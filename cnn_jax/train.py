@@ -78,10 +78,7 @@ def create_train_state(
         head = config.head_name
         apply_fn = frozen_norm_apply(model, lambda name: optim.is_frozen(name, freeze, head))
     return TrainState.create(
-        apply_fn=apply_fn,
-        params=params,
-        tx=tx,
-        batch_stats=variables.get('batch_stats', {}),
+        apply_fn=apply_fn, params=params, tx=tx, batch_stats=variables.get('batch_stats', {})
     )
 
 
@@ -161,10 +158,7 @@ def train_step(
 
 
 def eval_step(
-    state: TrainState,
-    batch: dict[str, jnp.ndarray],
-    *,
-    loss: str = 'cross_entropy',
+    state: TrainState, batch: dict[str, jnp.ndarray], *, loss: str = 'cross_entropy'
 ) -> tuple[Metrics, jnp.ndarray]:
     """Metric sums over the examples with batch['mask'] == 1, and every prediction."""
     variables = {'params': state.params, 'batch_stats': state.batch_stats}

@@ -180,11 +180,7 @@ def folder_root(path: str, *, cache_dir: str | None = None) -> pathlib.Path:
 
 
 def read_folder(
-    path: str,
-    *,
-    cache_dir: str | None = None,
-    image_size: int | None = None,
-    decoder: str = 'auto',
+    path: str, *, cache_dir: str | None = None, image_size: int | None = None, decoder: str = 'auto'
 ) -> RawData:
     """An image folder (or a .tar.gz of one), decoded once and cached as .npz.
 

@@ -314,14 +314,7 @@ class TfdsStream(Stream):
     run before they are decoded.
     """
 
-    def __init__(
-        self,
-        builder: Any,
-        split: str,
-        *,
-        shuffle_buffer: int = 10_000,
-        **options: Any,
-    ):
+    def __init__(self, builder: Any, split: str, *, shuffle_buffer: int = 10_000, **options: Any):
         super().__init__(**options)
         self.builder, self.split, self.shuffle_buffer = builder, split, shuffle_buffer
         self.index = np.arange(builder.info.splits[split].num_examples)

@@ -14,14 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.models.layers import (
-    Activation,
-    Flatten,
-    MaxPool,
-    SmallMapConv,
-    dropout,
-    normalize,
-)
+from cnn_jax.models.layers import Activation, Flatten, MaxPool, SmallMapConv, dropout, normalize
 
 # torchvision's initialisation: without BN, VGG trains from scratch only if the signal keeps
 # its scale through 13+ ReLU layers (flax's lecun_normal default halves it at each one).
