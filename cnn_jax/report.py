@@ -103,15 +103,8 @@ def plot_confusion_matrix(
         threshold = cm.max() / 2 if cm.size else 0
         for i in range(k):
             for j in range(k):
-                ax.text(
-                    j,
-                    i,
-                    str(cm[i, j]),
-                    ha='center',
-                    va='center',
-                    fontsize=8,
-                    color='white' if cm[i, j] > threshold else 'black',
-                )
+                color = 'white' if cm[i, j] > threshold else 'black'
+                ax.text(j, i, str(cm[i, j]), ha='center', va='center', fontsize=8, color=color)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

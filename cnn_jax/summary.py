@@ -127,22 +127,13 @@ def _describe(
     """(type name, formula count) of a leaf layer; checks conv and pool output sizes."""
     spatial = len(in_shape) - 2
     if isinstance(module, nn.Conv):
-        n = len(module.kernel_size)
+        kernel, n = module.kernel_size, len(module.kernel_size)
+        strides, dilation = _tuple(module.strides, n), _tuple(module.kernel_dilation, n)
         _check_spatial(
-            name,
-            in_shape,
-            out_shape,
-            module.kernel_size,
-            _tuple(module.strides, n),
-            _padding(module.padding, n),
-            _tuple(module.kernel_dilation, n),
+            name, in_shape, out_shape, kernel, strides, _padding(module.padding, n), dilation
         )
         count = arithmetic.conv_params(
-            module.kernel_size,
-            in_shape[-1],
-            module.features,
-            module.use_bias,
-            module.feature_group_count,
+            kernel, in_shape[-1], module.features, module.use_bias, module.feature_group_count
         )
         return f'Conv{n}d', arithmetic.LayerParams(count)
     if isinstance(module, nn.Dense):
@@ -151,23 +142,14 @@ def _describe(
         )
     if isinstance(module, nn.BatchNorm):
         channels = in_shape[module.axis] if isinstance(module.axis, int) else None
-        formula = (
-            arithmetic.batchnorm_params(channels, module.use_scale, module.use_bias)
-            if channels is not None
-            else None
-        )
+        if channels is None:
+            return f'BatchNorm{max(spatial, 1)}d', None
+        formula = arithmetic.batchnorm_params(channels, module.use_scale, module.use_bias)
         return f'BatchNorm{max(spatial, 1)}d', formula
     if isinstance(module, layers.MaxPool | layers.AvgPool):
-        window = tuple(module.window)
-        _check_spatial(
-            name,
-            in_shape,
-            out_shape,
-            window,
-            tuple(module.strides or window),
-            _padding(module.padding, len(window)),
-            (1,) * len(window),
-        )
+        window, n = tuple(module.window), len(module.window)
+        strides, padding = tuple(module.strides or window), _padding(module.padding, n)
+        _check_spatial(name, in_shape, out_shape, window, strides, padding, (1,) * n)
         kind = 'MaxPool' if isinstance(module, layers.MaxPool) else 'AvgPool'
         return f'{kind}{len(window)}d', arithmetic.LayerParams(0)
     if isinstance(module, nn.Dropout):
@@ -220,15 +202,8 @@ def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[Layer
             continue
         name = '/'.join(path)
         kind, formula = _describe(module, name, in_shape, out_shape)
-        row = LayerRow(
-            name,
-            kind,
-            in_shape,
-            out_shape,
-            _count(_subtree(params, path)),
-            _count(_subtree(stats, path)),
-            formula,
-        )
+        held = _count(_subtree(params, path)), _count(_subtree(stats, path))
+        row = LayerRow(name, kind, in_shape, out_shape, *held, formula)
         if formula is not None and (row.trainable, row.non_trainable) != tuple(formula):
             raise ParamCountMismatch(
                 f'{name} ({kind}): the module holds {row.trainable} parameters and '
@@ -240,17 +215,8 @@ def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[Layer
     held = sum(r.trainable for r in rows), sum(r.non_trainable for r in rows)
     if held != (counts.trainable, counts.batch_stats):
         # A composite module declared variables of its own: list them rather than lose them.
-        rows.append(
-            LayerRow(
-                '(non-leaf modules)',
-                '-',
-                (),
-                (),
-                counts.trainable - held[0],
-                counts.batch_stats - held[1],
-                None,
-            )
-        )
+        rest = counts.trainable - held[0], counts.batch_stats - held[1]
+        rows.append(LayerRow('(non-leaf modules)', '-', (), (), *rest, None))
     return rows, counts
 
 

@@ -93,9 +93,9 @@ def relabel(raw: RawData, table: np.ndarray, names: list[str]) -> RawData:
         keep = new >= 0
         return images[keep], new[keep].astype(np.int32)
 
-    tx, ty = apply(raw.train_images, raw.train_labels)
-    vx, vy = apply(raw.test_images, raw.test_labels)
-    return RawData(tx, ty, vx, vy, names)
+    return RawData(
+        *apply(raw.train_images, raw.train_labels), *apply(raw.test_images, raw.test_labels), names
+    )
 
 
 def select_classes(raw: RawData, classes: Sequence[str | int]) -> RawData:
@@ -257,12 +257,4 @@ def load_dataset(config: ml_collections.ConfigDict, allow_streams: bool = False)
         train, test = (streams[i].take(s.images, s.labels) for i, s in ((0, train), (1, test)))
         val = val and streams[0].take(val.images, val.labels)
     mean, std = channel_stats(sample, config.normalize)
-    return Dataset(
-        name=config.dataset,
-        train=train,
-        val=val,
-        test=test,
-        class_names=list(raw.class_names),
-        mean=mean,
-        std=std,
-    )
+    return Dataset(config.dataset, train, val, test, list(raw.class_names), mean, std)

@@ -1,8 +1,8 @@
 """The 'folder:DIR' source: an image folder (or a .tar(.gz) of one) read into arrays.
 
-DIR/{train,test}/<class>/*.jpg|png, decoded with TFDS's ImageFolder, or with Pillow where
-TensorFlow is not installed (same arrays), and cached as .npz; an archive is extracted
-once into the cache. `folder_metadata` describes one from a listing and a header.
+DIR/{train,test}/<class>/*.jpg|png, decoded with Pillow as TFDS's ImageFolder would
+decode it (same arrays, no TensorFlow) and cached as .npz; an archive is extracted once
+into the cache. `folder_metadata` describes one from a listing and a header.
 """
 
 from __future__ import annotations
@@ -96,20 +96,6 @@ def check_folder(root: pathlib.Path) -> list[str]:
     return classes
 
 
-def _find_unreadable_image(split_dir: pathlib.Path) -> str:
-    """Names the first file PIL cannot decode (used only after TensorFlow failed)."""
-    from PIL import Image
-
-    for path in sorted(split_dir.rglob('*')):
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            try:
-                with Image.open(path) as im:
-                    im.load()
-            except Exception as e:  # noqa: BLE001 - any decoder failure names the file.
-                return f'{path}: {e}'
-    return 'no single file could be blamed'
-
-
 def _to_rgb_array(images: list[np.ndarray], image_size: int | None, where: str) -> np.ndarray:
     shapes = {im.shape for im in images}
     if len(shapes) == 1:
@@ -123,54 +109,6 @@ def _to_rgb_array(images: list[np.ndarray], image_size: int | None, where: str) 
     return np.stack([images_lib.resize(im, image_size) for im in images])
 
 
-def tensorflow_available() -> bool:
-    """Whether TensorFlow imports (a GPU machine may have JAX and PyTorch but no TF)."""
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _decode_split_tf(root: pathlib.Path, split: str) -> tuple[list[np.ndarray], list[int]]:
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    builder = tfds.ImageFolder(str(root))
-    images, labels = [], []
-    try:
-        ds = builder.as_dataset(
-            split=split,
-            shuffle_files=False,
-            as_supervised=True,
-            decoders={'image': tfds.decode.SkipDecoding()},
-        )
-        ds = ds.map(
-            lambda data, label: (images_lib.tf_decode(data), label),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        for image, label in tfds.as_numpy(ds):
-            images.append(image)
-            labels.append(label)
-    except Exception as e:  # TF decode errors do not name the file: find it.
-        culprit = _find_unreadable_image(root / split)
-        raise DataError(
-            f'unreadable image in {root / split}: {culprit} ({type(e).__name__})'
-        ) from None
-    return images, labels
-
-
-def _decode_split_pil(
-    root: pathlib.Path, split: str, class_names: list[str]
-) -> tuple[list[np.ndarray], list[int]]:
-    paths, labels = images_lib.list_examples(root, split, class_names)
-    try:
-        return images_lib.load_all(paths), list(labels)
-    except DataError as e:
-        raise DataError(f'unreadable image in {root / split}: {e}') from None
-
-
 def folder_root(path: str, *, cache_dir: str | None = None) -> pathlib.Path:
     """The image folder of folder:PATH: PATH itself, or a .tar(.gz) extracted once."""
     root = pathlib.Path(path).expanduser()
@@ -180,15 +118,10 @@ def folder_root(path: str, *, cache_dir: str | None = None) -> pathlib.Path:
 
 
 def read_folder(
-    path: str, *, cache_dir: str | None = None, image_size: int | None = None, decoder: str = 'auto'
+    path: str, *, cache_dir: str | None = None, image_size: int | None = None
 ) -> RawData:
-    """An image folder (or a .tar.gz of one), decoded once and cached as .npz.
-
-    `decoder`: 'tf' (TFDS ImageFolder), 'pil' (Pillow threads), or 'auto' (TF when it is
-    installed). Both give the same class order, example order and pixels.
-    """
-    if decoder not in ('auto', 'tf', 'pil'):
-        raise ValueError(f"decoder must be 'auto', 'tf' or 'pil', got {decoder!r}")
+    """An image folder (or a .tar.gz of one), decoded once by Pillow threads and cached as
+    .npz: tfds.ImageFolder's class order, example order and pixels (cnn_jax.data.images)."""
     cache = _cache(cache_dir)
     root = folder_root(path, cache_dir=cache_dir)
     class_names = check_folder(root)
@@ -212,13 +145,13 @@ def read_folder(
                     z['test_labels'],
                     list(z['class_names']),
                 )
-    use_tf = decoder == 'tf' or (decoder == 'auto' and tensorflow_available())
     arrays, resized = {}, False
     for split in ('train', 'test'):
-        if use_tf:
-            images, labels = _decode_split_tf(root, split)
-        else:
-            images, labels = _decode_split_pil(root, split, class_names)
+        paths, labels = images_lib.list_examples(root, split, class_names)
+        try:
+            images = images_lib.load_all(paths)
+        except DataError as e:
+            raise DataError(f'unreadable image in {root / split}: {e}') from None
         resized |= len({im.shape for im in images}) > 1
         arrays[f'{split}_images'] = _to_rgb_array(images, image_size, str(root / split))
         arrays[f'{split}_labels'] = np.asarray(labels, np.int32)

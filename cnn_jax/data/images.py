@@ -2,9 +2,8 @@
 
 `list_examples` and `decode_image` give what `tfds.ImageFolder` gives, with Pillow alone:
 the same class order, example order and pixels. JPEGs are decoded with libjpeg's accurate
-integer DCT, the default of Pillow and of torchvision; TensorFlow's own default,
-INTEGER_FAST, differs from it by up to 5 per value (all 60,000 CIFAR-10 JPEGs differ), so
-`tf_decode` asks TensorFlow for the accurate one and both decoders agree exactly.
+integer DCT, the default of Pillow and of torchvision, which TensorFlow gives with
+dct_method='INTEGER_ACCURATE' (its default INTEGER_FAST differs by up to 5 per value).
 """
 
 from __future__ import annotations
@@ -91,14 +90,3 @@ def load_all(paths: Sequence[str]) -> list[np.ndarray]:
     """`load` over `paths` in a thread pool, in the order given."""
     with ThreadPoolExecutor(default_workers()) as pool:
         return list(pool.map(load, paths))
-
-
-def tf_decode(data):
-    """TensorFlow's decode of encoded image bytes, with the accurate DCT for JPEGs."""
-    import tensorflow as tf
-
-    return tf.cond(
-        tf.io.is_jpeg(data),
-        lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
-        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-    )

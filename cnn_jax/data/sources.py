@@ -162,13 +162,9 @@ def read_idx(directory: str) -> RawData:
                 f'{root}: {split} images {images.shape} and labels {labels.shape} do not match '
                 '(expected (N, H, W) and (N,))'
             )
-    return RawData(
-        arrays['train_images'].astype(np.uint8)[..., None],
-        arrays['train_labels'].astype(np.int32),
-        arrays['test_images'].astype(np.uint8)[..., None],
-        arrays['test_labels'].astype(np.int32),
-        idx_class_names(root),
-    )
+        arrays[f'{split}_images'] = images.astype(np.uint8)[..., None]
+        arrays[f'{split}_labels'] = labels.astype(np.int32)
+    return RawData(**arrays, class_names=idx_class_names(root))
 
 
 def idx_metadata(root: pathlib.Path) -> Metadata:
@@ -254,26 +250,18 @@ def read_tfds(name: str, *, data_dir: str | None, manual_dir: str | None) -> Raw
     import tensorflow_datasets as tfds
 
     builder = tfds_builder(name, data_dir=data_dir, manual_dir=manual_dir)
+    arrays = []
     try:
-        arrays = {}
         for split in ('train', 'test'):
             # Batched iteration, not batch_size=-1 (which aborts TF 2.21 on generated data).
             ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
             xs, ys = zip(*tfds.as_numpy(ds.batch(4096)), strict=True)
-            arrays[split] = (np.concatenate(xs), np.concatenate(ys))
+            arrays += [np.concatenate(xs).astype(np.uint8), np.concatenate(ys).astype(np.int32)]
     except ImportError as e:
         raise _missing_module(name, e) from None
     except Exception as e:
         raise _offline_error(name, e) from None
-    (train_x, train_y), (test_x, test_y) = arrays['train'], arrays['test']
-    names = builder.info.features['label'].names
-    return RawData(
-        np.asarray(train_x, np.uint8),
-        np.asarray(train_y, np.int32),
-        np.asarray(test_x, np.uint8),
-        np.asarray(test_y, np.int32),
-        list(names),
-    )
+    return RawData(*arrays, list(builder.info.features['label'].names))
 
 
 def tfds_metadata(name: str, data_dir: str | None) -> Metadata:

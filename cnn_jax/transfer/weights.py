@@ -288,14 +288,11 @@ def load_torchvision(path: str, variables: Mapping[str, Any], *, arch: str) -> d
     """
     path = os.path.expanduser(path)
     check_exists(path, arch)
-    state = read_state_dict(path)
-    state = {k: v for k, v in state.items() if not k.endswith('.num_batches_tracked')}
-
-    expected: dict[str, tuple[str, tuple[str, ...], Any]] = {}
-    for collection, p, value in _flat_variables(variables):
-        expected[torch_name(collection, p)] = (collection, p, value)
-
-    expected = {k: expected[k] for k in sorted(expected, key=_module_order)}
+    state = {
+        k: v for k, v in read_state_dict(path).items() if not k.endswith('.num_batches_tracked')
+    }
+    named = {torch_name(c, p): (c, p, value) for c, p, value in _flat_variables(variables)}
+    expected = {k: named[k] for k in sorted(named, key=_module_order)}
     missing = [k for k in expected if k not in state]
     extra = sorted((k for k in state if k not in expected), key=_module_order)
     wrong = [
@@ -342,8 +339,7 @@ def load_torchvision(path: str, variables: Mapping[str, Any], *, arch: str) -> d
             flat[collection][p] = value
         else:
             array = np.transpose(state[name], np.argsort(_torch_axes(value.ndim)))
-            array = array.astype(value.dtype)
-            flat[collection][p] = jnp.asarray(array)
+            flat[collection][p] = jnp.asarray(array.astype(value.dtype))
     out = dict(variables)
     out['params'] = traverse_util.unflatten_dict(flat['params'])
     if 'batch_stats' in variables or flat['batch_stats']:
