@@ -195,23 +195,6 @@ def _host_acc(acc: train.Metrics) -> list[dict[str, float]]:
     return [{name: float(v[k]) for name, v in host.items()} for k in range(len(host['loss']))]
 
 
-def _save_latest(
-    runs: Sequence[_Variant],
-    steps: train.VariantSteps,
-    state: train.TrainState,
-    acc: train.Metrics,
-    step: int,
-    epoch: int,
-    step_in_epoch: int,
-) -> None:
-    """Each variant's state at `step`, with where the loop was and its running sums."""
-    for k, (r, a) in enumerate(zip(runs, _host_acc(acc), strict=True)):
-        loop = {'epoch': epoch, 'step_in_epoch': step_in_epoch, 'acc': a}
-        if r.diverged_at is not None:  # Only a stack saves after a variant diverged.
-            loop['diverged_at_step'] = r.diverged_at
-        r.ckpt.save_latest(step, steps.variant(state, k), loop)
-
-
 def _restore_latest(
     runs: Sequence[_Variant], steps: train.VariantSteps, state: train.TrainState
 ) -> tuple[train.TrainState, list[dict]] | None:
@@ -404,9 +387,17 @@ class _Loop:
             )
         return bool(live)
 
+    def _save_latest(self, step: int, epoch: int, step_in_epoch: int) -> None:
+        """Each variant's state at `step`, with where the loop was and its running sums."""
+        for k, (r, a) in enumerate(zip(self.runs, _host_acc(self.acc), strict=True)):
+            loop = {'epoch': epoch, 'step_in_epoch': step_in_epoch, 'acc': a}
+            if r.diverged_at is not None:  # Only a stack saves after a variant diverged.
+                loop['diverged_at_step'] = r.diverged_at
+            r.ckpt.save_latest(step, self.steps.variant(self.state, k), loop)
+
     def _save_and_stop(self, gstep: int, epoch: int, step_in_epoch: int) -> None:
         jax.block_until_ready(self.state)
-        _save_latest(self.runs, self.steps, self.state, self.acc, gstep, epoch, step_in_epoch)
+        self._save_latest(gstep, epoch, step_in_epoch)
         for r in self.runs:
             r.ckpt.wait()
         self.progress.end_line()
@@ -436,10 +427,9 @@ class _Loop:
             if r.stopped_early:
                 stopping.append(r)
         self.acc = jax.device_put(self.steps.zero_metrics(), parallel.replicated(self.mesh))
-        if (epoch + 1) % max(
-            1, config.checkpoint_every_epochs
-        ) == 0 or epoch + 1 == config.num_epochs:
-            _save_latest(self.runs, self.steps, self.state, self.acc, step, epoch + 1, 0)
+        every = max(1, config.checkpoint_every_epochs)
+        if (epoch + 1) % every == 0 or epoch + 1 == config.num_epochs:
+            self._save_latest(step, epoch + 1, 0)
         for r in stopping:
             r.report.line(
                 f'Early stopping{r.report.tag} after epoch {epoch + 1}: {self.monitor} has not '

@@ -1,31 +1,23 @@
 """Streaming host input for datasets past one device's memory.
 
 A device-resident split (`ResidentSplit`) is copied to every device. A stream instead has
-each process read, decode and batch only its own share of each batch, and `to_device`
-assembles the shares into one global batch sharded over the 'data' mesh axis. Both serve
-the training loop through one interface (`train_inputs`, `eval_inputs`, `strided`);
-cnn_jax.data.load_dataset chooses between them (config.input_mode).
+each process read, decode and batch only its own share of each batch; `to_device` makes
+the shares one global batch sharded over the 'data' mesh axis. Both serve the training
+loop through `train_inputs`, `eval_inputs` and `strided`; cnn_jax.data.load_dataset
+chooses between them (config.input_mode).
 
-Order. The training loop hands a stream the epoch's (steps, B) example numbers, the
-device-resident path's `steps.permutation(epoch)`: a function of (seed, epoch). Process p
-of P reads columns [p B/P, (p+1) B/P) of each row, so the processes' shares of an epoch
-are disjoint, their union is the epoch, and global batch s (the shares in process order,
-as `jax.make_array_from_process_local_data` lays them out) is the device-resident batch
-s for any process count; `train(order, start_step=k)` yields batches k, k+1, ... of it.
-A TFDS stream cannot follow an order (TFRecord files give no random access): each process
-reads a contiguous shard of the split through a shuffle buffer seeded from the order's
-first row, so its order is a function of (seed, epoch, process) and resumes exactly, but
-it is not the device path's.
-Evaluation batches are the device path's too: the examples in order, the last batch padded
-(mask 0, index -1), each process reading its share: every example counts once.
+Order. A stream follows the device path's (steps, B) epoch order, a function of (seed,
+epoch): process p of P reads columns [p B/P, (p+1) B/P) of each row, so global batch s is
+the device-resident batch s for any process count, and `train(order, start_step=k)`
+resumes at batch k. A TFDS stream cannot follow an order (TFRecords give no random
+access): each process reads a contiguous shard through a shuffle buffer seeded from the
+order's first row, which resumes exactly but is not the device path's order. Evaluation
+batches are the examples in order, the last padded (mask 0, index -1).
 
-Decoding. Image folders are decoded by Pillow in a thread pool: Pillow releases the GIL
-while it decodes and resizes, so threads scale without TensorFlow, `pool.map` keeps the
-order, and the pixels are those of `images.decode_image`, which the device-resident
-`folder:` reader also gives. With config.image_size a stream resizes on the host (Pillow
-bilinear); the device path resizes one-size folders on the device, so the two agree
-exactly only without a resize. TFDS datasets are read with tf.data and decoded by the
-dataset's own image feature, as `sources.read_tfds` does.
+Decoding. Folders are decoded by Pillow threads (it releases the GIL), with the pixels of
+`images.decode_image`; with config.image_size a stream resizes on the host (Pillow
+bilinear) where the device path resizes one-size folders on the device, so the two agree
+exactly only without a resize. TFDS images are decoded by the dataset's image feature.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """E5a: a frozen pretrained backbone's pooled features -> a linear SVM (scikit-learn).
 
-`run_svm(config, workdir)` (config.task == 'svm'):
-1. loads the dataset (with config.one_vs_rest, labels are {0: rest, 1: class});
-2. builds config.model, loads config.pretrained (a torchvision state_dict) into it;
-3. extracts the pooled features (`features_only=True`, eval mode) of train (+ val) and
-   test in jitted batches sharded over the 'data' mesh axis, caching them in the workdir
-   as features-<key>.npz, the key a hash of the weights file and the data/model config;
-4. fits StandardScaler + LinearSVC on train (+ val) and evaluates on test;
-5. writes summary.json, report.md, roc.png and confusion_matrix.png.
+`run_svm(config, workdir)` (config.task == 'svm') loads config.model with the torchvision
+weights config.pretrained, extracts the pooled features (eval mode) of train (+ val) and
+test, cached in the workdir as features-<key>.npz (a hash of the weights file and the
+data/model config), fits StandardScaler + LinearSVC on train (+ val), evaluates on test
+and writes summary.json, report.md, roc.png and confusion_matrix.png. With
+config.one_vs_rest the labels are {0: rest, 1: class}.
 
 SVM options live in `config.svm` (all optional): C (1.0), class_weight (None or
 'balanced'), max_iter (5000).
@@ -37,20 +35,9 @@ from cnn_jax.records import Reporter
 from cnn_jax.transfer.weights import check_exists, load_torchvision
 
 # Config keys that change the features (the cache key hashes them with the weights file).
-FEATURE_KEYS = (
-    'dataset',
-    'data_dir',
-    'classes',
-    'label_groups',
-    'one_vs_rest',
-    'image_size',
-    'normalize',
-    'val_fraction',
-    'data_seed',
-    'max_train_examples',
-    'model',
-    'model_options',
-    'dtype',
+FEATURE_KEYS = tuple(
+    'dataset data_dir classes label_groups one_vs_rest image_size normalize val_fraction '
+    'data_seed max_train_examples model model_options dtype'.split()
 )
 CACHE_VERSION = 1
 
