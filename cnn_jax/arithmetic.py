@@ -218,6 +218,5 @@ def conv2d(
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """Softmax computed after subtracting the maximum, which it is invariant to."""
     z = np.asarray(logits, dtype=np.float64)
-    z = z - np.max(z, axis=axis, keepdims=True)
-    e = np.exp(z)
+    e = np.exp(z - np.max(z, axis=axis, keepdims=True))
     return e / np.sum(e, axis=axis, keepdims=True)

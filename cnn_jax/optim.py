@@ -40,24 +40,21 @@ def _chain(
     learning_rate: float,
     weight_decay: float,
     momentum: float,
-    *,
-    name: str,
-    decoupled: bool,
+    config: ml_collections.ConfigDict,
     schedule: optax.Schedule,
-    b1: float,
-    b2: float,
-    eps: float,
-    clip: float | None,
 ) -> optax.GradientTransformation:
+    """config.optimizer's transformation at the (injected) numbers given."""
+    name = config.optimizer
+    decoupled = config.weight_decay_mode == 'decoupled' or name == 'adamw'
     parts = []
-    if clip:
-        parts.append(optax.clip_by_global_norm(clip))
+    if config.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if not decoupled:  # PyTorch-style L2: grad += wd * param, before momentum/Adam.
         parts.append(optax.add_decayed_weights(weight_decay))
     if name in ('momentum', 'nesterov'):
         parts.append(optax.trace(decay=momentum, nesterov=name == 'nesterov'))
     elif name in ('adam', 'adamw'):
-        parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+        parts.append(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps))
     if decoupled:  # AdamW-style: update += wd * param, scaled by the learning rate below.
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.scale_by_schedule(schedule))
@@ -108,16 +105,7 @@ def build_optimizer(
     schedule = build_schedule(config, steps_per_epoch)
     factory: Callable[..., optax.GradientTransformation] = optax.inject_hyperparams(
         lambda learning_rate, weight_decay, momentum: _chain(
-            learning_rate,
-            weight_decay,
-            momentum,
-            name=name,
-            decoupled=(mode == 'decoupled' or name == 'adamw'),
-            schedule=schedule,
-            b1=config.b1,
-            b2=config.b2,
-            eps=config.eps,
-            clip=config.grad_clip_norm,
+            learning_rate, weight_decay, momentum, config, schedule
         )
     )
 

@@ -26,11 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnn_jax.errors import ConfigError
 
 DATA_AXIS = 'data'
-ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
-    'JAX_COORDINATOR_ADDRESS',
-    'JAX_NUM_PROCESSES',
-    'JAX_PROCESS_ID',
-)
+ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'
+ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
+ENV_PROCESS_ID = 'JAX_PROCESS_ID'
 
 
 def _env_int(name: str) -> int | None:
@@ -132,8 +130,7 @@ def any_process(flag: bool) -> bool:
     """True on every process when `flag` is True on any (a collective: all must call it)."""
     if jax.process_count() == 1:
         return bool(flag)
-    flags = multihost_utils.process_allgather(np.int32(bool(flag)))
-    return bool(np.any(flags))
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def from_main(value: Any) -> Any:
