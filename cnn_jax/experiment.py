@@ -51,24 +51,19 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
         )
         return one, jnp.mean(losses.per_example_loss(logits, batch['label'], config.loss))
 
-    one, loss = first_batch(
-        variables,
-        dataset.train.examples(np.arange(n)),
-        dataset.train.labels[:n],
-        jax.random.key(config.seed),
-    )
+    images, labels = dataset.train.examples(np.arange(n)), dataset.train.labels[:n]
+    one, loss = first_batch(variables, images, labels, jax.random.key(config.seed))
     expected_shape = (1, dataset.num_classes)
     if tuple(one.shape) != expected_shape:
         raise ConfigError(f'model output shape {tuple(one.shape)} != {expected_shape}')
     loss = float(loss)
     expected = math.log(dataset.num_classes)
-    tolerance = config.sanity_loss_tolerance
     checks: dict[str, Any] = {
         'output_shape_one_example': list(one.shape[1:]),
         'first_batch_loss': round(loss, 4),
     }
     if config.loss == 'cross_entropy':
-        ok = abs(loss - expected) <= tolerance * expected
+        ok = abs(loss - expected) <= config.sanity_loss_tolerance * expected
         checks.update(expected_first_loss_ln_classes=round(expected, 4), first_loss_ok=ok)
         if not ok:
             Reporter().warn(

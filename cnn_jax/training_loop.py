@@ -113,22 +113,6 @@ def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> train.Inp
     )
 
 
-def _epoch_row(
-    epoch: int,
-    step: int,
-    acc: dict[str, float],
-    lr: float,
-    elapsed: float,
-    evals: dict[str, dict[str, float]],
-) -> dict[str, Any]:
-    count = max(acc['count'], 1.0)
-    row = {'epoch': epoch, 'step': step}
-    row.update(train_loss=acc['loss'] / count, train_accuracy=acc['correct'] / count)
-    for split, m in evals.items():
-        row.update({f'{split}_loss': m['loss'], f'{split}_accuracy': m['accuracy']})
-    return {**row, 'learning_rate': lr, 'elapsed_s': round(elapsed, 3)}
-
-
 def agreed_stop(wanted: bool, sync_point: bool) -> bool:
     """Whether the loop stops after this step, the same answer on every process.
 
@@ -411,15 +395,15 @@ class _Loop:
         for k, (r, a) in enumerate(zip(self.runs, _host_acc(self.acc), strict=True)):
             if not r.active:
                 continue
-            state_k = self.steps.variant(self.state, k)
-            evals = {
-                split: self._evaluate(state_k, split)[0]
-                for split in ('val', 'test')
-                if split in self.splits and (split == 'val' or config.eval_test_each_epoch)
-            }
+            state_k, count = self.steps.variant(self.state, k), max(a['count'], 1.0)
+            row = {'epoch': epoch + 1, 'step': step, 'train_loss': a['loss'] / count}
+            row['train_accuracy'] = a['correct'] / count
+            for split in ('val', 'test'):
+                if split in self.splits and (split == 'val' or config.eval_test_each_epoch):
+                    m = self._evaluate(state_k, split)[0]
+                    row.update({f'{split}_loss': m['loss'], f'{split}_accuracy': m['accuracy']})
             lr = train.optax_learning_rate(state_k, r.config, self.steps_per_epoch)
-            elapsed = time.perf_counter() - self.t_start
-            row = _epoch_row(epoch + 1, step, a, lr, elapsed, evals)
+            row.update(learning_rate=lr, elapsed_s=round(time.perf_counter() - self.t_start, 3))
             r.history.append(row)
             r.report.epoch(row)
             if r.observe(row, self.monitor, self.mode, config.early_stopping):
