@@ -1,12 +1,10 @@
 """Train state, the pure train and eval steps, and their compiled, sharded forms.
 
-`train_step(state, batch, rng)` and `eval_step(state, batch)` are plain functions of
-arrays (testable on their own). `compile_steps` wraps them with the on-device input
-pipeline (gather from the device-resident dataset, augment, normalise) into functions
-compiled once with `jax.jit` over the 'data' mesh, the train state donated.
-`plain_steps` packs them for the training loop, which trains K variants of a run in step
-(cnn_jax.sweep stacks K > 1; a plain run is K = 1). `evaluate` runs the eval step over a
-whole split on the devices, resident or streamed.
+`train_step` and `eval_step` are plain functions of arrays (testable on their own).
+`compile_steps` wraps them with the on-device input pipeline (gather, augment, normalise)
+into functions compiled once with `jax.jit` over the 'data' mesh, the state donated;
+`plain_steps` packs them for the training loop (a plain run: K = 1 variant). `evaluate`
+runs the eval step over a whole split, resident or streamed.
 """
 
 from __future__ import annotations

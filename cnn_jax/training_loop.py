@@ -1,12 +1,10 @@
 """The training loop: epochs of compiled steps, evaluation, checkpoints, early stopping.
 
-`train_and_evaluate` resumes from the workdir's latest checkpoint, stops cleanly on
-Ctrl-C/SIGTERM (saving first), detects divergence, and returns the state to test with
-(the best one when early stopping is on), its final evaluation and the per-epoch history.
-`train_variants` is the same loop over K variants trained in step (cnn_jax.sweep stacks
-them), each with the records, checkpoints and early stopping of a run of its own; a plain
-run is K = 1. Its phases are `_Loop`'s methods: open (__init__), resume, run_epoch,
-end_epoch (evaluate, early stop, checkpoint) and results (the final evaluation).
+`train_and_evaluate` trains one run, `train_variants` K variants in step (cnn_jax.sweep).
+The loop resumes from the workdir's latest checkpoint, stops cleanly on Ctrl-C/SIGTERM
+(saving first) and detects divergence. Its phases are `_Loop`'s methods: open (__init__),
+resume, run_epoch, end_epoch (evaluate, early stop, checkpoint) and results (the state to
+test, the best one when early stopping is on, and its final evaluation).
 """
 
 from __future__ import annotations
@@ -233,8 +231,7 @@ def train_variants(
 
 
 class _Loop:
-    """The state the phases of `train_variants` share: open, resume, each epoch's steps and
-    its end (evaluation, early stopping, checkpoints), the results."""
+    """The state the phases of `train_variants` share (the module doc lists them)."""
 
     def __init__(self, configs, workdirs, dataset, model, mesh, hooks, make_steps):
         """Opens the variants' runs: checks, compiled steps, data on the devices, records."""
