@@ -154,8 +154,7 @@ def to_device(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
 class Stream:
     """What both stream kinds share: `index` (the split's examples it serves) and their
     `labels`, evaluation, decoding. Options: `image_size` (a square resize on the host),
-    `process_index` and `process_count` (JAX's by default), `prefetch` (batches ahead).
-    """
+    `process_index` and `process_count` (JAX's by default), `prefetch` (batches ahead)."""
 
     index: np.ndarray
     _labels: np.ndarray
