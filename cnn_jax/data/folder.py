@@ -136,13 +136,8 @@ def read_folder(
     for cached in (cache_file(None), cache_file(image_size)):
         if cached.exists():
             with np.load(cached) as z:
-                return RawData(
-                    z['train_images'],
-                    z['train_labels'],
-                    z['test_images'],
-                    z['test_labels'],
-                    list(z['class_names']),
-                )
+                arrays = {k: z[k] for k in z.files}
+            return RawData(**{**arrays, 'class_names': list(arrays['class_names'])})
     arrays, resized = {}, False
     for split in ('train', 'test'):
         paths, labels = images_lib.list_examples(root, split, class_names)
@@ -196,9 +191,8 @@ def _archive_metadata(archive: pathlib.Path, cache_dir: str | None) -> Metadata:
                     continue
                 split = 'train' if 'train' in parts else 'test'
                 rest = parts[parts.index(split) + 1 :]
-                if len(rest) != 2 or pathlib.PurePosixPath(rest[1]).suffix.lower() not in (
-                    IMAGE_EXTENSIONS
-                ):
+                suffix = pathlib.PurePosixPath(rest[-1]).suffix.lower() if rest else ''
+                if len(rest) != 2 or suffix not in IMAGE_EXTENSIONS:
                     continue
                 classes[split].add(rest[0])
                 if shape is None and member.isfile():
