@@ -139,8 +139,10 @@ def test_failure_is_recorded_and_study_continues(tmp_path):
     c = two_variants()
     result = study.run_study(c, tmp_path, fake_run(fail=('sgd',)))
     error = 'RuntimeError: boom in sgd'
-    assert result['failures'] == [{'variant': 'sgd', 'seed': 0, 'error': error}]
-    assert result['failed'] == 1
+    assert result['failures'] == [{'variant': 'sgd', 'seed': 0, 'error': error, 'bad_input': False}]
+    assert (result['failed'], result['config_errors']) == (1, 0)
+    # The traceback is in the run's own log, not the study's output.
+    assert 'Traceback' in (tmp_path / 'sgd' / 'error.log').read_text()
     rows = {r['variant']: r for r in result['variants']}
     assert rows['sgd']['status'].startswith('failed: RuntimeError')
     assert rows['adam']['status'] == 'completed'
