@@ -93,3 +93,25 @@ def test_vectorised_study_gives_the_separate_runs_numbers(name, tmp_path):
         for key in ('train_accuracy', 'val_accuracy', 'test_accuracy', 'confusion_matrix'):
             assert a[key] == b[key], (variant, key)
     assert [r['variant'] for r in vec['variants']] == [r['variant'] for r in sep['variants']]
+
+
+@pytest.mark.slow
+def test_a_config_error_in_a_vectorised_study_is_one_line_per_run_and_exit_2(tmp_path):
+    # SimpleNN cannot take 8x8 digits: found once the data is loaded, in every run.
+    proc = subprocess.run(
+        [sys.executable, 'launch.py', '--config=configs/ablations/simplenn_lr_sweep.py']
+        + ['--config.dataset=digits', '--config.vectorize=true', f'--workdir={tmp_path}'],
+        cwd=REPO,
+        env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert 'vectorised group failed (ConfigError: ' in proc.stdout
+    failed = [line for line in proc.stdout.splitlines() if ': FAILED: ConfigError: ' in line]
+    assert len(failed) == 6 and all('at least 12x12 pixels' in line for line in failed)
+    assert 'Traceback' not in proc.stdout + proc.stderr
+    assert 'No artists with labels' not in proc.stderr
+    log = (tmp_path / 'learning_rate_0.1' / 'error.log').read_text()
+    assert 'Traceback' in log and 'at least 12x12 pixels' in log
