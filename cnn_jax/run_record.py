@@ -9,7 +9,7 @@ caches live) do not count. A run that stopped before saving anything leaves noth
 protect: the next run's config replaces its record.
 
 `workdir_lock` keeps a second launch out of a workdir in use (`.lock`, an flock that the
-kernel drops when its holder dies).
+kernel drops when its holder dies; the holder empties the file when it ends).
 """
 
 from __future__ import annotations
@@ -193,25 +193,21 @@ def start_over(workdir: str | pathlib.Path) -> None:
 def workdir_lock(workdir: str | pathlib.Path) -> Iterator[None]:
     """Holds `workdir` for this process; ConfigError (exit 2) names the holder if another has it.
 
-    The flock goes when its holder dies, however it dies; a `.lock` naming a process that
-    died is then taken over with a warning. SIGTERM exits through the release.
+    The flock goes when its holder dies, however it dies; a `.lock` still naming a process
+    (one that died) is then taken over with a warning. SIGTERM exits through the release.
     """
     path = pathlib.Path(workdir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(os.read(fd, 4096))
-            os.close(fd)
-            raise ConfigError(
-                f'{workdir} is in use by {holder or "another launch (starting)"}; wait for it '
-                'to finish or use another --workdir'
-            ) from None
-        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            break  # Not a file its last holder unlinked while we waited for it.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # Kept: an empty one is free.
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(os.read(fd, 4096))
         os.close(fd)
+        raise ConfigError(
+            f'{workdir} is in use by {holder or "another launch (starting)"}; wait for it '
+            'to finish or use another --workdir'
+        ) from None
     old = _holder(os.read(fd, 4096))
     if old:
         print(f'WARNING: {workdir}: taking over the lock of {old}, which died', flush=True)
@@ -228,7 +224,7 @@ def workdir_lock(workdir: str | pathlib.Path) -> Iterator[None]:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, on_term)
-        path.unlink(missing_ok=True)
+        os.ftruncate(fd, 0)
         os.close(fd)
 
 

@@ -87,7 +87,7 @@ def test_a_held_workdir_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, 
         held = json.loads((tmp_path / run_record.LOCK_FILE).read_text())
         assert held['pid'] == os.getpid()
     assert f'taking over the lock of pid {holder.pid} on ' in capsys.readouterr().out
-    assert not (tmp_path / run_record.LOCK_FILE).exists()  # Released on exit.
+    assert (tmp_path / run_record.LOCK_FILE).read_text() == ''  # Released on exit.
 
 
 @pytest.mark.slow
@@ -101,7 +101,7 @@ def test_two_launches_at_once_one_trains_the_other_exits_2_naming_it(tmp_path):
     assert f'in use by pid {winner.pid} on {socket.gethostname()} since ' in lines[0]
     summary = json.loads((tmp_path / 'w' / 'summary.json').read_text())
     assert summary['status'] == 'completed'
-    assert not (tmp_path / 'w' / run_record.LOCK_FILE).exists()
+    assert (tmp_path / 'w' / run_record.LOCK_FILE).read_text() == ''  # Released.
 
 
 @pytest.mark.slow
