@@ -59,9 +59,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) 
     """
     enable_compilation_cache()
     from cnn_jax import parallel
+    from cnn_jax.config_checks import check_config
     from cnn_jax.run_record import start_over, workdir_lock
+    from cnn_jax.study import validate_study
 
     try:
+        # Mistakes in the config's values stop before anything (the lock) is written.
+        if 'study' in config:
+            validate_study(config)
+        else:
+            check_config(config)
         with contextlib.ExitStack() as held:
             busy = None
             if parallel.is_main_process():
