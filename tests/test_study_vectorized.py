@@ -2,8 +2,8 @@
 
 Each study runs twice through launch.py on a few hundred CIFAR-10 images for one epoch,
 with --config.vectorize=true (its groups train as one vmapped program) and =false (one run
-after another); each variant's summary.json must agree: losses within 1e-5, accuracies
-and confusion matrices exactly.
+after another); each variant's summary.json must agree: losses within 1e-5 (the Adam
+study: see LOSS_TOL), accuracies and confusion matrices exactly.
 """
 
 import importlib
@@ -21,6 +21,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 DATA = REPO.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 TIMEOUT_S = 1800  # Two CPU cores shared with other work; VGG-13 compiles slowly there.
 TOL = 1e-5
+# Adam's first steps move each weight by about lr * sign(gradient): a gradient component
+# near 0 whose rounding differs between the vmapped and the plain program (batch norm's
+# reductions) moves by up to 2 lr. Measured on this slice: losses 1e-4 to 1e-3 apart, every
+# accuracy equal. The SGD studies agree to 1e-5 (the learning-rate sweep: exactly).
+LOSS_TOL = {'cifar_cnn6_best': 5e-3}
 TINY = [
     f'--config.dataset=folder:{DATA}',
     '--config.num_epochs=1',
@@ -89,7 +94,7 @@ def test_vectorised_study_gives_the_separate_runs_numbers(name, tmp_path):
         )
         assert 'vectorized' in a and 'vectorized' not in b, variant
         for key in ('train_loss', 'val_loss', 'test_loss'):
-            assert abs(a[key] - b[key]) <= TOL, (variant, key, a[key], b[key])
+            assert abs(a[key] - b[key]) <= LOSS_TOL.get(name, TOL), (variant, key, a, b)
         for key in ('train_accuracy', 'val_accuracy', 'test_accuracy', 'confusion_matrix'):
             assert a[key] == b[key], (variant, key)
     assert [r['variant'] for r in vec['variants']] == [r['variant'] for r in sep['variants']]
