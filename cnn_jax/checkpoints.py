@@ -90,12 +90,23 @@ class Checkpoints:
         return None
 
     def restore_best(self, template: Any) -> Any | None:
+        """The best checkpoint's state; None if there is none or it cannot be read (with a
+        warning): the caller keeps its latest state."""
         step = self.best.best_step()
         if step is None:
             return None
-        restored = self.best.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
-        )
+        try:
+            restored = self.best.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
+            )
+        except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types.
+            message = (
+                f'the best checkpoint (step {step}) in {self.best.directory} could not be '
+                f'restored ({_brief(e)}); keeping the latest state instead.'
+            )
+            logging.warning(message)
+            print(f'WARNING: {message}', flush=True)
+            return None
         return restored['state']
 
     def wait(self) -> None:
