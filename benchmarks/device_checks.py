@@ -57,9 +57,16 @@ def device_report() -> dict[str, Any]:
     return out
 
 
-def registry_models() -> list[str]:
-    """Every model name of cnn_jax.models.MODELS (aliases included)."""
-    return list(MODELS)
+def registry_models() -> dict[str, str | None]:
+    """Every model name of cnn_jax.models.MODELS -> the earlier name that builds the same
+    network at its defaults (None for the first): an alias needs no second compile."""
+    first: dict[str, str] = {}
+    out = {}
+    for name, cls in MODELS.items():
+        key = repr(cls(num_classes=10))  # Flax modules print every field.
+        out[name] = first.get(key)
+        first.setdefault(key, name)
+    return out
 
 
 def synthetic_data(

@@ -3,9 +3,10 @@
 `run_e8` starts `python launch.py --config=configs/resnet20.py` on a `folder:` archive
 as a child process (the user's own command: it records, checkpoints and resumes as any
 run does) and sends it SIGTERM at the deadline: the training loop saves a checkpoint
-after the step it is in and exits 130, and the same call again resumes from there. A
-signal before training starts would lose nothing but compilation, so until the first
-step has run the child is given `grace_s` more seconds to reach it.
+after the step it is in and exits 130, and the same call again resumes from there. `stop_at`
+(E8's own budget) waits for training to have begun, so that a run stopped early still
+saves a step; `hard_stop_at` (the command's deadline) does not wait: before the first
+step there is nothing to save but compilation.
 
 The child imports neither TensorFlow, TFDS nor CLU on this path (folder decoding falls
 back to Pillow): tests/test_gpu_check.py runs it with those imports blocked.
@@ -63,7 +64,7 @@ def command(
     """The launch.py command line of E8 (the paper's schedule unless `tiny`)."""
     cmd = [
         sys.executable,
-        str(REPO / 'launch.py'),
+        'launch.py',  # Run in REPO.
         f'--config={CONFIG}',
         f'--workdir={workdir}',
         f'--config.dataset=folder:{archive}',
@@ -103,18 +104,18 @@ class _Watcher:
         self._thread.join(timeout=10)
 
 
-def _wait(proc: subprocess.Popen, watcher: _Watcher, deadline: float, grace_s: float) -> bool:
-    """Waits for the child; SIGTERM once the deadline has passed and training has begun (or
-    `grace_s` later regardless), SIGKILL if it has not saved and exited 120 s after that.
-    Returns whether the deadline stopped it."""
+def _wait(proc: subprocess.Popen, watcher: _Watcher, stop_at: float, hard_stop_at: float) -> bool:
+    """Waits for the child; SIGTERM once `stop_at` has passed and training has begun, or at
+    `hard_stop_at` regardless; SIGKILL if it has not saved and exited 120 s later.
+    Returns whether it was signalled."""
     signalled_at = None
     while proc.poll() is None:
         now = time.time()
-        if signalled_at is None and now >= deadline:
-            if watcher.started.is_set() or now >= deadline + grace_s:
+        if signalled_at is None:
+            if (now >= stop_at and watcher.started.is_set()) or now >= hard_stop_at:
                 proc.send_signal(signal.SIGTERM)
                 signalled_at = now
-        elif signalled_at is not None and now >= signalled_at + 120:
+        elif now >= signalled_at + 120:
             proc.kill()
         time.sleep(0.1)
     return signalled_at is not None
@@ -125,13 +126,14 @@ def run_e8(
     workdir: pathlib.Path,
     out_dir: pathlib.Path,
     *,
-    deadline: float,
+    stop_at: float = float('inf'),
+    hard_stop_at: float = float('inf'),
     cache_dir: str | None = None,
     tiny: bool = False,
-    grace_s: float = 60.0,
 ) -> dict[str, Any]:
-    """Runs (or resumes) E8 in `workdir` until it finishes or `deadline` (time.time());
-    its log and small outputs go to `out_dir`. Returns the figures of this invocation."""
+    """Runs (or resumes) E8 in `workdir` until it finishes or is stopped (times are
+    time.time(): `stop_at` once training has begun, `hard_stop_at` in any case); its log
+    and small outputs go to `out_dir`. Returns the figures of this invocation."""
     if not archive.is_file():
         raise FileNotFoundError(
             f'{archive} not found: copy the CIFAR-10 archive (cifar10-jpeg.tar.gz) there'
@@ -144,17 +146,21 @@ def run_e8(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     watcher = _Watcher(proc, out_dir / 'launch.log')
-    stopped = _wait(proc, watcher, deadline, grace_s)
+    stopped = _wait(proc, watcher, stop_at, hard_stop_at)
     watcher.join()
     summary = _read_json(workdir / 'summary.json')
     if summary is not None:
         status = summary['status']
     elif stopped and proc.returncode == 130:
         status = 'stopped at the deadline, checkpointed: run the same command to resume'
+    elif stopped and not watcher.started.is_set():
+        status = 'stopped at the deadline before its first step (nothing to save)'
     else:
         status = f'failed (exit code {proc.returncode})'
     _copy_outputs(workdir, out_dir)
+    failed = status.startswith('failed')
     return {
+        **({'error': f'{status}: {watcher.tail[-1] if watcher.tail else ""}'} if failed else {}),
         'status': status,
         'exit_code': proc.returncode,
         'command': ' '.join(cmd[1:]),

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.gpu_check --out DIR [--tiny]`: does cnn_jax work on this device, and how fast.
+"""`python -m benchmarks.gpu_check --out DIR [--tiny]`: does cnn_jax work here, and how fast.
 
 One process runs four steps in order and rewrites DIR/gpu_check.json and
 DIR/gpu_check.md (both naming the device) after every figure, so a run cut off by a
@@ -69,6 +69,7 @@ class Options:
     tiny: bool
     steps: tuple[str, ...]
     deadline: float  # time.time() by which the command should end (inf: none).
+    e8_budget_s: float  # Seconds E8 may train in this invocation (inf: to the deadline).
     torch_compile: str  # 'auto' | 'yes' | 'no'
     e8_archive: pathlib.Path
     e8_workdir: pathlib.Path
@@ -147,9 +148,12 @@ def _release_torch_memory() -> None:
 def bringup(report: Report, opts: Options) -> None:
     """One train step of every registry model, a bfloat16 step, a vmapped sweep step."""
     batch = 8
-    for name in device_checks.registry_models():
-        case, shape = device_checks.registry_case(name, batch)
+    for name, same_as in device_checks.registry_models().items():
         label = {'check': 'train_step', 'model': name}
+        if same_as:
+            report.step('bringup')['rows'].append({**label, 'same_network_as': same_as})
+            continue
+        case, shape = device_checks.registry_case(name, batch)
         figure(report, 'bringup', label, lambda c=case, s=shape: _check(c, s), opts)
     r20 = CASES['resnet20']
     if opts.tiny:
@@ -233,11 +237,11 @@ def speed(report: Report, opts: Options) -> None:
 
         figure(report, 'speed', label, measure, opts)
     chunk = 4 if opts.tiny else 50
+    scan_settings = {'windows': 1, 'window_s': 0.0} if opts.tiny else {}
     report.step('speed')['scan'] = report.step('speed').get('scan', [])
     for case, dtype in speed_rows(opts.tiny, accelerator):
         if case.name in SCANNED:
             label = {'scan_of': case.name, 'dtype': dtype}
-            scan_settings = {'windows': 1, 'window_s': 0.0} if opts.tiny else {}
 
             def scan(case=case, dtype=dtype) -> dict[str, Any]:
                 return device_checks.scan_speed(case, dtype, chunk, **scan_settings)
@@ -281,7 +285,8 @@ def e8(report: Report, opts: Options) -> None:
             opts.e8_archive,
             opts.e8_workdir,
             opts.out / 'e8',
-            deadline=opts.deadline - E8_RESERVE_S,
+            stop_at=time.time() + opts.e8_budget_s,
+            hard_stop_at=opts.deadline - E8_RESERVE_S,
             cache_dir=opts.e8_cache_dir,
             tiny=opts.tiny,
         )
@@ -322,6 +327,13 @@ def parse_args(argv: Sequence[str]) -> Options:
         choices=('auto', 'yes', 'no'),
         help='time torch.compile too (auto: except with --tiny)',
     )
+    p.add_argument(
+        '--e8-budget-s',
+        type=float,
+        default=None,
+        help='seconds E8 may run in this invocation before it is stopped and checkpointed '
+        '(once training has begun; default: until the --budget-s deadline)',
+    )
     p.add_argument('--e8-archive', default='.device/cifar10-jpeg.tar.gz')
     p.add_argument('--e8-workdir', default=None, help='default OUT/e8/workdir')
     p.add_argument(
@@ -330,10 +342,11 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="decoded-array cache of the archive ('' for cnn_jax's default)",
     )
     a = p.parse_args(argv)
-    steps = tuple(s for s in a.steps.split(',') if s)
-    unknown = [s for s in steps if s not in STEPS]
+    chosen = [s for s in a.steps.split(',') if s]
+    unknown = [s for s in chosen if s not in STEPS]
     if unknown:
         p.error(f'unknown step(s) {unknown}; known: {", ".join(STEPS)}')
+    steps = tuple(s for s in STEPS if s in chosen)  # Always in the order of STEPS.
     out = pathlib.Path(a.out)
     start = time.time()
     return Options(
@@ -341,6 +354,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         tiny=a.tiny,
         steps=steps,
         deadline=start + a.budget_s if a.budget_s is not None else float('inf'),
+        e8_budget_s=a.e8_budget_s if a.e8_budget_s is not None else float('inf'),
         torch_compile=a.torch_compile,
         e8_archive=pathlib.Path(a.e8_archive),
         e8_workdir=pathlib.Path(a.e8_workdir) if a.e8_workdir else out / 'e8' / 'workdir',

@@ -10,7 +10,7 @@ from benchmarks.tables import cell, format_table
 PEAK_NOTE = (
     'Peak = dense tensor-core TFLOP/s from benchmarks.cases.PEAK_TFLOPS by device kind '
     '(NVIDIA datasheets, SXM, no sparsity): H100 SXM bf16 989.4, fp32 (TF32, which XLA uses '
-    'for float32 matmuls and convolutions by default) 494.7; H200 has the H100 SXM\'s '
+    "for float32 matmuls and convolutions by default) 494.7; H200 has the H100 SXM's "
     'compute. CPU: unknown (no percent of peak).'
 )
 
@@ -55,6 +55,8 @@ SCAN_COLUMNS = (
 
 def outcome(row: dict[str, Any]) -> str:
     """'ok', the skip reason, or the error of one row."""
+    if row.get('same_network_as'):
+        return f'alias: the network of {row["same_network_as"]}'
     if row.get('skipped'):
         return f'skipped: {row["skipped"]}'
     if row.get('error'):
@@ -74,13 +76,15 @@ def _table(rows: list[dict[str, Any]], columns) -> str:
 def _heading(data: dict[str, Any]) -> list[str]:
     d = data.get('device') or {}
     kind = d.get('device_kind', '?')
+    tiny = (
+        '; **--tiny**: small shapes, a few steps, no figure is a speed' if data.get('tiny') else ''
+    )
     lines = [
         f'# cnn_jax GPU check on {kind} ({d.get("platform", "?")}, '
         f'{d.get("num_devices", "?")} device(s))',
         '',
         f'jax {d.get("jax")}, jaxlib {d.get("jaxlib")}, {d.get("platform_version")}; '
-        f'memory {d.get("memory_gib")} GiB; updated {data.get("updated")}'
-        + ('; **--tiny** (small shapes, a few steps: no figure here is a speed)' if data.get('tiny') else ''),
+        f'memory {d.get("memory_gib")} GiB; updated {data.get("updated")}{tiny}',
         '',
         f'`{data.get("command")}`',
     ]

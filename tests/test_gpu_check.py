@@ -1,0 +1,166 @@
+"""`python -m benchmarks.gpu_check --tiny`: every step's figures, errors recorded, E8 resumed.
+
+The command runs as a user runs it, in a subprocess, with TensorFlow, TFDS and CLU made
+unimportable (a sitecustomize on PYTHONPATH, which E8's launch.py child inherits), as on
+a GPU machine that has JAX and PyTorch only.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from cnn_jax.data import sources
+from cnn_jax.models import MODELS
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR_ARCHIVE = REPO.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
+BLOCKED = ('tensorflow', 'tensorflow_datasets', 'clu')
+
+# Imported at every Python start through PYTHONPATH: `import tensorflow` (and TFDS, CLU)
+# raise ModuleNotFoundError and importlib.util.find_spec finds nothing, as where they are
+# not installed.
+BLOCKER = f"""
+import sys
+
+for name in {BLOCKED!r}:
+    sys.modules[name] = None
+"""
+
+
+def gpu_check(tmp_path: pathlib.Path, *args: str, timeout: int = 1500) -> dict:
+    """Runs the command without TF/TFDS/CLU; returns its gpu_check.json."""
+    block = tmp_path / 'block'
+    block.mkdir(exist_ok=True)
+    (block / 'sitecustomize.py').write_text(BLOCKER)
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(block), str(REPO)])}
+    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'benchmarks.gpu_check', '--tiny', '--out', str(out), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / 'gpu_check.json').read_text())
+    assert data['device']['platform'] == 'cpu'
+    assert '# cnn_jax GPU check on cpu (cpu' in (out / 'gpu_check.md').read_text()
+    return data
+
+
+def test_blocker_blocks(tmp_path):
+    """The sitecustomize really makes TensorFlow unimportable in the command's Python."""
+    (tmp_path / 'sitecustomize.py').write_text(BLOCKER)
+    code = 'from cnn_jax.data import sources; print(sources.tensorflow_available())'
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(tmp_path), str(REPO)])}
+    proc = subprocess.run(
+        [sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.stdout.strip() == 'False', proc.stderr
+
+
+def test_missing_archive_is_recorded_and_the_command_ends_well(tmp_path):
+    data = gpu_check(tmp_path, '--steps', 'e8', '--e8-archive', str(tmp_path / 'none.tar.gz'))
+    assert list(data['steps']) == ['e8']
+    (row,) = data['steps']['e8']['rows']
+    assert row['error'].startswith('FileNotFoundError: ')
+    assert 'none.tar.gz not found' in row['error']
+    assert data['steps']['e8']['status'] == 'done, with errors'
+
+
+def test_unknown_step_is_a_usage_error(tmp_path):
+    cmd = [sys.executable, '-m', 'benchmarks.gpu_check', '--out', str(tmp_path), '--steps', 'e9']
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown step(s) ['e9']" in proc.stderr
+
+
+def _e8_args() -> list[str]:
+    # The test machine's decoded-array cache of the archive (decoding it takes minutes).
+    return ['--e8-archive', str(CIFAR_ARCHIVE), '--e8-cache-dir', str(sources.default_cache_dir())]
+
+
+def check_bringup(step: dict) -> None:
+    rows = step['rows']
+    assert {r['model'] for r in rows if r['check'] == 'train_step'} == set(MODELS)
+    aliases = {r['model']: r['same_network_as'] for r in rows if 'same_network_as' in r}
+    assert aliases == {'vgg16': 'vgg', 'resnet18': 'resnet', 'cifar_cnn3': 'block_cnn'}
+    rows = [r for r in rows if 'same_network_as' not in r]
+    assert {r['check'] for r in rows} == {'train_step', 'bfloat16_step', 'vmapped_sweep_step'}
+    for r in rows:
+        assert 'error' not in r, r
+        assert r['compile_and_first_step_s'] > 0 and r['step_s'] > 0
+        assert len(r['mean_loss']) == r['variants']
+    (bf16,) = [r for r in rows if r['check'] == 'bfloat16_step']
+    assert bf16['dtype'] == 'bfloat16'
+    (vmapped,) = [r for r in rows if r['check'] == 'vmapped_sweep_step']
+    assert vmapped['variants'] == 4 and len(set(vmapped['mean_loss'])) > 1  # Not one variant.
+
+
+def check_speed(step: dict) -> None:
+    timed = [r for r in step['rows'] if 'scan_of' not in r]
+    assert [(r['model'], r['dtype']) for r in timed] == [
+        ('resnet50', 'bfloat16'),
+        ('resnet50', 'float32'),
+        ('resnet18_224', 'float32'),
+        ('vgg_e1', 'float32'),
+        ('resnet20', 'float32'),
+        ('simplenn', 'float32'),
+    ]
+    for r in timed:
+        assert 'error' not in r, r
+        assert r['jax_pipeline_ips'] > 0 and r['torch_eager_ips'] > 0
+        assert r['ratio_vs_torch_eager'] > 0 and r['compile_s'] > 0
+        assert r['torch_compile_ips'] is None
+        assert r['torch_compile_skipped'].startswith('--tiny')
+        assert r['pct_of_peak'] is None  # A CPU has no peak in the table.
+    scanned = [r for r in step['rows'] if 'scan_of' in r]
+    assert [r['scan_of'] for r in scanned] == ['resnet20', 'simplenn']
+    for r in scanned:
+        assert 'error' not in r, r
+        assert r['chunk'] == 4 and r['per_step_ips'] > 0 and r['scan_ips'] > 0
+
+
+def check_sweep(step: dict) -> None:
+    result = step['result']
+    assert [r['k'] for r in result['rows']] == [1, 2, 4, 8]
+    assert result['separate_ips'] > 0
+    assert all(r['speedup_vs_separate'] > 0 for r in result['rows'])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-jpeg.tar.gz')
+def test_tiny_gpu_check_end_to_end_and_e8_resumes(tmp_path):
+    """Every step has its figures; E8, stopped by its budget, resumes in a second run.
+
+    --e8-budget-s 0 stops E8 as soon as it has trained a step (checkpointed, exit 130);
+    the second invocation, E8 only, goes on from that checkpoint to the end and keeps
+    the first run's other steps in the report.
+    """
+    first = gpu_check(tmp_path, '--e8-budget-s', '0', *_e8_args())
+    steps = first['steps']
+    assert list(steps) == ['bringup', 'speed', 'sweep', 'e8']
+    for name in ('bringup', 'speed', 'sweep'):
+        assert steps[name]['status'] == 'done', steps[name]
+    check_bringup(steps['bringup'])
+    check_speed(steps['speed'])
+    check_sweep(steps['sweep'])
+    (stopped,) = steps['e8']['rows']
+    assert stopped['status'].startswith('stopped at the deadline, checkpointed'), stopped
+    assert stopped['exit_code'] == 130 and stopped['resumed_from_step'] is None
+    assert 1 <= stopped['last_step'] < stopped['total_steps'] == 12
+
+    second = gpu_check(tmp_path, '--steps', 'e8', *_e8_args())
+    assert second['steps']['speed'] == steps['speed']  # Kept from the first run.
+    e8 = second['steps']['e8']
+    (resumed,) = e8['rows']
+    assert resumed['status'] == 'completed', resumed
+    # The loop saved after the step it was in when the signal came, the last it logged.
+    assert resumed['resumed_from_step'] == stopped['last_step']
+    assert resumed['summary']['resumed_from_step'] == resumed['resumed_from_step']
+    assert resumed['summary']['epochs_run'] == 3 and resumed['last_step'] == 12
+    assert len(e8['invocations']) == 2
+    workdir = tmp_path / 'out' / 'e8'
+    epochs = [json.loads(line)['epoch'] for line in (workdir / 'metrics.jsonl').open()]
+    assert [e for e in epochs if e] == [1, 2, 3]
+    assert (workdir / 'curves.png').is_file()
