@@ -19,19 +19,12 @@ A failing model or step records its error and the run goes on. `--tiny` runs eve
 at small shapes and a few steps (CPU, CI: tests/test_gpu_check.py). A second run into the
 same DIR keeps the steps it does not rerun, and E8's earlier invocations.
 
-Runbook for a session with a device (see also benchmarks/GPU_RUNBOOK.md). Here, first:
-
-    mkdir -p .device && cp ../shared/data/cifar10-jpeg.tar.gz .device/
-
-then the device call (carry ['.device/cifar10-jpeg.tar.gz'], timeout_s 600):
+Runbook for a session with a device (details, times, resuming E8: benchmarks/GPU_RUNBOOK.md).
+Here, first `mkdir -p .device && cp ../shared/data/cifar10-jpeg.tar.gz .device/`; then two
+device calls (timeout_s 600), the second with carry ['.device/cifar10-jpeg.tar.gz']:
 
     python -m benchmarks.gpu_check --out $OUT/gpu --budget-s 540 --steps bringup,speed,sweep
-
-and for E8 (resumable; carry also '.device/e8' after copying the returned
-gpu/e8/workdir there):
-
-    python -m benchmarks.gpu_check --out $OUT/gpu --budget-s 540 --steps e8 \
-        --e8-workdir .device/e8
+    python -m benchmarks.gpu_check --out $OUT/gpu --budget-s 560 --steps e8 --e8-workdir .device/e8
 """
 
 from __future__ import annotations
@@ -347,7 +340,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     if unknown:
         p.error(f'unknown step(s) {unknown}; known: {", ".join(STEPS)}')
     steps = tuple(s for s in STEPS if s in chosen)  # Always in the order of STEPS.
-    out = pathlib.Path(a.out)
+    out = pathlib.Path(a.out).resolve()  # E8's launch.py runs in the repository root.
     start = time.time()
     return Options(
         out=out,
@@ -356,9 +349,9 @@ def parse_args(argv: Sequence[str]) -> Options:
         deadline=start + a.budget_s if a.budget_s is not None else float('inf'),
         e8_budget_s=a.e8_budget_s if a.e8_budget_s is not None else float('inf'),
         torch_compile=a.torch_compile,
-        e8_archive=pathlib.Path(a.e8_archive),
-        e8_workdir=pathlib.Path(a.e8_workdir) if a.e8_workdir else out / 'e8' / 'workdir',
-        e8_cache_dir=a.e8_cache_dir or None,
+        e8_archive=pathlib.Path(a.e8_archive).resolve(),
+        e8_workdir=pathlib.Path(a.e8_workdir).resolve() if a.e8_workdir else out / 'e8' / 'workdir',
+        e8_cache_dir=str(pathlib.Path(a.e8_cache_dir).resolve()) if a.e8_cache_dir else None,
     )
 
 
