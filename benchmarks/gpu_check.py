@@ -112,18 +112,24 @@ def error_fields(e: BaseException) -> dict[str, str]:
     }
 
 
-def figure(report: Report, step: str, label: dict[str, Any], fn: Callable[[], dict], opts) -> None:
-    """Appends one row (fn's figures, its error, or a skip) to `step`, then writes."""
+def figure(
+    report: Report, step: str, label: dict[str, Any], fn: Callable[[], dict], opts: Options
+) -> None:
+    """Appends one row (fn's figures, its error, or a skip) to `step`, then writes. While
+    it runs, the step's 'current' names it: what a killed command was doing."""
     rows = report.step(step)['rows']
     if time.time() > opts.deadline - ROW_RESERVE_S:
         rows.append({**label, 'skipped': 'the time budget is spent'})
     else:
         print(f'gpu_check {step}: {label} ...', flush=True)
+        report.step(step)['current'] = label
+        report.write()
         try:
             rows.append({**label, **fn()})
         except Exception as e:  # noqa: BLE001 - recorded; the next figure still runs
             rows.append({**label, **error_fields(e)})
             print(f'gpu_check {step}: {label} failed: {rows[-1]["error"]}', flush=True)
+        del report.step(step)['current']
     report.write()
     gc.collect()
     _release_torch_memory()

@@ -95,6 +95,8 @@ def _heading(data: dict[str, Any]) -> list[str]:
 
 def _step_line(name: str, step: dict[str, Any]) -> str:
     line = f'Status: {step.get("status")}, {step.get("elapsed_s", "?")} s.'
+    if step.get('current'):
+        line += f' Running (or killed in): {step["current"]}.'
     if step.get('error'):
         line += f' Error: {step["error"]}'
     return line
