@@ -187,9 +187,12 @@ def scan_speed(
     key = jax.random.key(0)
     repl = parallel.replicated(mesh)
 
-    def fresh():
-        st = steps_lib.create_train_state(config, model, case.input_shape, key, steps_per_epoch)
-        return jax.device_put(st, repl), jax.device_put(steps_lib.zero_metrics(), repl)
+    state = steps_lib.create_train_state(config, model, case.input_shape, key, steps_per_epoch)
+    state = jax.device_put(state, repl)
+
+    def fresh():  # Copies of one state: a second create_train_state is another pytree.
+        copy = jax.tree.map(lambda x: x.copy(), state)
+        return copy, jax.device_put(steps_lib.zero_metrics(), repl)
 
     compiled = steps_lib.compile_steps(config, mesh, spec, images.shape[0], steps_per_epoch)
     perm = compiled.permutation(key, 0)
