@@ -15,6 +15,7 @@ import tarfile
 
 import pytest
 
+from benchmarks import gpu_check
 from cnn_jax.models import MODELS
 from tests.test_folder_decode import extract_sample
 
@@ -178,3 +179,30 @@ def test_tiny_gpu_check_end_to_end_and_e8_resumes(tmp_path):
     epochs = [json.loads(line)['epoch'] for line in (workdir / 'metrics.jsonl').open()]
     assert [e for e in epochs if e] == [1, 2, 3]
     assert (workdir / 'curves.png').is_file()
+
+
+def test_a_failing_figure_is_recorded_and_the_next_runs(tmp_path):
+    """figure(): an exception becomes the row's error, the next figure still runs, a spent
+    budget skips; gpu_check.json and .md are rewritten after each."""
+    opts = gpu_check.parse_args(['--out', str(tmp_path), '--steps', 'speed'])
+    report = gpu_check.Report(opts.out, opts.steps, ['--steps', 'speed'])
+    report.set(device={'platform': 'gpu', 'device_kind': 'NVIDIA H100 80GB HBM3'})
+
+    def broken() -> dict:
+        raise RuntimeError('out of memory')
+
+    gpu_check.figure(report, 'speed', {'model': 'resnet50', 'dtype': 'bfloat16'}, broken, opts)
+    gpu_check.figure(
+        report, 'speed', {'model': 'simplenn'}, lambda: {'jax_pipeline_ips': 5.0}, opts
+    )
+    opts.deadline = 0.0  # Spent.
+    gpu_check.figure(report, 'speed', {'model': 'resnet20'}, broken, opts)
+    rows = json.loads((tmp_path / 'gpu_check.json').read_text())['steps']['speed']['rows']
+    assert rows[0]['error'] == 'RuntimeError: out of memory'
+    assert 'raise RuntimeError' in rows[0]['traceback']
+    assert rows[1] == {'model': 'simplenn', 'jax_pipeline_ips': 5.0}
+    assert rows[2] == {'model': 'resnet20', 'skipped': 'the time budget is spent'}
+    md = (tmp_path / 'gpu_check.md').read_text()
+    assert md.startswith('# cnn_jax GPU check on NVIDIA H100 80GB HBM3 (gpu')
+    assert '**error**: RuntimeError: out of memory' in md
+    assert 'skipped: the time budget is spent' in md
