@@ -35,7 +35,7 @@ for name in {BLOCKED!r}:
 """
 
 
-def gpu_check(tmp_path: pathlib.Path, *args: str, timeout: int = 3600) -> dict:
+def run_gpu_check(tmp_path: pathlib.Path, *args: str, timeout: int = 3600) -> dict:
     """Runs the command without TF/TFDS/CLU; returns its gpu_check.json."""
     block = tmp_path / 'block'
     block.mkdir(exist_ok=True)
@@ -66,7 +66,7 @@ def test_blocker_blocks(tmp_path):
 
 
 def test_missing_archive_is_recorded_and_the_command_ends_well(tmp_path):
-    data = gpu_check(tmp_path, '--steps', 'e8', '--e8-archive', str(tmp_path / 'none.tar.gz'))
+    data = run_gpu_check(tmp_path, '--steps', 'e8', '--e8-archive', str(tmp_path / 'none.tar.gz'))
     assert list(data['steps']) == ['e8']
     (row,) = data['steps']['e8']['rows']
     assert row['error'].startswith('FileNotFoundError: ')
@@ -152,7 +152,7 @@ def test_tiny_gpu_check_end_to_end_and_e8_resumes(tmp_path):
     the second invocation, E8 only, goes on from that checkpoint to the end and keeps
     the first run's other steps in the report.
     """
-    first = gpu_check(tmp_path, '--e8-budget-s', '0', *_e8_args(tmp_path))
+    first = run_gpu_check(tmp_path, '--e8-budget-s', '0', *_e8_args(tmp_path))
     steps = first['steps']
     assert list(steps) == ['bringup', 'speed', 'sweep', 'e8']
     for name in ('bringup', 'speed', 'sweep'):
@@ -165,7 +165,7 @@ def test_tiny_gpu_check_end_to_end_and_e8_resumes(tmp_path):
     assert stopped['exit_code'] == 130 and stopped['resumed_from_step'] is None
     assert 1 <= stopped['last_step'] < stopped['total_steps'] == 12
 
-    second = gpu_check(tmp_path, '--steps', 'e8', *_e8_args(tmp_path))
+    second = run_gpu_check(tmp_path, '--steps', 'e8', *_e8_args(tmp_path))
     assert second['steps']['speed'] == steps['speed']  # Kept from the first run.
     e8 = second['steps']['e8']
     (resumed,) = e8['rows']
