@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import ml_collections
 import numpy as np
 
@@ -34,8 +35,6 @@ from cnn_jax.models.input_size import min_square_size
 
 def device_report() -> dict[str, Any]:
     """The first device, its memory (where the backend reports it) and the versions."""
-    import jaxlib
-
     dev = jax.devices()[0]
     out: dict[str, Any] = {
         'platform': dev.platform,

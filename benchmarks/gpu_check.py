@@ -47,6 +47,8 @@ import traceback  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
+import jax  # noqa: E402
+
 from benchmarks import device_checks, e8_run, gpu_report, train_step, vectorized  # noqa: E402
 from benchmarks.cases import CASES, PEAK_TFLOPS, Case  # noqa: E402
 
@@ -205,8 +207,6 @@ SCANNED = ('resnet20', 'simplenn')  # Short steps: where dispatch may bound the 
 
 def speed(report: Report, opts: Options) -> None:
     """Each speed row against PyTorch, then the scanned-steps rows of the small models."""
-    import jax
-
     accelerator = jax.devices()[0].platform != 'cpu'
     compile_torch = opts.torch_compile == 'yes' or (opts.torch_compile == 'auto' and not opts.tiny)
     settings = (
