@@ -61,7 +61,14 @@ SMALL_OUTPUTS = ('summary.json', 'metrics.jsonl', 'config.json', 'report.md', 'c
 def command(
     archive: pathlib.Path, workdir: pathlib.Path, cache_dir: str | None, tiny: bool
 ) -> list[str]:
-    """The launch.py command line of E8 (the paper's schedule unless `tiny`)."""
+    """The launch.py command line of E8 (the paper's schedule unless `tiny`).
+
+    An archive inside the repository is named relative to it: the dataset is part of the
+    run's recorded config, and a device's checkout may lie elsewhere on the next call.
+    """
+    archive = archive.resolve()
+    if REPO in archive.parents:
+        archive = archive.relative_to(REPO)
     cmd = [
         sys.executable,
         'launch.py',  # Run in REPO.
