@@ -68,6 +68,11 @@ def registry_models() -> dict[str, str | None]:
     return out
 
 
+def model_family(name: str) -> str:
+    """The Flax module class that builds registry model `name` (VGG, ResNet, ...)."""
+    return type(MODELS[name](num_classes=10)).__name__
+
+
 def synthetic_data(
     config: ml_collections.ConfigDict, num_classes: int, data_shape: Sequence[int], n: int
 ) -> tuple[Any, steps_lib.InputSpec, Any, Any]:

@@ -16,11 +16,12 @@ time limit still leaves everything it finished:
    command again resumes it.
 
 A failing model or step records its error and the run goes on. `--tiny` runs everything
-at small shapes and a few steps (CPU, CI: tests/test_gpu_check.py). A second run into the
+at small shapes and a few steps, bringing up one model per family (CPU, CI:
+tests/test_gpu_check.py). A second run into the
 same DIR keeps the steps it does not rerun, and E8's earlier invocations.
 
 Runbook for a session with a device (details, times, resuming E8: benchmarks/GPU_RUNBOOK.md).
-Here, first `mkdir -p .device && cp ../shared/data/cifar10-jpeg.tar.gz .device/`; then two
+Here, first `mkdir -p .device && cp ARCHIVE .device/cifar10-jpeg.tar.gz`; then two
 device calls (timeout_s 600), the second with carry ['.device/cifar10-jpeg.tar.gz']:
 
     python -m benchmarks.gpu_check --out $OUT/gpu --budget-s 540 --steps bringup,speed,sweep
@@ -147,13 +148,21 @@ def _release_torch_memory() -> None:
 
 
 def bringup(report: Report, opts: Options) -> None:
-    """One train step of every registry model, a bfloat16 step, a vmapped sweep step."""
+    """One train step of every registry model (--tiny: of one per family), a bfloat16 step
+    and a vmapped sweep step."""
     batch = 8
+    checked: dict[str, str] = {}  # Family -> its first model checked.
     for name, same_as in device_checks.registry_models().items():
         label = {'check': 'train_step', 'model': name}
+        family = device_checks.model_family(name)
         if same_as:
             report.step('bringup')['rows'].append({**label, 'same_network_as': same_as})
             continue
+        if opts.tiny and family in checked:  # CI's CPU compiles each deep net for minutes.
+            skip = f'--tiny: one model per family ({checked[family]} is the {family})'
+            report.step('bringup')['rows'].append({**label, 'tiny_skipped': skip})
+            continue
+        checked.setdefault(family, name)
         case, shape = device_checks.registry_case(name, batch)
         figure(report, 'bringup', label, lambda c=case, s=shape: _check(c, s), opts)
     r20 = CASES['resnet20']

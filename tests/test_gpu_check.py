@@ -15,7 +15,7 @@ import tarfile
 
 import pytest
 
-from benchmarks import gpu_check
+from benchmarks import device_checks, gpu_check
 from cnn_jax.models import MODELS
 from tests.test_folder_decode import extract_sample
 
@@ -97,7 +97,10 @@ def check_bringup(step: dict) -> None:
     assert {r['model'] for r in rows if r['check'] == 'train_step'} == set(MODELS)
     aliases = {r['model']: r['same_network_as'] for r in rows if 'same_network_as' in r}
     assert aliases == {'vgg16': 'vgg', 'resnet18': 'resnet', 'cifar_cnn3': 'block_cnn'}
-    rows = [r for r in rows if 'same_network_as' not in r]
+    rows = [r for r in rows if 'same_network_as' not in r and 'tiny_skipped' not in r]
+    checked = {r['model'] for r in rows if r['check'] == 'train_step'}
+    families = {device_checks.model_family(m) for m in MODELS}
+    assert sorted(device_checks.model_family(m) for m in checked) == sorted(families)
     assert {r['check'] for r in rows} == {'train_step', 'bfloat16_step', 'vmapped_sweep_step'}
     for r in rows:
         assert 'error' not in r, r
