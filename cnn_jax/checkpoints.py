@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from cnn_jax.errors import CheckpointError
+from cnn_jax.records import Reporter
 
 
 class Checkpoints:
@@ -77,8 +77,7 @@ class Checkpoints:
                     f'checkpoint step {bad} in {self.latest.directory} could not be restored '
                     f'({_brief(error)}); deleting it and resuming from step {step}.'
                 )
-                logging.warning(message)
-                print(f'WARNING: {message}', flush=True)
+                Reporter().warn(message)
                 self.latest.delete(bad)
             return restored['state'], restored['loop']
         if failed:
@@ -104,8 +103,7 @@ class Checkpoints:
                 f'the best checkpoint (step {step}) in {self.best.directory} could not be '
                 f'restored ({_brief(e)}); keeping the latest state instead.'
             )
-            logging.warning(message)
-            print(f'WARNING: {message}', flush=True)
+            Reporter().warn(message)
             return None
         return restored['state']
 

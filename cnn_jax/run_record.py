@@ -33,7 +33,7 @@ from typing import Any
 import ml_collections
 
 from cnn_jax.errors import ConfigError
-from cnn_jax.records import read_json, write_json
+from cnn_jax.records import Reporter, read_json, write_json
 from configs import default
 
 CONFIG_FILE = 'config.json'
@@ -210,7 +210,7 @@ def workdir_lock(workdir: str | pathlib.Path) -> Iterator[None]:
         ) from None
     old = _holder(os.read(fd, 4096))
     if old:
-        print(f'WARNING: {workdir}: taking over the lock of {old}, which died', flush=True)
+        Reporter().warn(f'{workdir}: taking over the lock of {old}, which died')
     since = datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
     me = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'since': since})
     os.ftruncate(fd, 0)

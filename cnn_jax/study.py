@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -191,8 +190,7 @@ def run_dir(workdir: str | Path, variant: str, seed: int, seeds: Sequence[int]) 
 
 
 def _say(message: str) -> None:
-    # Progress goes to stdout: launch.py keeps absl logging at WARNING.
-    print(message, file=sys.stdout, flush=True)
+    records.Reporter().line(message)
 
 
 def run_study(
