@@ -8,9 +8,11 @@ Multi-process (hosts, or processes on one host): the same command in each proces
 JAX_NUM_PROCESSES, JAX_PROCESS_ID; SLURM and other clusters JAX detects need neither).
 
 Re-running the same command on the same workdir resumes from its latest checkpoint; a
-workdir refuses a config that would change its results (--restart starts it over).
+workdir with a checkpoint refuses a config that would change its results (--restart starts
+it over), and a workdir that another launch is using is refused.
 Exit codes: 0 done, 1 diverged (or a study run failed), 2 a mistake in the command line,
-config or data (one 'error: ...' line on stderr, no traceback), 130 interrupted.
+config or data, a study run's included (one 'error: ...' line on stderr, no traceback),
+or a workdir in use, 130 interrupted.
 """
 
 import pathlib

@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from cnn_jax.errors import CheckpointError
+from cnn_jax.records import Reporter
 
 
 class Checkpoints:
@@ -77,8 +77,7 @@ class Checkpoints:
                     f'checkpoint step {bad} in {self.latest.directory} could not be restored '
                     f'({_brief(error)}); deleting it and resuming from step {step}.'
                 )
-                logging.warning(message)
-                print(f'WARNING: {message}', flush=True)
+                Reporter().warn(message)
                 self.latest.delete(bad)
             return restored['state'], restored['loop']
         if failed:
@@ -90,12 +89,22 @@ class Checkpoints:
         return None
 
     def restore_best(self, template: Any) -> Any | None:
+        """The best checkpoint's state; None if there is none or it cannot be read (with a
+        warning): the caller keeps its latest state."""
         step = self.best.best_step()
         if step is None:
             return None
-        restored = self.best.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
-        )
+        try:
+            restored = self.best.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
+            )
+        except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types.
+            message = (
+                f'the best checkpoint (step {step}) in {self.best.directory} could not be '
+                f'restored ({_brief(e)}); keeping the latest state instead.'
+            )
+            Reporter().warn(message)
+            return None
         return restored['state']
 
     def wait(self) -> None:

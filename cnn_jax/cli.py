@@ -7,6 +7,7 @@ those found while absl parses the flags and loads the config file, `run` for the
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 import ml_collections
 from absl import flags as absl_flags
 
-from cnn_jax.errors import CnnJaxError, Interrupted
+from cnn_jax.errors import CnnJaxError, ConfigError, Interrupted
 
 
 def enable_compilation_cache() -> None:
@@ -53,32 +54,53 @@ def print_summary(config: ml_collections.ConfigDict) -> int:
 def run(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> int:
     """Runs the experiment or study; exit code 0 done, 1 diverged/failed, 2 bad input, 130 stop.
 
-    `restart` deletes the workdir first (launch.py --restart).
+    Process 0 holds the workdir's lock for the whole job (a second launch there exits 2
+    naming it); `restart` deletes the workdir's contents first (launch.py --restart).
     """
     enable_compilation_cache()
+    from cnn_jax import parallel
+    from cnn_jax.config_checks import check_config
+    from cnn_jax.run_record import start_over, workdir_lock
+    from cnn_jax.study import validate_study
+
     try:
-        if restart:
-            from cnn_jax import parallel
-            from cnn_jax.run_record import start_over
-
-            if parallel.is_main_process():  # The others wait, then find it empty.
-                start_over(workdir)
-            parallel.barrier('restart')
+        # Mistakes in the config's values stop before anything (the lock) is written.
         if 'study' in config:
-            from cnn_jax.study import run_study
-
-            result = run_study(config, workdir)
-            return 1 if result.get('failed') else 0
-        from cnn_jax.tasks import run as run_task
-
-        out = run_task(config, workdir)
-        return 1 if out.get('status') == 'diverged' else 0
+            validate_study(config)
+        else:
+            check_config(config)
+        with contextlib.ExitStack() as held:
+            busy = None
+            if parallel.is_main_process():
+                try:
+                    held.enter_context(workdir_lock(workdir))
+                except ConfigError as e:
+                    busy = str(e)
+            if busy := parallel.from_main(busy):  # Every process stops if process 0 must.
+                raise ConfigError(busy)
+            if restart:
+                if parallel.is_main_process():  # The others wait, then find it empty.
+                    start_over(workdir)
+                parallel.barrier('restart')
+            return _run(config, workdir)
     except Interrupted as e:
         print(f'\n{e}', file=sys.stderr)
         return 130
     except CnnJaxError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> int:
+    if 'study' in config:
+        from cnn_jax.study import run_study
+
+        result = run_study(config, workdir)
+        return 2 if result.get('config_errors') else 1 if result.get('failed') else 0
+    from cnn_jax.tasks import run as run_task
+
+    out = run_task(config, workdir)
+    return 1 if out.get('status') == 'diverged' else 0
 
 
 def flag_error_message(error: BaseException, argv: Sequence[str], flag: str = 'config') -> str:

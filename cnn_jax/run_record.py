@@ -1,31 +1,43 @@
-"""What produced a workdir, and the guard that keeps another config out of it.
+"""What produced a workdir, the guard that keeps another config out of it, and its lock.
 
 The first run in a workdir writes `config.json`: the resolved config, the git commit of
-the code, the command line, the host and the time. A later run there resumes only if the
-keys that change results are equal; otherwise it stops with a ConfigError (exit 2) that
-names the keys and the ways out. Keys that cannot change results (logging, evaluation
-batch size, checkpoint cadence, where caches live) do not count.
+the code, the command line, the host and the time. Once a run there has saved a checkpoint
+or a summary, a later run resumes only if the keys that change results are equal;
+otherwise it stops with a ConfigError (exit 2) that names the keys and the ways out. Keys
+that cannot change results (logging, evaluation batch size, checkpoint cadence, where
+caches live) do not count. A run that stopped before saving anything leaves nothing to
+protect: the next run's config replaces its record.
+
+`workdir_lock` keeps a second launch out of a workdir in use (`.lock`, an flock that the
+kernel drops when its holder dies; the holder empties the file when it ends).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import pathlib
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
 
 from cnn_jax.errors import ConfigError
-from cnn_jax.records import read_json, write_json
+from cnn_jax.records import Reporter, read_json, write_json
 from configs import default
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = '.lock'
 
 # Dotted keys whose value cannot change what a run computes.
 NON_RESULT_KEYS = frozenset(
@@ -125,10 +137,19 @@ def read_record(workdir: str | pathlib.Path) -> dict[str, Any] | None:
     return read_json(pathlib.Path(workdir) / CONFIG_FILE)
 
 
+def trained(workdir: str | pathlib.Path) -> bool:
+    """Whether a run in `workdir` (or, for a study, below it) saved a checkpoint or its
+    summary (a study's own summary.json, which has no status, does not count)."""
+    root = pathlib.Path(workdir)
+    if any(root.glob('**/checkpoints/*/[0-9]*')):
+        return True
+    return any('status' in (read_json(p) or {}) for p in root.glob('**/summary.json'))
+
+
 def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-    """Raises ConfigError if `workdir` was produced by a config that differs in results."""
+    """Raises ConfigError if `workdir` holds results of a config that differs in results."""
     record = read_record(workdir)
-    if record is None:
+    if record is None or not trained(workdir):
         return
     defaults = flat_config(default.get_config())
     changes = result_changes(record['config'], flat_config(config), defaults)
@@ -142,10 +163,11 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-    """Checks `workdir` against `config`, then writes config.json if it has none yet."""
+    """Checks `workdir` against `config`, then writes config.json unless a run there has
+    results already (a run that produced nothing leaves its record to be replaced)."""
     check_config(config, workdir)
     path = pathlib.Path(workdir) / CONFIG_FILE
-    if path.exists() and read_record(workdir) is not None:
+    if read_record(workdir) is not None and trained(workdir):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -159,7 +181,57 @@ def record_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 
 
 def start_over(workdir: str | pathlib.Path) -> None:
-    """Deletes what a previous run left in `workdir` (the --restart flag)."""
+    """Deletes what a previous run left in `workdir` (the --restart flag), except its lock."""
     workdir = pathlib.Path(workdir)
-    if workdir.is_dir():
-        shutil.rmtree(workdir)
+    for path in workdir.iterdir() if workdir.is_dir() else ():
+        if path.name == LOCK_FILE:
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | pathlib.Path) -> Iterator[None]:
+    """Holds `workdir` for this process; ConfigError (exit 2) names the holder if another has it.
+
+    The flock goes when its holder dies, however it dies; a `.lock` still naming a process
+    (one that died) is then taken over with a warning. SIGTERM exits through the release.
+    """
+    path = pathlib.Path(workdir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # Kept: an empty one is free.
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(os.read(fd, 4096))
+        os.close(fd)
+        raise ConfigError(
+            f'{workdir} is in use by {holder or "another launch (starting)"}; wait for it '
+            'to finish or use another --workdir'
+        ) from None
+    old = _holder(os.read(fd, 4096))
+    if old:
+        Reporter().warn(f'{workdir}: taking over the lock of {old}, which died')
+    since = datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
+    me = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'since': since})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, me.encode(), 0)
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM)
+    if main_thread:  # Training installs its own handler (save, then stop) while it runs.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_term)
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def _holder(text: bytes) -> str | None:
+    """'pid P on HOST since TIME' from a lock file's contents (None if empty or partial)."""
+    try:
+        h = json.loads(text)
+        return f'pid {h["pid"]} on {h["host"]} since {h["since"]}'
+    except (ValueError, KeyError, TypeError):
+        return None

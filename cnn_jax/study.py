@@ -28,17 +28,17 @@ under `model_options`, where any field of the variant's model is accepted.
 `run_study(config, workdir)` runs every variant x seed in workdir/<variant>/ (one seed) or
 workdir/<variant>/seed_<s>/ through `cnn_jax.tasks.run` (training resumes an interrupted
 run from its checkpoints); a run whose summary.json has a status is skipped. A run that
-diverges is recorded as 'diverged at step N'; any other error is recorded as 'failed' and
-the study goes on. Then it writes its outputs in workdir (cnn_jax.study_report: summary.md,
-summary.json, comparison.png, sweep.png for a sweep), rebuilt from what is on disk, so
-`--config.only` runs fill in the same table.
+diverges is recorded as 'diverged at step N'; any other error is recorded as 'failed' (one
+line in the output, its traceback in the run's error.log) and the study goes on. A
+vectorised group that fails runs again as separate runs. Then it writes its outputs in
+workdir (cnn_jax.study_report: summary.md, summary.json, comparison.png, sweep.png for a
+sweep), rebuilt from what is on disk, so `--config.only` runs fill in the same table.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -49,7 +49,7 @@ import ml_collections
 
 from cnn_jax import parallel, records, run_record, sweep, tasks
 from cnn_jax.config_checks import apply_overrides, check_config, config_value
-from cnn_jax.errors import CnnJaxError, ConfigError, Diverged
+from cnn_jax.errors import ConfigError, DataError, Diverged
 from cnn_jax.study_report import (
     ROW_METRICS,
     aggregate,
@@ -190,8 +190,7 @@ def run_dir(workdir: str | Path, variant: str, seed: int, seeds: Sequence[int]) 
 
 
 def _say(message: str) -> None:
-    # Progress goes to stdout: launch.py keeps absl logging at WARNING.
-    print(message, file=sys.stdout, flush=True)
+    records.Reporter().line(message)
 
 
 def run_study(
@@ -207,8 +206,9 @@ def run_study(
 
     Returns:
       The study summary (what summary.json holds): rows in `variants`, and `failures`,
-      one {'variant', 'seed', 'error'} per run that raised, also counted in `failed`
-      (launch.py exits 1 when it is not 0). KeyboardInterrupt (and errors.Interrupted)
+      one {'variant', 'seed', 'error', 'bad_input'} per run that raised, also counted in
+      `failed` (launch.py exits 1 when it is not 0) and, if a ConfigError or DataError,
+      in `config_errors` (then exit 2). KeyboardInterrupt (and errors.Interrupted)
       propagates: the next run of the study resumes.
     """
     validate_study(config)
@@ -244,16 +244,28 @@ def run_study(
         if job != group[0]:
             continue  # Trained with the first job of its group.
         if len(group) > 1:
-            failures += _attempt(group, tags, lambda g=group: _run_group(config, workdir, g, tags))
-        else:
+            try:
+                summaries = _run_group(config, workdir, group, tags)
+            except Exception as e:  # noqa: BLE001 - the separate runs may still work
+                _log_error([run_dir(workdir, *j, seeds) for j in group])
+                _say(f'study {name}: vectorised group failed ({_brief(e)}); running it separately')
+            else:
+                for j, summary in zip(group, summaries, strict=True):
+                    _say(f'{tags[j]}: {status_text(summary or {"status": "completed"})}')
+                continue
+        for j in group:
             failures += _attempt(
-                group, tags, lambda j=job: [_run_one(config, workdir, j, tags[j], run_fn)]
+                j,
+                tags[j],
+                run_dir(workdir, *j, seeds),
+                lambda j=j: _run_one(config, workdir, j, tags[j], run_fn),
             )
     parallel.barrier('study runs')  # Then every process reads what process 0 wrote.
     result = collect_study(config, workdir, failures)
     if main:
         write_study_outputs(result, workdir)
     result['failed'] = len(failures)
+    result['config_errors'] = sum(f['bad_input'] for f in failures)
     _say(f'study {name}: {workdir / "summary.md"}, summary.json, comparison.png')
     if failures:
         _say(f'study {name}: {len(failures)} run(s) failed; re-run the command to retry them')
@@ -354,30 +366,39 @@ def _run_one(
         return summary
 
 
-def _attempt(
-    jobs: list[tuple[str, int]],
-    tags: dict[tuple[str, int], str],
-    train: Callable[[], list[dict]],
-) -> list[dict]:
-    """Calls `train` for `jobs` and says how each ended; returns their failure records.
+def _attempt(job: tuple[str, int], tag: str, path: Path, train: Callable[[], dict]) -> list[dict]:
+    """Calls `train` for `job` and says how it ended; returns its failure record, if any.
 
-    An error fails every job of the call (the others of the study go on); KeyboardInterrupt
-    (errors.Interrupted too) propagates: each run keeps its checkpoints and resumes.
+    An error is one line here (its traceback goes to <run dir>/error.log) and the study
+    goes on; KeyboardInterrupt (errors.Interrupted too) propagates: each run keeps its
+    checkpoints and resumes.
     """
     try:
-        summaries = train()
+        summary = train()
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - one bad variant must not stop the study
-        if not isinstance(e, CnnJaxError):
-            traceback.print_exc()
-        error = f'{type(e).__name__}: {e}'
-        for job in jobs:
-            _say(f'{tags[job]}: FAILED: {error}')
-        return [{'variant': v, 'seed': s, 'error': error} for v, s in jobs]
-    for job, summary in zip(jobs, summaries, strict=True):
-        _say(f'{tags[job]}: {status_text(summary or {"status": "completed"})}')
+        _log_error([path])
+        _say(f'{tag}: FAILED: {_brief(e)}')
+        bad_input = isinstance(e, ConfigError | DataError)
+        return [{'variant': job[0], 'seed': job[1], 'error': _brief(e), 'bad_input': bad_input}]
+    _say(f'{tag}: {status_text(summary or {"status": "completed"})}')
     return []
+
+
+def _brief(error: Exception) -> str:
+    """'<type>: <message>' on one line."""
+    return ' '.join(f'{type(error).__name__}: {error}'.split())
+
+
+def _log_error(paths: Sequence[Path]) -> None:
+    """Appends the traceback being handled to each run's error.log."""
+    if not parallel.is_main_process():
+        return
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / 'error.log', 'a') as f:
+            f.write(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")}\n{traceback.format_exc()}')
 
 
 # --- Collecting ---------------------------------------------------------------------

@@ -279,7 +279,7 @@ def plot_sweep(study: dict, path: str | Path) -> None:
         title=f'{study["study"]}: accuracy against {study["sweep_key"]}',
     )
     ax.grid(alpha=0.3)
-    if ax.lines:
+    if ax.get_legend_handles_labels()[0]:  # None when no run finished.
         ax.legend(fontsize='small')
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -93,6 +93,11 @@ def get_config() -> ml_collections.ConfigDict:
     # The first batch's loss further than this (relative) from ln(classes) warns.
     c.sanity_loss_tolerance = 0.5
     c.task = 'train'  # 'train' | 'svm' (frozen features + linear SVM).
+    c.name = ''  # Title of the run's reports ('' = the model); a study's runs '<study>:<variant>'.
+    c.svm = ml_collections.ConfigDict()  # task 'svm': the LinearSVC on the frozen features.
+    c.svm.C = 1.0
+    c.svm.class_weight = config_dict.placeholder(str)  # None | 'balanced'.
+    c.svm.max_iter = 5000
     c.pretrained = config_dict.placeholder(str)  # torchvision weights file.
     # Studies: train variants that differ only in cnn_jax.sweep.SWEEPABLE keys as one
     # vmapped program. 'auto' (on accelerators only), 'true' or 'false'.

@@ -139,8 +139,10 @@ def test_failure_is_recorded_and_study_continues(tmp_path):
     c = two_variants()
     result = study.run_study(c, tmp_path, fake_run(fail=('sgd',)))
     error = 'RuntimeError: boom in sgd'
-    assert result['failures'] == [{'variant': 'sgd', 'seed': 0, 'error': error}]
-    assert result['failed'] == 1
+    assert result['failures'] == [{'variant': 'sgd', 'seed': 0, 'error': error, 'bad_input': False}]
+    assert (result['failed'], result['config_errors']) == (1, 0)
+    # The traceback is in the run's own log, not the study's output.
+    assert 'Traceback' in (tmp_path / 'sgd' / 'error.log').read_text()
     rows = {r['variant']: r for r in result['variants']}
     assert rows['sgd']['status'].startswith('failed: RuntimeError')
     assert rows['adam']['status'] == 'completed'
@@ -366,3 +368,22 @@ def test_vectorized_study_gives_the_sequential_study(tmp_path):
         assert [r['epoch'] for r in vec_rows] == [r['epoch'] for r in seq_rows] == [1, 2]
         for got, want in zip(vec_rows, seq_rows, strict=True):
             assert got == pytest.approx(want, rel=1e-4), v
+
+
+def test_a_failed_vectorised_group_runs_separately(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError('vmap broke')
+
+    calls = []
+    monkeypatch.setattr(study.sweep, 'run_vectorized', broken)
+    monkeypatch.setattr(study.tasks, 'run', fake_run(calls))
+    c = make_study(tiny_config(), 'vec', [('lr_0.05', {}), ('lr_0.2', {'learning_rate': 0.2})])
+    c.vectorize = 'true'
+    result = study.run_study(c, tmp_path)
+    out = capsys.readouterr().out
+    assert 'vectorised group failed (RuntimeError: vmap broke); running it separately' in out
+    assert 'Traceback' not in out
+    assert [Path(w).name for w, _ in calls] == ['lr_0.05', 'lr_0.2']
+    assert not result['failures']
+    assert [r['status'] for r in result['variants']] == ['completed', 'completed']
+    assert 'RuntimeError: vmap broke' in (tmp_path / 'lr_0.2' / 'error.log').read_text()

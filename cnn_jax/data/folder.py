@@ -151,7 +151,7 @@ def read_folder(
     raw = RawData(**arrays, class_names=class_names)
     cached = cache_file(image_size if resized else None)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix('.tmp.npz')
+    tmp = cached.with_suffix(f'.{os.getpid()}-{os.urandom(4).hex()}.tmp.npz')  # One per writer.
     np.savez(tmp, **arrays, class_names=np.asarray(class_names))
     os.replace(tmp, cached)
     return raw

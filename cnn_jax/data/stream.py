@@ -246,7 +246,7 @@ class Stream:
 class FolderStream(Stream):
     """Batches of an image folder's split, decoded by Pillow threads as they are needed.
     `image_size` resizes every image to a square of that size on the host (Pillow bilinear,
-    as `sources.read_folder` does for folders of mixed sizes); None keeps each image's size,
+    as `folder.read_folder` does for folders of mixed sizes); None keeps each image's size,
     which must then be the same for all."""
 
     def __init__(

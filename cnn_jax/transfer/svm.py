@@ -160,7 +160,7 @@ def load_or_extract(
 
 
 def fit_svm(
-    train_x: np.ndarray, train_y: np.ndarray, svm: ml_collections.ConfigDict | dict, seed: int
+    train_x: np.ndarray, train_y: np.ndarray, svm: ml_collections.ConfigDict, seed: int
 ) -> Any:
     """StandardScaler + LinearSVC fitted on the features; convergence warnings logged."""
     from sklearn.exceptions import ConvergenceWarning
@@ -171,9 +171,9 @@ def fit_svm(
     clf = make_pipeline(
         StandardScaler(),
         LinearSVC(
-            C=float(svm.get('C', 1.0)),
-            class_weight=svm.get('class_weight'),
-            max_iter=int(svm.get('max_iter', 5000)),
+            C=float(svm.C),
+            class_weight=svm.class_weight,
+            max_iter=int(svm.max_iter),
             random_state=seed,
         ),
     )
@@ -281,7 +281,7 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if len(np.unique(train_y)) < 2:
         raise ConfigError('the SVM needs at least two classes in the training split')
 
-    svm = config.get('svm') or ml_collections.ConfigDict()
+    svm = config.svm
     clf = fit_svm(train_x, train_y, svm, config.seed)
     pred = clf.predict(test_x)
     scores = clf.decision_function(test_x)
@@ -316,7 +316,7 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'num_train': len(train_y),
         'num_test': len(test_y),
         'feature_dim': int(train_x.shape[1]),
-        'svm_C': float(svm.get('C', 1.0)),
+        'svm_C': float(svm.C),
         'features_cached': cached,
         'num_devices': jax.device_count(),
         'wall_time_s': time.time() - t0,

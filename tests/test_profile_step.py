@@ -1,0 +1,39 @@
+"""benchmarks.profile_step: op-kind classification and its table (no timing asserted)."""
+
+import pytest
+
+from benchmarks import profile_step
+
+
+def test_hlo_ops_fall_into_their_kinds():
+    kinds = profile_step._JAX_KINDS
+    default = 'elementwise loop fusions'
+    assert profile_step._kind('transpose_copy_fusion.31', kinds, default) == (
+        'transposes and layout copies'
+    )
+    assert profile_step._kind('wrapped_reduce-window.7', kinds, default).startswith('reductions')
+    assert profile_step._kind('add_maximum_fusion.11', kinds, default) == default
+
+
+def test_torch_ops_fall_into_their_kinds():
+    kinds = profile_step._TORCH_KINDS
+    assert profile_step._kind('aten::convolution_backward', kinds, 'x') == (
+        'convolution backward (dW + dx)'
+    )
+    assert profile_step._kind('aten::native_batch_norm', kinds, 'x').startswith('BatchNorm')
+    assert profile_step._kind('aten::threshold_backward', kinds, 'x') == 'ReLU backward'
+    assert profile_step._kind('aten::empty', kinds, 'other') == 'other'
+
+
+def test_table_sorts_rows_and_gives_shares():
+    text = profile_step.table('t', {'a': 1.0, 'b': 3.0})
+    rows = text.splitlines()
+    assert rows[0] == '### t'
+    assert rows[4:] == ['| b | 3.0 | 75% |', '| a | 1.0 | 25% |', '| total | 4.0 | 100% |']
+
+
+@pytest.mark.slow
+def test_trace_profile_of_a_small_model_accounts_for_the_step():
+    ms = profile_step.jax_profile('simplenn', steps=1)
+    assert ms['convolutions (rest)'] >= 0
+    assert sum(ms.values()) > 0
