@@ -137,13 +137,11 @@ def _manager(directory: pathlib.Path, **options: Any) -> ocp.CheckpointManager:
 
 
 def _save(manager: ocp.CheckpointManager, step: int, args: Any, **kwargs: Any) -> None:
-    """Saves `step` unless it is on disk already.
-
-    A re-run replays the steps after its checkpoint, and the run is deterministic: a step
-    saved before a stop or kill holds the same state (a stop on an epoch's last step
-    records 'all its steps done' where the epoch's end records 'epoch done'; resuming from
-    either redoes the same end-of-epoch work). Orbax refuses to save a step twice.
-    """
+    """Saves `step` unless it is on disk already. A re-run replays the steps after its
+    checkpoint, and the run is deterministic: a step saved before a stop or kill holds the
+    same state (a stop on an epoch's last step records 'all its steps done' where the epoch's
+    end records 'epoch done'; resuming from either redoes the same end-of-epoch work). Orbax
+    refuses to save a step twice."""
     if step in manager.all_steps():
         return
     manager.save(step, args=args, force=True, **kwargs)

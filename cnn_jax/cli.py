@@ -19,10 +19,8 @@ from cnn_jax.errors import CnnJaxError, ConfigError, Interrupted
 
 
 def enable_compilation_cache() -> None:
-    """Keeps XLA programs on disk: a study's variants and re-runs skip recompiling.
-
-    Measured on 2 CPU cores: a repeated tiny-CNN run took about 4 s instead of 30 s.
-    """
+    """Keeps XLA programs on disk: a study's variants and re-runs skip recompiling. Measured
+    on 2 CPU cores: a repeated tiny-CNN run took about 4 s instead of 30 s."""
     import jax
 
     from cnn_jax.data.sources import default_cache_dir
@@ -33,10 +31,8 @@ def enable_compilation_cache() -> None:
 
 def print_summary(config: ml_collections.ConfigDict) -> int:
     """The layer table of config.model at the experiment's input shape, without its data.
-
     Shape and class count come from the config and the dataset's metadata (a header, a
-    listing or TFDS's feature description): no decode, no download.
-    """
+    listing or TFDS's feature description): no decode, no download."""
     try:
         from cnn_jax import summary
         from cnn_jax.data.metadata import dataset_metadata, model_input_shape
@@ -52,11 +48,9 @@ def print_summary(config: ml_collections.ConfigDict) -> int:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> int:
-    """Runs the experiment or study; exit code 0 done, 1 diverged/failed, 2 bad input, 130 stop.
-
-    Process 0 holds the workdir's lock for the whole job (a second launch there exits 2
-    naming it); `restart` deletes the workdir's contents first (launch.py --restart).
-    """
+    """Runs the experiment or study; exit code 0 done, 1 diverged/failed, 2 bad input, 130
+    stop. Process 0 holds the workdir's lock for the whole job (a second launch there exits 2
+    naming it); `restart` deletes the workdir's contents first (launch.py --restart)."""
     enable_compilation_cache()
     from cnn_jax import parallel
     from cnn_jax.config_checks import check_config
@@ -104,13 +98,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> int:
 
 
 def flag_error_message(error: BaseException, argv: Sequence[str], flag: str = 'config') -> str:
-    """One line saying what is wrong, for an exception raised while parsing the flags.
-
-    absl and ml_collections wrap what went wrong: an exception of the config file may come
-    as a flags error holding its traceback as text, an override of a key the config does
-    not have as an AttributeError over KeyErrors, an unreadable file as an OSError on
-    first use. The exception that says what is wrong is down the chain of causes.
-    """
+    """One line saying what is wrong, for an exception raised while parsing the flags. absl
+    and ml_collections wrap what went wrong: an exception of the config file may come as a
+    flags error holding its traceback as text, an override of a key the config does not have
+    as an AttributeError over KeyErrors, an unreadable file as an OSError on first use. The
+    exception that says what is wrong is down the chain of causes."""
     chain = _chain(error)
     ours = [e for e in chain if isinstance(e, CnnJaxError)]
     if ours:  # A config file's own ConfigError (e.g. an unknown variant).

@@ -79,12 +79,10 @@ def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
 def result_changes(
     recorded: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
 ) -> dict[str, tuple]:
-    """{key: (recorded value, current value)} for the result-changing keys that differ.
-
-    Only keys the current config has count. One the record lacks counts only if it is
-    off its default (`defaults`): a key added to configs/default.py after the run, at its
-    default, leaves that run as it was.
-    """
+    """{key: (recorded value, current value)} for the result-changing keys that differ. Only
+    keys the current config has count. One the record lacks counts only if it is off its
+    default (`defaults`): a key added to configs/default.py after the run, at its default,
+    leaves that run as it was."""
     defaults = defaults or {}
     changes = {}
     # A study's own keys do not count: each of its runs is checked in its own workdir, so a
@@ -191,11 +189,10 @@ def start_over(workdir: str | pathlib.Path) -> None:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str | pathlib.Path) -> Iterator[None]:
-    """Holds `workdir` for this process; ConfigError (exit 2) names the holder if another has it.
-
-    The flock goes when its holder dies, however it dies; a `.lock` still naming a process
-    (one that died) is then taken over with a warning. SIGTERM exits through the release.
-    """
+    """Holds `workdir` for this process; ConfigError (exit 2) names the holder if another has
+    it. The flock goes when its holder dies, however it dies; a `.lock` still naming a
+    process (one that died) is then taken over with a warning. SIGTERM exits through the
+    release."""
     path = pathlib.Path(workdir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # Kept: an empty one is free.

@@ -114,11 +114,9 @@ def run_name(config: ml_collections.ConfigDict, variant: str) -> str:
 def variant_config(
     config: ml_collections.ConfigDict, variant: str, seed: int | None = None
 ) -> ml_collections.ConfigDict:
-    """The experiment config of one run: base, then `seed`, then the variant's overrides.
-
-    The result has no `study` or `only` field, so it runs as a plain experiment; its
-    `name` (the title of the run's reports) is '<study>:<variant>' unless the variant sets it.
-    """
+    """The experiment config of one run: base, then `seed`, then the variant's overrides. The
+    result has no `study` or `only` field, so it runs as a plain experiment; its `name` (the
+    title of the run's reports) is '<study>:<variant>' unless the variant sets it."""
     variants = dict(config.study.variants)
     if variant not in variants:
         raise ConfigError(
@@ -285,12 +283,10 @@ def vectorized_groups(
     config: ml_collections.ConfigDict, jobs: Sequence[tuple[str, int]]
 ) -> dict[tuple[str, int], list[tuple[str, int]]]:
     """Maps each (variant, seed) job that trains vectorised to its group's jobs, in order.
-
-    Jobs whose overrides differ only in cnn_jax.sweep.SWEEPABLE keys (seed included) share
-    a group. With `vectorize='auto'` a group is vectorised where `sweep.should_vectorize`
-    says it pays (an accelerator); with 'true' wherever it can be; with 'false' never.
-    Groups of one job run as ordinary experiments (with checkpoints).
-    """
+    Jobs whose overrides differ only in cnn_jax.sweep.SWEEPABLE keys (seed included) share a
+    group. With `vectorize='auto'` a group is vectorised where `sweep.should_vectorize` says
+    it pays (an accelerator); with 'true' wherever it can be; with 'false' never. Groups of
+    one job run as ordinary experiments (with checkpoints)."""
     mode = vectorize_mode(config)
     if mode == 'false' or len(jobs) < 2:
         return {}
@@ -337,11 +333,7 @@ def _run_group(
 
 
 def _run_one(
-    config: ml_collections.ConfigDict,
-    workdir: Path,
-    job: tuple[str, int],
-    tag: str,
-    run_fn: RunFn,
+    config: ml_collections.ConfigDict, workdir: Path, job: tuple[str, int], tag: str, run_fn: RunFn
 ) -> dict:
     """Runs (or resumes) one variant x seed; returns its summary."""
     variant, seed = job
@@ -367,12 +359,10 @@ def _run_one(
 
 
 def _attempt(job: tuple[str, int], tag: str, path: Path, train: Callable[[], dict]) -> list[dict]:
-    """Calls `train` for `job` and says how it ended; returns its failure record, if any.
-
-    An error is one line here (its traceback goes to <run dir>/error.log) and the study
-    goes on; KeyboardInterrupt (errors.Interrupted too) propagates: each run keeps its
-    checkpoints and resumes.
-    """
+    """Calls `train` for `job` and says how it ended; returns its failure record, if any. An
+    error is one line here (its traceback goes to <run dir>/error.log) and the study goes on;
+    KeyboardInterrupt (errors.Interrupted too) propagates: each run keeps its checkpoints and
+    resumes."""
     try:
         summary = train()
     except KeyboardInterrupt:

@@ -27,7 +27,6 @@ checkpoints (an interrupted group resumes), and the same files in its workdir.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -49,11 +48,9 @@ SWEEPABLE = ('learning_rate', 'weight_decay', 'momentum', 'label_smoothing', 'se
 
 
 def check_variants(config: ml_collections.ConfigDict, variants: Sequence[dict[str, Any]]) -> None:
-    """Raises ConfigError unless `variants` can train as one vectorised program.
-
-    Each variant is a dict of overrides of `config` (keys as in a study: dotted paths);
-    only the SWEEPABLE keys may appear.
-    """
+    """Raises ConfigError unless `variants` can train as one vectorised program. Each variant
+    is a dict of overrides of `config` (keys as in a study: dotted paths); only the SWEEPABLE
+    keys may appear."""
     if not variants:
         raise ConfigError('a vectorised sweep needs at least one variant')
     for i, overrides in enumerate(variants):
@@ -79,13 +76,11 @@ def can_vectorize(config: ml_collections.ConfigDict, variants: Sequence[dict[str
 
 
 def should_vectorize(config: ml_collections.ConfigDict, variants: Sequence[dict[str, Any]]) -> bool:
-    """Whether to vectorise automatically: allowed, more than one variant, and an accelerator.
-
-    On CPU (2 cores, results/benchmark/sweep_cpu.md) K vmapped SimpleNN variants ran at
-    1.11x (K=2), 1.19x (K=4) and 0.84x (K=8) the speed of K separate runs: one run already
-    keeps both cores busy, so there is little to gain and, at K=8, a loss. vmap pays where
-    one small model leaves an accelerator idle; `config.vectorize=true` forces it.
-    """
+    """Whether to vectorise automatically: allowed, more than one variant, and an
+    accelerator. On CPU (2 cores, results/benchmark/sweep_cpu.md) K vmapped SimpleNN variants
+    ran at 1.11x (K=2), 1.19x (K=4) and 0.84x (K=8) the speed of K separate runs: one run
+    already keeps both cores busy, so there is little to gain and, at K=8, a loss. vmap pays
+    where one small model leaves an accelerator idle; `config.vectorize=true` forces it."""
     return len(variants) > 1 and jax.default_backend() != 'cpu' and can_vectorize(config, variants)
 
 
@@ -107,12 +102,10 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
-    """Indices of `variants` grouped so that each group can train as one program.
-
-    Variants whose non-SWEEPABLE overrides are equal share a group (in first-seen order);
-    a group's base config is the study's config with those shared overrides applied, and
-    `run_vectorized` takes the SWEEPABLE rest of each member.
-    """
+    """Indices of `variants` grouped so that each group can train as one program. Variants
+    whose non-SWEEPABLE overrides are equal share a group (in first-seen order); a group's
+    base config is the study's config with those shared overrides applied, and
+    `run_vectorized` takes the SWEEPABLE rest of each member."""
     groups: dict[str, list[int]] = {}
     for i, overrides in enumerate(variants):
         fixed, _ = split_overrides(overrides)
@@ -134,13 +127,11 @@ def map_states(fn: Callable[..., jax.Array], *states: train.TrainState) -> train
 def stack_states(
     states: Sequence[train.TrainState], join: Callable[..., jax.Array] = jnp.stack
 ) -> train.TrainState:
-    """K train states (same model and optimiser structure) as one stacked state.
-
-    The step counter stays a scalar (all variants step together); the optimiser and
-    apply function are those of the first state, which is right because the variants differ
-    only in the numbers held in `opt_state` (inject_hyperparams). `join=jnp.concatenate`
-    joins stacks into one.
-    """
+    """K train states (same model and optimiser structure) as one stacked state. The step
+    counter stays a scalar (all variants step together); the optimiser and apply function are
+    those of the first state, which is right because the variants differ only in the numbers
+    held in `opt_state` (inject_hyperparams). `join=jnp.concatenate` joins stacks into
+    one."""
     structure = jax.tree.structure(states[0].opt_state)
     for i, s in enumerate(states[1:], 1):
         if jax.tree.structure(s.opt_state) != structure:
@@ -224,9 +215,7 @@ def make_vectorized_train(
     # Every leaf of a stacked state on axis 0, except the shared step counter.
     axes = jax.tree.map(lambda _: 0, state).replace(step=None)
     vmapped = jax.vmap(
-        one,
-        in_axes=(axes, 0, None, None, per_variant, None, per_variant, 0, 0),
-        out_axes=(axes, 0),
+        one, in_axes=(axes, 0, None, None, per_variant, None, per_variant, 0, 0), out_axes=(axes, 0)
     )
 
     k_total = len(configs)
@@ -254,21 +243,13 @@ def make_vectorized_train(
 
 
 def permutations(
-    rngs: VariantRngs,
-    epoch: int,
-    num_train: int,
-    steps_per_epoch: int,
-    batch_size: int,
-    mesh: Mesh,
+    rngs: VariantRngs, epoch: int, num_train: int, steps_per_epoch: int, batch_size: int, mesh: Mesh
 ) -> jax.Array:
     """Each variant's epoch shuffle as the training loop draws it ((K, ...) unless shared)."""
-    fn = functools.partial(
-        train.epoch_permutation,
-        epoch=epoch,
-        num_examples=num_train,
-        steps=steps_per_epoch,
-        batch_size=batch_size,
-    )
+
+    def fn(key: jax.Array) -> jax.Array:
+        return train.epoch_permutation(key, epoch, num_train, steps_per_epoch, batch_size)
+
     if rngs.shared:
         perm, spec = fn(rngs.data[0]), PartitionSpec(None, parallel.DATA_AXIS)
     else:
