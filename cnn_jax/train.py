@@ -246,10 +246,9 @@ def compile_steps(
     num_train: int,
     steps_per_epoch: int,
 ) -> CompiledSteps:
-    """jit-compiles the train and eval steps with the input pipeline folded in. Their
-    train(state, acc, images, labels, perm, step_in_epoch, rng) -> (state, acc) is
-    `input_train_step` at config.label_smoothing: nothing leaves the device between
-    logging points."""
+    """jit-compiles the train and eval steps with the input pipeline folded in. train(state,
+    acc, images, labels, perm, step_in_epoch, rng) -> (state, acc) is `input_train_step` at
+    config.label_smoothing: nothing leaves the device between logging points."""
     loss_name = config.loss
     repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))

@@ -430,9 +430,9 @@ def dataset_bytes(num_examples: int, image_shape: Sequence[int], label_bytes: in
 
 
 def device_memory_budget(budget_gb: float = 0, device: Any = None) -> int:
-    """Bytes the device-resident dataset may use on each device: `budget_gb` when given
-    (> 0); else DEVICE_MEMORY_FRACTION of the device's `memory_stats()['bytes_limit']`
-    (GPUs and TPUs report it); else CPU_BUDGET_BYTES."""
+    """Bytes the device-resident dataset may use on each device. `budget_gb` when given (>
+    0); else DEVICE_MEMORY_FRACTION of the device's `memory_stats()['bytes_limit']` (GPUs and
+    TPUs report it); else CPU_BUDGET_BYTES."""
     if budget_gb:
         return int(budget_gb * 2**30)
     device = jax.local_devices()[0] if device is None else device
