@@ -40,8 +40,10 @@ def _positive(**values: int) -> None:
 def same_padding_pair(
     input_size: int, kernel_size: int, stride: int = 1, dilation: int = 1
 ) -> tuple[int, int]:
-    """The (before, after) padding of 'same' (flax/TF): O = ceil(W / S). The total goes
-    mostly after when it is odd, as flax and TensorFlow put it."""
+    """The (before, after) padding of 'same' (flax/TF): O = ceil(W / S).
+
+    The total goes mostly after when it is odd, as flax and TensorFlow put it.
+    """
     _positive(input_size=input_size, kernel_size=kernel_size, stride=stride, dilation=dilation)
     out = -(-input_size // stride)
     total = max((out - 1) * stride + _effective_kernel(kernel_size, dilation) - input_size, 0)
@@ -96,8 +98,10 @@ def pool_output_size(
     ceil_mode: bool = False,
 ) -> int:
     """Output size of a max/avg pool; stride defaults to the window (torch's default).
+
     ceil_mode rounds up as torch's ceil_mode=True does, where the last window must start
-    inside the input or its left padding."""
+    inside the input or its left padding.
+    """
     stride = window if stride is None else stride
     if not ceil_mode:
         return conv_output_size(input_size, window, stride, padding)
@@ -110,8 +114,10 @@ def pool_output_size(
 
 
 def same_padding(kernel_size: int, dilation: int = 1) -> int:
-    """The padding P per side that keeps a stride-1 conv's size: P = (F_eff - 1) / 2. An even
-    effective kernel has no symmetric answer; use same_padding_pair."""
+    """The padding P per side that keeps a stride-1 conv's size: P = (F_eff - 1) / 2.
+
+    An even effective kernel has no symmetric answer; use same_padding_pair.
+    """
     _positive(kernel_size=kernel_size, dilation=dilation)
     f = _effective_kernel(kernel_size, dilation)
     if f % 2 == 0:
@@ -123,9 +129,11 @@ def same_padding(kernel_size: int, dilation: int = 1) -> int:
 
 
 def kernel_size_for(input_size: int, output_size: int, stride: int = 1, padding: int = 0) -> int:
-    """The kernel size F that explains an observed output: F = W + 2P - S (O - 1). With
-    stride S > 1 flooring lets S - 1 smaller kernels give the same output too; this is the
-    one for which the formula divides exactly (the largest)."""
+    """The kernel size F that explains an observed output: F = W + 2P - S (O - 1).
+
+    With stride S > 1 flooring lets S - 1 smaller kernels give the same output too; this is
+    the one for which the formula divides exactly (the largest).
+    """
     _positive(input_size=input_size, output_size=output_size, stride=stride)
     f = input_size + 2 * padding - stride * (output_size - 1)
     if f < 1:
@@ -158,9 +166,11 @@ def dense_params(in_features: int, out_features: int, use_bias: bool = True) -> 
 
 
 def batchnorm_params(channels: int, use_scale: bool = True, use_bias: bool = True) -> LayerParams:
-    """BN: scale and shift are trainable; running mean and variance are state. PyTorch's
-    num_batches_tracked counter is not counted (it is bookkeeping, not a tensor of the
-    layer's width)."""
+    """BN: scale and shift are trainable; running mean and variance are state.
+
+    PyTorch's num_batches_tracked counter is not counted (it is bookkeeping, not a tensor
+    of the layer's width).
+    """
     trainable = channels * (int(use_scale) + int(use_bias))
     return LayerParams(trainable, 2 * channels)
 

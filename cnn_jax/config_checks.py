@@ -138,9 +138,11 @@ def _model_fields(config: ml_collections.ConfigDict) -> set[str] | None:
 def apply_overrides(
     config: ml_collections.ConfigDict, overrides: dict[str, Any], variant: str = ''
 ) -> ml_collections.ConfigDict:
-    """Returns a copy of `config` with dotted-path `overrides` set. Raises ConfigError naming
-    the key and variant when a key is not in the config (under `model_options`, a field of
-    the model is accepted) or a value has the wrong type."""
+    """Returns a copy of `config` with dotted-path `overrides` set.
+
+    Raises ConfigError naming the key and variant when a key is not in the config (under
+    `model_options`, a field of the model is accepted) or a value has the wrong type.
+    """
     config = copy.deepcopy(config)
     where = f' of variant {variant!r}' if variant else ''
     # Set 'model' first: model_options keys are checked against the variant's model.

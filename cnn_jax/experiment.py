@@ -28,10 +28,12 @@ from cnn_jax.training_loop import TrainResult, input_spec, train_and_evaluate
 
 
 def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) -> dict[str, Any]:
-    """The checks the reports made before training, on freshly initialised weights. Output
-    shape of one example; the first batch's loss against ln(classes) (a warning beyond
-    `sanity_loss_tolerance`, relative); parameter counts against the formulas
-    (summary.layer_table raises on any disagreement)."""
+    """The checks the reports made before training, on freshly initialised weights.
+
+    Output shape of one example; the first batch's loss against ln(classes) (a warning
+    beyond `sanity_loss_tolerance`, relative); parameter counts against the formulas
+    (summary.layer_table raises on any disagreement).
+    """
     shape = model_input_shape(config, dataset)
     variables = train.init_variables(model, shape, jax.random.key(config.seed), config.init)
     spec = input_spec(config, dataset)
@@ -73,10 +75,12 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains the experiment `config` in `workdir`; returns what summary.json holds. The
-    'train' task; cnn_jax.tasks.run dispatches on config.task (and records the config in the
-    workdir first). A workdir that already holds this finished run returns its summary
-    without training again."""
+    """Trains the experiment `config` in `workdir`; returns what summary.json holds.
+
+    The 'train' task; cnn_jax.tasks.run dispatches on config.task (and records the config
+    in the workdir first). A workdir that already holds this finished run returns its
+    summary without training again.
+    """
     workdir = pathlib.Path(workdir)
     finished = records.read_summary(workdir)
     if finished is not None and finished['status'] in ('completed', 'diverged'):

@@ -26,8 +26,10 @@ def per_example_loss(
     name: str = 'cross_entropy',
     label_smoothing: float | jax.Array = 0.0,
 ) -> jnp.ndarray:
-    """Loss of each example: logits (N, C) float, labels (N,) int -> (N,). `label_smoothing`
-    may be a traced scalar (one per variant of a vectorised sweep)."""
+    """Loss of each example: logits (N, C) float, labels (N,) int -> (N,).
+
+    `label_smoothing` may be a traced scalar (one per variant of a vectorised sweep).
+    """
     traced = not isinstance(label_smoothing, int | float)
     check_loss(name, 0.0 if traced else label_smoothing)
     logits = logits.astype(jnp.float32)

@@ -51,10 +51,12 @@ TPU_HOSTS = ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES')  # A GKE TPU slice
 
 def cluster_process_count(environ: Mapping[str, str] | None = None) -> int:
     """Processes in the cluster job JAX would join (Open MPI, SLURM, GKE TPU); 1 if none.
+
     Reads the launcher's environment only (`os.environ` by default): no backend starts.
     Kubernetes jobs (their size is in the Kubernetes API) and TPU VMs whose workers are
     listed only in GCE metadata are not detected: give them JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
     env = os.environ if environ is None else environ
     try:
         if OMPI_URI in env:
@@ -72,12 +74,14 @@ def cluster_process_count(environ: Mapping[str, str] | None = None) -> int:
 def initialize_distributed(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> bool:
-    """Joins a multi-process job when this is one; True if it did. Call it first, before
-    anything starts a JAX backend (jax.distributed.initialize refuses afterwards). The job is
-    multi-process when the arguments (launch.py's --coordinator/--num_processes/--process_id)
-    or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID say so, or when JAX
-    detects a cluster job of more than one process; a missing value is left to that
-    detection."""
+    """Joins a multi-process job when this is one; True if it did.
+
+    Call it first, before anything starts a JAX backend (jax.distributed.initialize
+    refuses afterwards). The job is multi-process when the arguments (launch.py's
+    --coordinator/--num_processes/--process_id) or JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID say so, or when JAX detects a cluster job of
+    more than one process; a missing value is left to that detection.
+    """
     if jax.distributed.is_initialized():
         return True
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None

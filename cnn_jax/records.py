@@ -23,11 +23,14 @@ from cnn_jax import parallel
 
 
 class Reporter:
-    """Where a run's messages and metrics go, and which process writes them. `line` prints a
-    console line; with a `workdir`, `epoch` appends a row to workdir/metrics.jsonl (and
-    prints it), and `scalars` go to TensorBoard too where CLU is installed (it is not on the
-    accelerator image). Files are the main process's alone; every process prints its console
-    lines to its own log, so each shows it is alive. `tag` prefixes a variant's lines."""
+    """Where a run's messages and metrics go, and which process writes them.
+
+    `line` prints a console line; with a `workdir`, `epoch` appends a row to
+    workdir/metrics.jsonl (and prints it), and `scalars` go to TensorBoard too where CLU
+    is installed (it is not on the accelerator image). Files are the main process's
+    alone; every process prints its console lines to its own log, so each shows it is
+    alive. `tag` prefixes a variant's lines.
+    """
 
     def __init__(self, workdir: str | pathlib.Path | None = None, tag: str = ''):
         self.main = parallel.is_main_process()
@@ -81,7 +84,9 @@ class Reporter:
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     """Per-epoch records of metrics.jsonl sorted by epoch (last record of an epoch wins).
-    Unreadable lines (a run killed mid-write) are skipped."""
+
+    Unreadable lines (a run killed mid-write) are skipped.
+    """
     by_epoch: dict[int, dict] = {}
     try:
         lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
@@ -110,8 +115,10 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
-    """Writes `obj` as indented JSON, atomically (a reader sees the old file or the new). NaN
-    and infinity become null; what JSON cannot hold becomes its repr."""
+    """Writes `obj` as indented JSON, atomically (a reader sees the old file or the new).
+
+    NaN and infinity become null; what JSON cannot hold becomes its repr.
+    """
     tmp = path.with_suffix('.json.tmp')
     tmp.write_text(json.dumps(_jsonable(obj), indent=2) + '\n')
     tmp.replace(path)
@@ -138,9 +145,11 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """A one-line progress display: epoch, bar, steps/s, ETA and the running loss. On a
-    terminal the line is redrawn in place; otherwise (logs, CI) it prints one line per
-    update, so a long run still shows it is alive."""
+    """A one-line progress display: epoch, bar, steps/s, ETA and the running loss.
+
+    On a terminal the line is redrawn in place; otherwise (logs, CI) it prints one line
+    per update, so a long run still shows it is alive.
+    """
 
     def __init__(self, total_steps: int, stream: TextIO | None = None):
         self.total_steps = total_steps

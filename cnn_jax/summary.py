@@ -20,10 +20,12 @@ from cnn_jax.models.input_size import check_input_size, trace_init
 
 
 class ParamCounts(NamedTuple):
-    """Parameter counts as torchsummary gives them, plus the batch-norm statistics. Every
-    Flax 'params' leaf is trainable (freezing happens in the optimiser), so total ==
-    trainable and non_trainable == 0; BN running statistics are state, not parameters, and
-    are counted apart in `batch_stats`."""
+    """Parameter counts as torchsummary gives them, plus the batch-norm statistics.
+
+    Every Flax 'params' leaf is trainable (freezing happens in the optimiser), so
+    total == trainable and non_trainable == 0; BN running statistics are state, not
+    parameters, and are counted apart in `batch_stats`.
+    """
 
     total: int
     trainable: int
@@ -170,11 +172,13 @@ def _batch_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[LayerRow], ParamCounts]:
-    """The rows of the layer table and the model's parameter counts. Raises
-    ParamCountMismatch if a layer breaks its formula, ConfigError if the input is too small
-    for the model (see models.input_size). input_shape is (H, W, C) or (N, H, W, C). Only
-    shapes are computed (jax.eval_shape): no parameters are materialised, so a ResNet-50 at
-    224x224 costs almost nothing."""
+    """The rows of the layer table and the model's parameter counts.
+
+    Raises ParamCountMismatch if a layer breaks its formula, ConfigError if the input is
+    too small for the model (see models.input_size). input_shape is (H, W, C) or
+    (N, H, W, C). Only shapes are computed (jax.eval_shape): no parameters are
+    materialised, so a ResNet-50 at 224x224 costs almost nothing.
+    """
     check_input_size(model, input_shape)  # Every run traces here first: say what size fits.
     shape = _batch_shape(input_shape)
     calls: list[tuple[nn.Module, tuple[str, ...], tuple[int, ...], tuple[int, ...]]] = []
@@ -223,11 +227,13 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 
 
 def layer_table(model: nn.Module, input_shape: Sequence[int]) -> str:
-    """torchsummary-style table: one row per layer, then the parameter totals. Columns: Layer
-    (type), Output Shape (batch as -1, NHWC), Param # (trainable, held by the module),
-    Formula # (cnn_jax.arithmetic's count), BN stats # (running mean and variance: state, not
-    parameters). Ends with the lines 'Total params: N', 'Trainable params: N', 'Non-trainable
-    params: N'."""
+    """torchsummary-style table: one row per layer, then the parameter totals.
+
+    Columns: Layer (type), Output Shape (batch as -1, NHWC), Param # (trainable, held by
+    the module), Formula # (cnn_jax.arithmetic's count), BN stats # (running mean and
+    variance: state, not parameters). Ends with the lines 'Total params: N',
+    'Trainable params: N', 'Non-trainable params: N'.
+    """
     rows, counts = layer_rows(model, input_shape)
     shape = _batch_shape(input_shape)
 

@@ -39,8 +39,10 @@ def init_variables(
     model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array, init: str = 'module'
 ) -> dict:
     """Initialises the model's variables on one dummy example of `input_shape` (H, W, C).
-    `init` is config.init: 'module' keeps each layer's initialiser, 'torch' re-draws conv and
-    dense layers as PyTorch's defaults do (cnn_jax.models.torch_init)."""
+
+    `init` is config.init: 'module' keeps each layer's initialiser, 'torch' re-draws conv
+    and dense layers as PyTorch's defaults do (cnn_jax.models.torch_init).
+    """
     params_rng, dropout_rng = jax.random.split(rng)
     x = jnp.zeros((1, *input_shape), jnp.float32)
     variables = jax.jit(functools.partial(model.init, train=False))(
@@ -56,9 +58,11 @@ def create_train_state(
     rng: jax.Array,
     steps_per_epoch: int,
 ) -> TrainState:
-    """Fresh variables (or pretrained ones from config.pretrained) and the optimiser. With
-    config.freeze, the frozen groups' BatchNorm layers keep their running statistics in
-    training too (`frozen_norm_apply`)."""
+    """Fresh variables (or pretrained ones from config.pretrained) and the optimiser.
+
+    With config.freeze, the frozen groups' BatchNorm layers keep their running statistics
+    in training too (`frozen_norm_apply`).
+    """
     variables = init_variables(model, input_shape, rng, config.init)
     if config.pretrained:
         from cnn_jax.transfer.weights import load_torchvision  # torch/safetensors: lazy.
@@ -77,13 +81,14 @@ def create_train_state(
 
 
 def frozen_norm_apply(model: nn.Module, frozen: Callable[[str], bool]) -> Callable[..., Any]:
-    """`model.apply` in which BatchNorm layers of frozen groups keep their running
-    statistics. `frozen(name)` says whether the top-level module `name` is frozen
-    (config.freeze). In training mode a frozen group's BatchNorm normalises with its running
-    mean and variance and leaves them as they are, as in evaluation: the optimiser keeps its
-    scale and bias, and this keeps the statistics (ImageNet's, after an import) and the
-    features they give. Other BatchNorm layers, and every layer in evaluation mode, run as
-    before."""
+    """`model.apply` in which BatchNorm layers of frozen groups keep their running statistics.
+
+    `frozen(name)` says whether the top-level module `name` is frozen (config.freeze). In
+    training mode a frozen group's BatchNorm normalises with its running mean and variance
+    and leaves them as they are, as in evaluation: the optimiser keeps its scale and bias,
+    and this keeps the statistics (ImageNet's, after an import) and the features they give.
+    Other BatchNorm layers, and every layer in evaluation mode, run as before.
+    """
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -124,9 +129,11 @@ def train_step(
     loss: str = 'cross_entropy',
     label_smoothing: float | jax.Array = 0.0,
 ) -> tuple[TrainState, Metrics]:
-    """One optimiser step on `batch`; returns the new state and the batch's metric sums. The
-    dropout key is `rng` folded with the step number, so a resumed run draws the same masks
-    as an uninterrupted one."""
+    """One optimiser step on `batch`; returns the new state and the batch's metric sums.
+
+    The dropout key is `rng` folded with the step number, so a resumed run draws the
+    same masks as an uninterrupted one.
+    """
     dropout_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
@@ -212,10 +219,12 @@ def input_train_step(
     spec: InputSpec, shard: jax.sharding.NamedSharding, loss: str
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """`train_step` with the input pipeline folded in, for `compile_steps` and cnn_jax.sweep.
+
     f(state, acc, images, labels, perm, step_in_epoch, rng, label_smoothing) -> (state, acc):
     the batch indices perm[step_in_epoch] are taken inside, so one compiled program serves
     every step, and the step's metric sums are added to `acc`. perm=None: `images` is the
-    batch itself, sharded where it lies (a stream's), so no device gathers another's rows."""
+    batch itself, sharded where it lies (a stream's), so no device gathers another's rows.
+    """
 
     def train(state, acc, images, labels, perm, step_in_epoch, rng, label_smoothing):
         indices = None if perm is None else perm[step_in_epoch]
@@ -246,9 +255,12 @@ def compile_steps(
     num_train: int,
     steps_per_epoch: int,
 ) -> CompiledSteps:
-    """jit-compiles the train and eval steps with the input pipeline folded in. train(state,
-    acc, images, labels, perm, step_in_epoch, rng) -> (state, acc) is `input_train_step` at
-    config.label_smoothing: nothing leaves the device between logging points."""
+    """jit-compiles the train and eval steps with the input pipeline folded in.
+
+    train(state, acc, images, labels, perm, step_in_epoch, rng) -> (state, acc) is
+    `input_train_step` at config.label_smoothing: nothing leaves the device between
+    logging points.
+    """
     loss_name = config.loss
     repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
@@ -274,10 +286,12 @@ def compile_steps(
 @dataclasses.dataclass(frozen=True)
 class VariantSteps:
     """What the loop runs for its K variants: `plain_steps` (K=1) or cnn_jax.sweep's stack.
+
     `train(state, acc, images, labels, perm, step_in_epoch, rng, active)` is one step of
-    every variant; `active` (K,) bool says which still train: the others' states stay as they
-    are. `variant(state, k)` is variant k as an ordinary train state (what its checkpoints
-    and evaluation see) and `stack` joins K of those back into `state`'s form."""
+    every variant; `active` (K,) bool says which still train: the others' states stay as
+    they are. `variant(state, k)` is variant k as an ordinary train state (what its
+    checkpoints and evaluation see) and `stack` joins K of those back into `state`'s form.
+    """
 
     state: TrainState  # Fresh, on the host or any device.
     train: Callable[..., tuple[TrainState, Metrics]]

@@ -112,11 +112,13 @@ def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> train.Inp
 
 
 def agreed_stop(wanted: bool, sync_point: bool) -> bool:
-    """Whether the loop stops after this step, the same answer on every process. One process
-    stops at once. In a multi-process job all must stop at the same step (the checkpoint save
-    is collective), so a request made on any of them (a signal, a hook) waits for the next
-    log point or epoch end, where one tiny all-gather agrees on it: nothing is added to the
-    steps in between."""
+    """Whether the loop stops after this step, the same answer on every process.
+
+    One process stops at once. In a multi-process job all must stop at the same step (the
+    checkpoint save is collective), so a request made on any of them (a signal, a hook)
+    waits for the next log point or epoch end, where one tiny all-gather agrees on it:
+    nothing is added to the steps in between.
+    """
     if jax.process_count() == 1:
         return wanted
     return sync_point and parallel.any_process(wanted)
@@ -179,8 +181,10 @@ def _restore_latest(
     runs: Sequence[_Variant], steps: train.VariantSteps, state: train.TrainState
 ) -> tuple[train.TrainState, list[dict]] | None:
     """(state, each variant's loop record) at the newest step all variants saved, or None.
+
     Each variant has its own checkpoints (a plain run can resume a stack's variant and the
-    other way round); after a kill between their saves they resume from a shared step."""
+    other way round); after a kill between their saves they resume from a shared step.
+    """
     limit = None
     while True:
         found = [r.ckpt.restore_latest(steps.variant(state, k), limit) for k, r in enumerate(runs)]
@@ -213,12 +217,14 @@ def train_variants(
     hooks: Sequence[Hook] = (),
     make_steps: train.MakeSteps = train.plain_steps,
 ) -> list[TrainResult]:
-    """Trains K variants of one experiment in step, each as its own run in its workdir. The
-    configs differ only in numbers `make_steps` can hold per variant (cnn_jax.sweep);
+    """Trains K variants of one experiment in step, each as its own run in its workdir.
+
+    The configs differ only in numbers `make_steps` can hold per variant (cnn_jax.sweep);
     `plain_steps` and one config is a plain run. Each variant resumes, logs, checkpoints
     (latest and best in its workdir), diverges and stops early on its own; one that stops
-    keeps its state while the others train on. Returns each variant's TrainResult, with its
-    final evaluation."""
+    keeps its state while the others train on. Returns each variant's TrainResult, with
+    its final evaluation.
+    """
     loop = _Loop(configs, workdirs, dataset, model, mesh or parallel.make_mesh(), hooks, make_steps)
     loop.resume()
     with loop.stop.installed():
@@ -307,7 +313,9 @@ class _Loop:
 
     def run_epoch(self, epoch: int, first_step: int) -> bool:
         """The steps of `epoch` from `first_step`; False when every variant has diverged.
-        Raises Interrupted, after saving, when a signal or a hook asks the loop to stop."""
+
+        Raises Interrupted, after saving, when a signal or a hook asks the loop to stop.
+        """
         spe = self.steps_per_epoch
         inputs = self.splits['train'].train_inputs(self.steps.permutation(epoch), first_step)
         t_epoch = first_timed = None

@@ -45,10 +45,12 @@ def jaxlib_knows(flag: str) -> bool:
 
 
 def backends_started() -> bool:
-    """True once JAX has started a backend (XLA_FLAGS set later would be ignored). JAX has no
-    public query for this; its documented rule for `jax_num_cpu_devices` ("must be set before
-    JAX is initialized": jax.config.update raises RuntimeError afterwards) answers it. The
-    probe sets another value and puts the old one back."""
+    """True once JAX has started a backend (XLA_FLAGS set later would be ignored).
+
+    JAX has no public query for this; its documented rule for `jax_num_cpu_devices`
+    ("must be set before JAX is initialized": jax.config.update raises RuntimeError
+    afterwards) answers it. The probe sets another value and puts the old one back.
+    """
     import jax  # Here, not above: launch.py imports this module before it loads JAX.
 
     try:
@@ -64,8 +66,10 @@ def backends_started() -> bool:
 
 
 def apply_xla_flags(flags: Sequence[str]) -> bool:
-    """Appends `flags` to XLA_FLAGS, except those whose name XLA_FLAGS already sets. Returns
-    False, changing nothing, when JAX's backends have already started."""
+    """Appends `flags` to XLA_FLAGS, except those whose name XLA_FLAGS already sets.
+
+    Returns False, changing nothing, when JAX's backends have already started.
+    """
     if backends_started():
         return False
     current = os.environ.get('XLA_FLAGS', '')

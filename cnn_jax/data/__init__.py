@@ -196,9 +196,11 @@ def apply_class_options(raw: RawData, config: ml_collections.ConfigDict) -> RawD
 
 
 def open_streams(config: ml_collections.ConfigDict, source: Source) -> list | None:
-    """The (train, test) streams where config.input_mode streams, else None. 'auto' opens the
-    streams (a file listing; TFDS's split sizes), reads one image header, and streams when
-    the dataset's bytes exceed the device memory budget."""
+    """The (train, test) streams where config.input_mode streams, else None.
+
+    'auto' opens the streams (a file listing; TFDS's split sizes), reads one image header,
+    and streams when the dataset's bytes exceed the device memory budget.
+    """
     mode = config.input_mode
     if mode == 'device' or (mode == 'auto' and not source.streamable):
         return None
@@ -220,10 +222,12 @@ def open_streams(config: ml_collections.ConfigDict, source: Source) -> list | No
 
 
 def load_dataset(config: ml_collections.ConfigDict, allow_streams: bool = False) -> Dataset:
-    """Reads config.dataset and applies the class options, split and subsampling. With
-    `allow_streams` (training), the splits are streams where config.input_mode says so
-    (`open_streams`): they are selected from by example number, the same selection as the
-    arrays', and only the statistics' sample is decoded."""
+    """Reads config.dataset and applies the class options, split and subsampling.
+
+    With `allow_streams` (training), the splits are streams where config.input_mode says
+    so (`open_streams`): they are selected from by example number, the same selection as
+    the arrays', and only the statistics' sample is decoded.
+    """
     source = config_source(config)
     streams = open_streams(config, source) if allow_streams else None
     if streams is None:

@@ -38,8 +38,10 @@ class AugmentConfig:
     @property
     def moves_pixels_only(self) -> bool:
         """True when every enabled transform copies pixels (crop, flip) without resampling.
-        Such transforms give the same result on uint8 as on float images, and on uint8 they
-        touch a quarter of the memory."""
+
+        Such transforms give the same result on uint8 as on float images, and on uint8
+        they touch a quarter of the memory.
+        """
         return self.rotation_degrees == 0 and self.scale == 0
 
 
@@ -82,7 +84,9 @@ def random_crop(rng: jax.Array, x: jnp.ndarray, padding: int) -> jnp.ndarray:
 
 def affine_transform(x: jnp.ndarray, degrees: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
     """Rotates each image by degrees[i] (counter-clockwise) and zooms it by scale[i].
-    Bilinear sampling about the image centre; pixels from outside are black."""
+
+    Bilinear sampling about the image centre; pixels from outside are black.
+    """
     n, h, w, c = x.shape
     rows, cols = jnp.meshgrid(
         jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing='ij'

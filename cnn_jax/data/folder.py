@@ -27,10 +27,12 @@ def _cache(cache_dir: str | None) -> pathlib.Path:
 
 
 def archive_key(archive: pathlib.Path, chunk: int = 1 << 20) -> str:
-    """A key for the archive's content: its size and first and last MiB. Not its path or
-    mtime: a copy, or the same file provisioned afresh, must not pay for another extraction
-    and decode (minutes for CIFAR-10's 60,000 JPEGs). Not a hash of every byte either, which
-    would read a 150 GB ImageNet tarball on every start."""
+    """A key for the archive's content: its size and first and last MiB.
+
+    Not its path or mtime: a copy, or the same file provisioned afresh, must not pay for
+    another extraction and decode (minutes for CIFAR-10's 60,000 JPEGs). Not a hash of
+    every byte either, which would read a 150 GB ImageNet tarball on every start.
+    """
     size = archive.stat().st_size
     digest = hashlib.sha1(str(size).encode())
     with open(archive, 'rb') as f:

@@ -26,9 +26,11 @@ def list_examples(
     root: str | os.PathLike, split: str, class_names: Sequence[str]
 ) -> tuple[list[str], np.ndarray]:
     """(paths, int32 labels) of root/split/<class>/*, in tfds.ImageFolder's order.
-    ImageFolder lists sorted class folders, each one's sorted image paths, then shuffles the
-    split with `random.Random(split)` (seeded by the string: the same in every process and
-    Python run)."""
+
+    ImageFolder lists sorted class folders, each one's sorted image paths, then shuffles
+    the split with `random.Random(split)` (seeded by the string: the same in every
+    process and Python run).
+    """
     examples = []
     for label, name in enumerate(class_names):
         folder = os.path.join(os.path.expanduser(str(root)), split, name)
@@ -45,8 +47,10 @@ def list_examples(
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
     """(H, W, 3) uint8 pixels of a JPEG or PNG, as TensorFlow's decode with channels=3.
+
     Greyscale is repeated over the channels and alpha is dropped (not composited), as
-    TensorFlow does; only the first frame of an animation is read."""
+    TensorFlow does; only the first frame of an animation is read.
+    """
     from PIL import Image
 
     with Image.open(path) as im:

@@ -34,7 +34,9 @@ def dataset_metadata(config: ml_collections.ConfigDict) -> Metadata:
 
 def model_input_shape(config: ml_collections.ConfigDict, meta: Any) -> tuple[int, int, int]:
     """The (H, W, C) the model sees: config.image_size when set, else the stored size.
-    `meta`: anything with an `image_shape`, a Metadata or a loaded Dataset."""
+
+    `meta`: anything with an `image_shape`, a Metadata or a loaded Dataset.
+    """
     h, w, c = meta.image_shape
     if config.image_size:
         return config.image_size, config.image_size, c

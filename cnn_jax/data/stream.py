@@ -92,9 +92,11 @@ _ITEM, _END, _ERROR = range(3)
 
 
 def prefetch(iterable: Iterable[T], size: int) -> Iterator[T]:
-    """Runs `iterable` in a background thread, up to `size` items ahead of the consumer. An
-    exception in the thread is raised here; closing this generator (or leaving a for loop
-    early) stops the thread and closes `iterable`."""
+    """Runs `iterable` in a background thread, up to `size` items ahead of the consumer.
+
+    An exception in the thread is raised here; closing this generator (or leaving a for
+    loop early) stops the thread and closes `iterable`.
+    """
     if size <= 0:
         yield from iterable
         return
@@ -140,9 +142,11 @@ def prefetch(iterable: Iterable[T], size: int) -> Iterator[T]:
 
 
 def to_device(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-    """The global batch: each process's rows on its own devices along the 'data' axis. Every
-    process calls this with its own batch of the same step; the global batch is the
-    processes' batches concatenated in process order."""
+    """The global batch: each process's rows on its own devices along the 'data' axis.
+
+    Every process calls this with its own batch of the same step; the global batch is
+    the processes' batches concatenated in process order.
+    """
     sharding = parallel.data_sharding(mesh)
     arrays = {'image': batch.images, 'label': batch.labels, 'mask': batch.mask}
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
@@ -245,9 +249,11 @@ class Stream:
 
 class FolderStream(Stream):
     """Batches of an image folder's split, decoded by Pillow threads as they are needed.
-    `image_size` resizes every image to a square of that size on the host (Pillow bilinear,
-    as `folder.read_folder` does for folders of mixed sizes); None keeps each image's size,
-    which must then be the same for all."""
+
+    `image_size` resizes every image to a square of that size on the host (Pillow
+    bilinear, as `folder.read_folder` does for folders of mixed sizes); None keeps each
+    image's size, which must then be the same for all.
+    """
 
     def __init__(
         self,
@@ -291,11 +297,13 @@ class FolderStream(Stream):
 
 
 class TfdsStream(Stream):
-    """Batches of a prepared TFDS split; each process reads only its shard's records. `take`
-    selects (ascending) and relabels examples: the rest are skipped undecoded. Within an
-    epoch a process's shard is read through a shuffle buffer seeded from the epoch's order
-    (see the module doc). Resuming skips the records of the steps already run before they are
-    decoded."""
+    """Batches of a prepared TFDS split; each process reads only its shard's records.
+
+    `take` selects (ascending) and relabels examples: the rest are skipped undecoded.
+    Within an epoch a process's shard is read through a shuffle buffer seeded from the
+    epoch's order (see the module doc). Resuming skips the records of the steps already
+    run before they are decoded.
+    """
 
     def __init__(self, builder: Any, split: str, *, shuffle_buffer: int = 10_000, **options: Any):
         super().__init__(**options)
@@ -430,9 +438,11 @@ def dataset_bytes(num_examples: int, image_shape: Sequence[int], label_bytes: in
 
 
 def device_memory_budget(budget_gb: float = 0, device: Any = None) -> int:
-    """Bytes the device-resident dataset may use on each device. `budget_gb` when given (>
-    0); else DEVICE_MEMORY_FRACTION of the device's `memory_stats()['bytes_limit']` (GPUs and
-    TPUs report it); else CPU_BUDGET_BYTES."""
+    """Bytes the device-resident dataset may use on each device.
+
+    `budget_gb` when given (> 0); else DEVICE_MEMORY_FRACTION of the device's
+    `memory_stats()['bytes_limit']` (GPUs and TPUs report it); else CPU_BUDGET_BYTES.
+    """
     if budget_gb:
         return int(budget_gb * 2**30)
     device = jax.local_devices()[0] if device is None else device

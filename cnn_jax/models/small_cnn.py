@@ -8,8 +8,10 @@ import jax.numpy as jnp
 
 
 class SmallCNN(nn.Module):
-    """conv3x3(same)+BN+ReLU blocks, each followed by 2x2 max-pool while the map allows. Then
-    flatten, a dense layer, dropout and a dense classifier."""
+    """conv3x3(same)+BN+ReLU blocks, each followed by 2x2 max-pool while the map allows.
+
+    Then flatten, a dense layer, dropout and a dense classifier.
+    """
 
     num_classes: int
     features: Sequence[int] = (32, 64)

@@ -34,8 +34,10 @@ VGG_LAYERS: dict[str, tuple[int | str, ...]] = {
 
 
 class VGG(nn.Module):
-    """VGG by layer list; `norm` after every conv ('batchnorm': torchvision's vgg*_bn). Convs
-    keep their bias under BN, as torchvision's do, so counts match its models."""
+    """VGG by layer list; `norm` after every conv ('batchnorm': torchvision's vgg*_bn).
+
+    Convs keep their bias under BN, as torchvision's do, so counts match its models.
+    """
 
     num_classes: int
     layers: Sequence[int | str] = VGG_LAYERS['vgg16']

@@ -66,8 +66,10 @@ def extract_features(
     batch_size: int,
     mesh: jax.sharding.Mesh,
 ) -> np.ndarray:
-    """Pooled features (N, D) of uint8 NHWC `images`, in jitted batches over all devices. The
-    batch is rounded up to a multiple of the device count; the last one is padded."""
+    """Pooled features (N, D) of uint8 NHWC `images`, in jitted batches over all devices.
+
+    The batch is rounded up to a multiple of the device count; the last one is padded.
+    """
     n_dev = mesh.devices.size
     batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)

@@ -210,8 +210,10 @@ def check_exists(path: str, arch: str = 'resnet50') -> None:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """The tensors of a torchvision weights file (.pth/.pt, .safetensors or .npz). A uniform
-    'module.' prefix (nn.DataParallel) is removed; num_batches_tracked kept."""
+    """The tensors of a torchvision weights file (.pth/.pt, .safetensors or .npz).
+
+    A uniform 'module.' prefix (nn.DataParallel) is removed; num_batches_tracked kept.
+    """
     path = os.path.expanduser(path)
     ext = _extension(path)
     check_exists(path)
@@ -276,12 +278,14 @@ def _listing(items: list[str]) -> str:
 
 def load_torchvision(path: str, variables: Mapping[str, Any], *, arch: str) -> dict:
     """`variables` of a Flax ResNet with the tensors of torchvision weights file `path`.
-    Returns {'params': ..., 'batch_stats': ...} (other collections of `variables` are kept).
-    When only the class count of `fc` differs, the head of `variables` is kept (a fresh
-    classifier) and that is printed. `variables` may be abstract (jax.eval_shape of the
-    init): what comes from the file is concrete, a kept head stays abstract. Any other
-    missing, extra or mis-shaped tensor raises ConfigError naming the tensors, the file and
-    `arch`."""
+
+    Returns {'params': ..., 'batch_stats': ...} (other collections of `variables` are
+    kept). When only the class count of `fc` differs, the head of `variables` is kept
+    (a fresh classifier) and that is printed. `variables` may be abstract (jax.eval_shape
+    of the init): what comes from the file is concrete, a kept head stays abstract. Any
+    other missing, extra or mis-shaped tensor raises ConfigError naming the tensors, the
+    file and `arch`.
+    """
     path = os.path.expanduser(path)
     check_exists(path, arch)
     state = {
@@ -346,9 +350,11 @@ def load_torchvision(path: str, variables: Mapping[str, Any], *, arch: str) -> d
 
 
 def export_torchvision(variables: Mapping[str, Any], path: str) -> dict[str, np.ndarray]:
-    """Writes Flax ResNet `variables` as a torchvision state_dict; returns the tensors. The
-    format follows the extension: .pth/.pt (torch.save, needs torch), .safetensors or .npz. A
-    .pth file loads into torchvision with `model.load_state_dict(torch.load(f))`."""
+    """Writes Flax ResNet `variables` as a torchvision state_dict; returns the tensors.
+
+    The format follows the extension: .pth/.pt (torch.save, needs torch), .safetensors
+    or .npz. A .pth file loads into torchvision with `model.load_state_dict(torch.load(f))`.
+    """
     state = to_torchvision_state_dict(variables)
     write_state_dict(state, path)
     return state
