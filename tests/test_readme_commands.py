@@ -21,7 +21,10 @@ DATA = REPO.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 TIMEOUT_S = 900  # Per command; two CPU cores shared with other work.
 
 SKIP = {
-    'python -m pytest -q': 'the test suite itself',
+    'python -m pytest -q -m "not slow"': 'the test suite itself',
+    'python -m benchmarks.gpu_check --out DIR': (
+        'run end to end with --tiny by tests/test_gpu_check.py (slow tier)'
+    ),
     'python -m reproduce.torch_recipe --config=<config> --data ... --out FILE.json': (
         'trains the PyTorch reference recipe at its full schedule (no quick-slice option)'
     ),
