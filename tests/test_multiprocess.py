@@ -103,12 +103,15 @@ def child_env(root: pathlib.Path, devices: int) -> dict[str, str]:
     return env
 
 
-def start(root: pathlib.Path, workdir: pathlib.Path, name: str, devices: int, job=None, args=()):
-    """One process of a run, in its own cwd (root/name); job = (port, count, index)."""
+def start(
+    root: pathlib.Path, workdir: pathlib.Path, name: str, devices: int, job=None, args=(), data=None
+):
+    """One process of a run, in its own cwd (root/name); job = (port, count, index); data:
+    the folder or archive (default root/digits)."""
     cwd = root / name
     cwd.mkdir(parents=True, exist_ok=True)
     args = [f'--config={root / "tiny.py"}', f'--workdir={workdir}', *args]
-    args.append(f'--config.dataset=folder:{root / "digits"}')
+    args.append(f'--config.dataset=folder:{data or root / "digits"}')
     if job is not None:
         port, count, index = job
         args += [f'--coordinator=localhost:{port}', f'--num_processes={count}']

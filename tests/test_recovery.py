@@ -12,26 +12,20 @@ import pytest
 
 from tests.test_multiprocess import (
     CONFIG,
-    DRIVER,
     TOL,
-    child_env,
     finish,
     free_port,
     max_difference,
     results,
     write_digits,
 )
+from tests.test_multiprocess import (
+    start as multiprocess_start,
+)
+from tests.test_workdir_lock import TINY
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600
-# tests/conftest.py tiny_config, as command-line overrides of the quickstart.
-TINY = [
-    '--config=configs/quickstart.py',
-    '--config.model_options.features=(8,)',
-    '--config.model_options.dense=16',
-    '--config.num_epochs=2',
-    '--config.steps_per_epoch=5',
-]
 
 
 def launch(workdir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
@@ -73,22 +67,8 @@ def test_a_corrupt_best_checkpoint_falls_back_to_the_latest(tmp_path):
 
 def start(root: pathlib.Path, name: str, archive: pathlib.Path, devices: int, job=None):
     """tests/test_multiprocess.py's start(), on the archive, into root/<name>."""
-    cwd = root / f'{name}_{job[2]}' if job else root / f'{name}_run'
-    cwd.mkdir(parents=True, exist_ok=True)
-    args = [f'--config={root / "tiny.py"}', f'--workdir={root / name}']
-    args.append(f'--config.dataset=folder:{archive}')
-    if job is not None:
-        port, count, index = job
-        args += [f'--coordinator=localhost:{port}', f'--num_processes={count}']
-        args += [f'--process_id={index}']
-    return subprocess.Popen(
-        [sys.executable, '-c', DRIVER, str(cwd / 'written.json'), *args],
-        cwd=cwd,
-        env=child_env(root, devices),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    cwd = f'{name}_{job[2]}' if job else f'{name}_run'
+    return multiprocess_start(root, root / name, cwd, devices, job, data=archive)
 
 
 @pytest.mark.slow
