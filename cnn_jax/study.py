@@ -244,6 +244,8 @@ def run_study(
         if len(group) > 1:
             try:
                 summaries = _run_group(config, workdir, group, tags)
+            except KeyboardInterrupt:  # errors.Interrupted too: checkpointed, resumes.
+                raise
             except Exception as e:  # noqa: BLE001 - the separate runs may still work
                 _log_error([run_dir(workdir, *j, seeds) for j in group])
                 _say(f'study {name}: vectorised group failed ({_brief(e)}); running it separately')
