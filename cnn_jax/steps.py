@@ -316,7 +316,7 @@ def plain_steps(
     num_train: int,
     steps_per_epoch: int,
 ) -> VariantSteps:
-    """One ordinary train state and cnn_jax.train's compiled steps: a plain run (K=1)."""
+    """One ordinary train state and cnn_jax.steps' compiled steps: a plain run (K=1)."""
     (config,) = configs  # A plain run trains one config.
     init_rng, train_rng, data_rng = jax.random.split(jax.random.key(config.seed), 3)
     state = create_train_state(config, model, input_shape, init_rng, steps_per_epoch)
