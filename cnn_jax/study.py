@@ -49,7 +49,7 @@ import ml_collections
 
 from cnn_jax import parallel, records, run_record, sweep, tasks
 from cnn_jax.config_checks import apply_overrides, check_config, config_value
-from cnn_jax.errors import ConfigError, DataError, Diverged
+from cnn_jax.errors import ConfigError, DataError
 from cnn_jax.study_report import (
     ROW_METRICS,
     aggregate,
@@ -343,21 +343,7 @@ def _run_one(
     resuming = path.exists() and any(path.iterdir())
     _say(f'{tag}: {"resuming" if resuming else "running"} in {path}')
     path.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    try:
-        return run_fn(variant_config(config, variant, seed), str(path))
-    except Diverged as e:
-        # The spine normally returns status 'diverged'; record a raise the same way,
-        # so that a re-run skips it.
-        summary = {
-            'status': 'diverged',
-            'diverged_at_step': e.step,
-            'diverged_loss': str(e.loss),
-            'wall_time_s': round(time.time() - start, 2),
-        }
-        if parallel.is_main_process():
-            records.write_json(path / 'summary.json', summary)
-        return summary
+    return run_fn(variant_config(config, variant, seed), str(path))
 
 
 def _attempt(job: tuple[str, int], tag: str, path: Path, train: Callable[[], dict]) -> list[dict]:
