@@ -73,11 +73,10 @@ class Checkpoints:
                 failed.append((step, e))
                 continue
             for bad, error in failed:
-                message = (
+                Reporter().warn(
                     f'checkpoint step {bad} in {self.latest.directory} could not be restored '
                     f'({_brief(error)}); deleting it and resuming from step {step}.'
                 )
-                Reporter().warn(message)
                 self.latest.delete(bad)
             return restored['state'], restored['loop']
         if failed:
@@ -99,11 +98,10 @@ class Checkpoints:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
             )
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types.
-            message = (
+            Reporter().warn(
                 f'the best checkpoint (step {step}) in {self.best.directory} could not be '
                 f'restored ({_brief(e)}); keeping the latest state instead.'
             )
-            Reporter().warn(message)
             return None
         return restored['state']
 

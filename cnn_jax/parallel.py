@@ -167,5 +167,4 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size') -> N
 
 def put_replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host array copied to every device (works across hosts: each holds the same data)."""
-    sharding = replicated(mesh)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    return jax.make_array_from_callback(array.shape, replicated(mesh), lambda index: array[index])

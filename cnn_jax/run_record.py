@@ -99,19 +99,17 @@ def result_changes(
 
 def git_commit() -> str | None:
     """HEAD of the checkout cnn_jax runs from ('+dirty' when files differ), or None."""
-    try:
-        head = subprocess.run(
-            ['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ['git', *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         )
+
+    try:
+        head = git('rev-parse', 'HEAD')
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(
-            ['git', 'status', '--porcelain', '--untracked-files=no'],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        dirty = git('status', '--porcelain', '--untracked-files=no').stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ('+dirty' if dirty else '')

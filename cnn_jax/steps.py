@@ -71,9 +71,8 @@ def create_train_state(
     params = variables['params']
     tx = optim.build_optimizer(config, steps_per_epoch, params)  # Checks config.freeze too.
     apply_fn = model.apply
-    freeze = tuple(config.freeze)
-    if freeze:
-        head = config.head_name
+    if config.freeze:
+        freeze, head = tuple(config.freeze), config.head_name
         apply_fn = frozen_norm_apply(model, lambda name: optim.is_frozen(name, freeze, head))
     return TrainState.create(
         apply_fn=apply_fn, params=params, tx=tx, batch_stats=variables.get('batch_stats', {})
@@ -261,17 +260,16 @@ def compile_steps(
     `input_train_step` at config.label_smoothing: nothing leaves the device between
     logging points.
     """
-    loss_name = config.loss
     repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
     train = functools.partial(
-        input_train_step(spec, shard, loss_name), label_smoothing=config.label_smoothing
+        input_train_step(spec, shard, config.loss), label_smoothing=config.label_smoothing
     )
 
     def evaluate(state, images, labels, indices, mask):
         batch = spec.make_batch(images, labels, indices)
         batch['mask'] = mask
-        return eval_step(state, batch, loss=loss_name)
+        return eval_step(state, batch, loss=config.loss)
 
     def permutation(rng, epoch):
         return epoch_permutation(rng, epoch, num_train, steps_per_epoch, config.batch_size)

@@ -156,8 +156,8 @@ class VariantRngs:
     @classmethod
     def from_seeds(cls, seeds: Sequence[int]) -> VariantRngs:
         keys = [jax.random.split(jax.random.key(int(s)), 3) for s in seeds]
-        init, train_, data = (jnp.stack([k[i] for k in keys]) for i in range(3))
-        return cls(init, train_, data, shared=len(set(seeds)) == 1)
+        init, train, data = (jnp.stack([k[i] for k in keys]) for i in range(3))
+        return cls(init, train, data, shared=len(set(seeds)) == 1)
 
 
 def create_stacked_state(
