@@ -100,10 +100,6 @@ def initialize_distributed(
             f', {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got {coordinator=}, '
             f'{num_processes=}, {process_id=}'
         )
-    # Cross-process collectives on CPU need an implementation (gloo is JAX's default
-    # from 0.5 on; older versions have none), chosen before the CPU backend starts.
-    if getattr(jax.config, 'jax_cpu_collectives_implementation', None) is None:
-        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator, num_processes, process_id)
     return True
 
