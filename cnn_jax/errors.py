@@ -25,4 +25,3 @@ class Interrupted(CnnJaxError, KeyboardInterrupt):
             f'interrupted at step {step}; checkpoint saved in {workdir}. '
             'Re-run the same command to resume from it.'
         )
-        self.step = step

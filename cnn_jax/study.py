@@ -340,17 +340,14 @@ def _run_one(
     """Runs (or resumes) one variant x seed; returns its summary."""
     variant, seed = job
     path = run_dir(workdir, variant, seed, study_seeds(config))
-    resuming = path.exists() and any(path.iterdir())
-    _say(f'{tag}: {"resuming" if resuming else "running"} in {path}')
+    _say(f'{tag}: {"resuming" if path.exists() and any(path.iterdir()) else "running"} in {path}')
     path.mkdir(parents=True, exist_ok=True)
     return run_fn(variant_config(config, variant, seed), str(path))
 
 
 def _attempt(job: tuple[str, int], tag: str, path: Path, train: Callable[[], dict]) -> list[dict]:
-    """Calls `train` for `job` and says how it ended; returns its failure record, if any. An
-    error is one line here (its traceback goes to <run dir>/error.log) and the study goes on;
-    KeyboardInterrupt (errors.Interrupted too) propagates: each run keeps its checkpoints and
-    resumes."""
+    """Calls `train` for `job` and says how it ended; returns its failure record, if any
+    (module doc: an error is one line, KeyboardInterrupt propagates)."""
     try:
         summary = train()
     except KeyboardInterrupt:

@@ -76,8 +76,7 @@ def run_row(path: Path, seed: int, failure: dict | None) -> dict:
         best_epoch, best = max(val, key=lambda t: (t[1], -t[0]))
     else:
         best, best_epoch = finite(summary.get('val_accuracy')), summary.get('best_epoch')
-    record['best_val_accuracy'] = best
-    record['best_epoch'] = best_epoch
+    record.update(best_val_accuracy=best, best_epoch=best_epoch)
     for key in ('test_accuracy', 'test_loss', 'precision', 'recall', 'f1'):
         record[key] = finite(summary.get(key))
     wall = finite(summary.get('wall_time_s'))

@@ -217,8 +217,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     path = os.path.expanduser(path)
     ext = _extension(path)
     check_exists(path)
-    reader = {'.safetensors': _read_safetensors, '.npz': _read_npz}.get(ext, _read_torch)
-    state = reader(path)
+    state = {'.safetensors': _read_safetensors, '.npz': _read_npz}.get(ext, _read_torch)(path)
     if not state:
         raise ConfigError(f'weights file {path} holds no tensors')
     if all(k.startswith('module.') for k in state):
