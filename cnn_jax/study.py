@@ -284,11 +284,9 @@ def vectorize_mode(config: ml_collections.ConfigDict) -> str:
 def vectorized_groups(
     config: ml_collections.ConfigDict, jobs: Sequence[tuple[str, int]]
 ) -> dict[tuple[str, int], list[tuple[str, int]]]:
-    """Maps each (variant, seed) job that trains vectorised to its group's jobs, in order.
-    Jobs whose overrides differ only in cnn_jax.sweep.SWEEPABLE keys (seed included) share a
-    group. With `vectorize='auto'` a group is vectorised where `sweep.should_vectorize` says
-    it pays (an accelerator); with 'true' wherever it can be; with 'false' never. Groups of
-    one job run as ordinary experiments (with checkpoints)."""
+    """Maps each (variant, seed) job that trains vectorised to its group's jobs, in order:
+    the `sweep.vectorizable_groups` of the jobs' overrides (seed included) that
+    config.vectorize allows (module doc). Groups of one job run as ordinary experiments."""
     mode = vectorize_mode(config)
     if mode == 'false' or len(jobs) < 2:
         return {}

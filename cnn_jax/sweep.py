@@ -102,10 +102,8 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
-    """Indices of `variants` grouped so that each group can train as one program. Variants
-    whose non-SWEEPABLE overrides are equal share a group (in first-seen order); a group's
-    base config is the study's config with those shared overrides applied, and
-    `run_vectorized` takes the SWEEPABLE rest of each member."""
+    """Indices of `variants` grouped so that each group can train as one program: variants
+    whose non-SWEEPABLE overrides are equal share a group (in first-seen order)."""
     groups: dict[str, list[int]] = {}
     for i, overrides in enumerate(variants):
         fixed, _ = split_overrides(overrides)

@@ -245,12 +245,9 @@ class Stream:
 
 
 class FolderStream(Stream):
-    """Batches of an image folder's split, decoded by Pillow threads as they are needed.
-
-    `image_size` resizes every image to a square of that size on the host (Pillow
-    bilinear, as `folder.read_folder` does for folders of mixed sizes); None keeps each
-    image's size, which must then be the same for all.
-    """
+    """Batches of an image folder's split, decoded by Pillow threads as they are needed;
+    without `image_size` (a host resize, as for `folder.read_folder`'s mixed sizes) every
+    image must have the first one's size."""
 
     def __init__(
         self,
@@ -296,10 +293,8 @@ class FolderStream(Stream):
 class TfdsStream(Stream):
     """Batches of a prepared TFDS split; each process reads only its shard's records.
 
-    `take` selects (ascending) and relabels examples: the rest are skipped undecoded.
-    Within an epoch a process's shard is read through a shuffle buffer seeded from the
-    epoch's order (see the module doc). Resuming skips the records of the steps already
-    run before they are decoded.
+    `take` selects (ascending) and relabels examples: the rest are skipped undecoded. The
+    shard's order is the module doc's; resuming skips the steps already run undecoded.
     """
 
     def __init__(self, builder: Any, split: str, *, shuffle_buffer: int = 10_000, **options: Any):

@@ -5,10 +5,7 @@ weights config.pretrained, extracts the pooled features (eval mode) of train (+ 
 test, cached in the workdir as features-<key>.npz (a hash of the weights file and the
 data/model config), fits StandardScaler + LinearSVC on train (+ val), evaluates on test
 and writes summary.json, report.md, roc.png and confusion_matrix.png. With
-config.one_vs_rest the labels are {0: rest, 1: class}.
-
-SVM options live in `config.svm` (all optional): C (1.0), class_weight (None or
-'balanced'), max_iter (5000).
+config.one_vs_rest the labels are {0: rest, 1: class}. LinearSVC's options come from config.svm.
 """
 
 import functools
