@@ -214,8 +214,7 @@ def run_study(
     run_fn = run_fn or tasks.run
     workdir = Path(workdir)
     main = parallel.is_main_process()  # Only process 0 writes files.
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
+    if main:  # Creates the workdir with its config.json.
         run_record.record_config(config, workdir)
     else:
         run_record.check_config(config, workdir)

@@ -339,8 +339,7 @@ def load_torchvision(path: str, variables: Mapping[str, Any], *, arch: str) -> d
         else:
             array = np.transpose(state[name], np.argsort(_torch_axes(value.ndim)))
             flat[collection][p] = jnp.asarray(array.astype(value.dtype))
-    out = dict(variables)
-    out['params'] = traverse_util.unflatten_dict(flat['params'])
+    out = {**variables, 'params': traverse_util.unflatten_dict(flat['params'])}
     if 'batch_stats' in variables or flat['batch_stats']:
         out['batch_stats'] = traverse_util.unflatten_dict(flat['batch_stats'])
     n = sum(1 for k in expected if not (keep_head and k in head_keys))
