@@ -188,9 +188,8 @@ def start_over(workdir: str | pathlib.Path) -> None:
 @contextlib.contextmanager
 def workdir_lock(workdir: str | pathlib.Path) -> Iterator[None]:
     """Holds `workdir` for this process; ConfigError (exit 2) names the holder if another has
-    it. The flock goes when its holder dies, however it dies; a `.lock` still naming a
-    process (one that died) is then taken over with a warning. SIGTERM exits through the
-    release."""
+    it. A `.lock` still naming a process (one that died: its flock went with it) is taken
+    over with a warning. SIGTERM exits through the release."""
     path = pathlib.Path(workdir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # Kept: an empty one is free.

@@ -64,10 +64,8 @@ def run_row(path: Path, seed: int, failure: dict | None) -> dict:
         record['status'] = 'failed'
         record['status_text'] = f'failed: {failure["error"]}'
         record['error'] = failure['error']
-    elif epochs:
-        record['status'] = record['status_text'] = 'incomplete'
     else:
-        record['status'] = record['status_text'] = 'not run'
+        record['status'] = record['status_text'] = 'incomplete' if epochs else 'not run'
     summary = summary or {}
     # Best validation accuracy and its epoch from the curves; the summary as a fallback.
     val = [(e['epoch'], finite(e.get('val_accuracy'))) for e in epochs]

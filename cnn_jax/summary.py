@@ -221,9 +221,7 @@ def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[Layer
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
-    if not shape:
-        return '-'
-    return '[' + ', '.join(['-1', *map(str, shape[1:])]) + ']'
+    return '[' + ', '.join(['-1', *map(str, shape[1:])]) + ']' if shape else '-'
 
 
 def layer_table(model: nn.Module, input_shape: Sequence[int]) -> str:

@@ -298,8 +298,7 @@ def run_vectorized(
       config: the base experiment config (no `study` field).
       variants: one dict of overrides per variant, keys from SWEEPABLE, e.g.
         [{'learning_rate': 0.1}, {'learning_rate': 0.01, 'seed': 1}].
-      workdirs: one directory per variant; each receives what `cnn_jax.experiment.run`
-        would write there, checkpoints included (an interrupted group resumes from them).
+      workdirs: one directory per variant, for what `cnn_jax.experiment.run` writes there.
       names: optional `name` of each variant's config (the title of its reports).
       hooks: called after each step, as in cnn_jax.training_loop.
 

@@ -243,9 +243,8 @@ def load_dataset(config: ml_collections.ConfigDict, allow_streams: bool = False)
     train, val = validation_split(raw.train_images, raw.train_labels, config.val_fraction, seed)
     test = Split(raw.test_images, raw.test_labels)
     train = subsample(train, config.max_train_examples, seed + 1)
-    if config.max_eval_examples:
-        val = subsample(val, config.max_eval_examples, seed + 2) if val else None
-        test = subsample(test, config.max_eval_examples, seed + 3)
+    val = subsample(val, config.max_eval_examples, seed + 2) if val else None
+    test = subsample(test, config.max_eval_examples, seed + 3)
     sample = train.images
     if streams is not None:
         if config.normalize == 'dataset':
