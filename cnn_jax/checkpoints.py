@@ -120,11 +120,10 @@ def _manager(directory: pathlib.Path, **options: Any) -> ocp.CheckpointManager:
 def _save(
     manager: ocp.CheckpointManager, step: int, metrics: dict | None = None, **items: Any
 ) -> None:
-    """Saves `items` (Orbax save args by name) as `step` unless it is on disk already. A
-    re-run replays the steps after its checkpoint, and the run is deterministic: a step saved
-    before a stop or kill holds the same state (a stop on an epoch's last step records 'all
-    its steps done' where the epoch's end records 'epoch done'; resuming from either redoes
-    the same end-of-epoch work). Orbax refuses to save a step twice."""
+    """Saves `items` (Orbax save args by name) as `step` unless it is on disk already (module
+    doc; Orbax refuses a step twice). The run is deterministic, so that step holds the same
+    state (a stop on an epoch's last step records 'all its steps done' where the epoch's end
+    records 'epoch done'; resuming from either redoes the same end-of-epoch work)."""
     if step in manager.all_steps():
         return
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)

@@ -64,9 +64,8 @@ def plot_curves(
 ) -> None:
     """Loss and accuracy per epoch, train and validation (and test when recorded)."""
     fig = new_figure(11, 4)
-    axes = fig.subplots(1, 2)
     epochs = [r['epoch'] for r in history]
-    for ax, metric in zip(axes, ('loss', 'accuracy'), strict=True):
+    for ax, metric in zip(fig.subplots(1, 2), ('loss', 'accuracy'), strict=True):
         for split, style in (('train', '-o'), ('val', '-s'), ('test', '-^')):
             key = f'{split}_{metric}'
             if history and key in history[0]:
@@ -149,7 +148,6 @@ def write_report(
     workdir: str | pathlib.Path, summary: dict[str, Any], config_text: str, layer_table: str
 ) -> None:
     """report.md: config, parameter table, results, per-class accuracy, confusion matrix."""
-    workdir = pathlib.Path(workdir)
     s = summary
     parts = [f'# {s.get("name", "run")}: {s["status"]}', '']
     if s['status'] == 'diverged':
@@ -178,4 +176,4 @@ def write_report(
     parts += code_section('Sanity checks', json.dumps(s['sanity'], indent=2))
     parts += code_section('Model', layer_table)
     parts += code_section('Config', config_text)
-    (workdir / 'report.md').write_text('\n'.join(parts))
+    (pathlib.Path(workdir) / 'report.md').write_text('\n'.join(parts))

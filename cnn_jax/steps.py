@@ -183,9 +183,8 @@ class InputSpec:
     ) -> dict[str, jax.Array]:
         """Gathers `indices` (None: the images are the batch), converts, augments when
         `rng` is given, normalises."""
-        if indices is not None:
-            images, labels = images[indices], labels[indices]
-        x = images
+        x = images if indices is None else images[indices]
+        labels = labels if indices is None else labels[indices]
         resized = self.image_size is not None and x.shape[1:3] != (self.image_size,) * 2
         # Crop and flip give the same values before the float conversion as after, and on
         # uint8 they move a quarter of the bytes: on 2 CPU cores this took SimpleNN's
@@ -356,8 +355,7 @@ def evaluate(
     result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
     # Sharded across devices and processes: gathered whole once, not a host sync per batch.
     n = len(split)
-    predictions = np.concatenate([parallel.to_host(p) for p in preds])[:n] if preds else None
-    return result, predictions
+    return result, (np.concatenate([parallel.to_host(p) for p in preds])[:n] if preds else None)
 
 
 def optax_learning_rate(

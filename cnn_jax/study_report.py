@@ -267,8 +267,7 @@ def plot_sweep(study: dict, path: str | Path) -> None:
     ax.set_xscale('log')
     ax.margins(x=0.15)
     ticks = sorted(set(xs.tolist()))
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(['0' if (t == zero_at and 0 in values) else f'{t:g}' for t in ticks])
+    ax.set_xticks(ticks, ['0' if (t == zero_at and 0 in values) else f'{t:g}' for t in ticks])
     ax.minorticks_off()
     ax.set(
         xlabel=study['sweep_key'] + ' (log scale)',

@@ -15,9 +15,8 @@ in Python and leave the layer out at 0), changes the program: ConfigError.
 The stacked variants train through the one training loop
 (`cnn_jax.training_loop.train_variants` with `stacked_steps`), so each variant gives the
 numbers of its sequential run (`cnn_jax.experiment.run` on the variant's config), up to
-float rounding: same initial weights, batches and dropout masks, its own divergence and
-early stopping (a variant that stops keeps its state while the others train on), its own
-checkpoints (an interrupted group resumes), and the same files in its workdir.
+float rounding: same initial weights, batches and dropout masks, its own divergence, early
+stopping and checkpoints (an interrupted group resumes), and the same files in its workdir.
 
     from cnn_jax import sweep
     summaries = sweep.run_vectorized(config, [{'learning_rate': 0.1}, {'learning_rate': 0.01}],
@@ -188,8 +187,8 @@ def make_vectorized_train(
 
     train(state, acc, images, labels, perm, step_in_epoch, rng, active=None) -> (state, acc),
     with the stacked state and metric sums (K,); `perm` and `rng` carry a leading K axis
-    unless the variants share their seed. The body is compile_steps' train function,
-    vmapped. `active`, (K,) bool, keeps the state of the variants it marks False.
+    unless the variants share their seed. `active`, (K,) bool, keeps the state of the
+    variants it marks False.
 
     `group_size` g < K vmaps groups of g variants side by side in the one program (same
     numbers): a vmapped convolution with per-variant kernels is a grouped convolution,

@@ -119,9 +119,7 @@ def agreed_stop(wanted: bool, sync_point: bool) -> bool:
     waits for the next log point or epoch end, where one tiny all-gather agrees on it:
     nothing is added to the steps in between.
     """
-    if jax.process_count() == 1:
-        return wanted
-    return sync_point and parallel.any_process(wanted)
+    return wanted if jax.process_count() == 1 else sync_point and parallel.any_process(wanted)
 
 
 def agreed_improvement(value: float, best: float | None, mode: str, min_delta: float) -> bool:
