@@ -37,7 +37,7 @@ class Checkpoints:
         _save(self.latest, step, state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop))
 
     def save_best(self, step: int, state: Any, value: float) -> None:
-        _save(self.best, step, {'value': float(value)}, state=ocp.args.StandardSave(state))
+        _save(self.best, step, metrics={'value': float(value)}, state=ocp.args.StandardSave(state))
 
     def restore_latest(self, template: Any, max_step: int | None = None) -> tuple[Any, dict] | None:
         """(state, loop record) of the newest readable checkpoint, laid out like `template`.
