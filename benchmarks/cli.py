@@ -9,8 +9,8 @@
 
 For each model at its experiment's input shape and batch size it measures:
 - compile_s: tracing + lowering + XLA compilation of the real train step
-  (`cnn_jax.train.compile_steps(...).train`);
-- jax img/s (synthetic): `cnn_jax.train.train_step` on a device-resident float batch;
+  (`cnn_jax.steps.compile_steps(...).train`);
+- jax img/s (synthetic): `cnn_jax.steps.train_step` on a device-resident float batch;
 - jax img/s (pipeline): the real compiled step, which gathers the batch from a
   device-resident uint8 dataset, augments and normalises on the device (the experiment's
   augmentation, resize included), donating the state, called as the training loop calls it;

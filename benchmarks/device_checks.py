@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.cases import Case
 from benchmarks.timing import interleaved, median, rounded
 from cnn_jax import parallel, sweep
-from cnn_jax import train as steps_lib  # May become cnn_jax.steps: the one line to change.
+from cnn_jax import steps as steps_lib
 from cnn_jax.data.augment import AugmentConfig
 from cnn_jax.models import MODELS, build_model
 from cnn_jax.models.input_size import min_square_size

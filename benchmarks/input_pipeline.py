@@ -61,7 +61,8 @@ def training_rate(model: str, size: int, batch_size: int, steps: int, **options)
     devices, flips and crops on the device (as a CIFAR or ImageNet run augments)."""
     import jax
 
-    from cnn_jax import parallel, train
+    from cnn_jax import parallel
+    from cnn_jax import steps as steps_lib
     from cnn_jax.data.augment import AugmentConfig
     from cnn_jax.models import build_model
     from configs import default
@@ -72,10 +73,12 @@ def training_rate(model: str, size: int, batch_size: int, steps: int, **options)
     mesh = parallel.make_mesh(jax.devices()[:1])  # One CPU device uses every core.
     n = batch_size * 2
     images = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), np.uint8)
-    spec = train.InputSpec(
+    spec = steps_lib.InputSpec(
         (0.5,) * 3, (0.25,) * 3, augment=AugmentConfig(flip=True, crop_padding=4)
     )
-    steps_ = train.plain_steps([config], build_model(config, 10), (size, size, 3), spec, mesh, n, 2)
+    steps_ = steps_lib.plain_steps(
+        [config], build_model(config, 10), (size, size, 3), spec, mesh, n, 2
+    )
     state, acc = jax.device_put((steps_.state, steps_.zero_metrics()), parallel.replicated(mesh))
     x, y = (parallel.put_replicated(a, mesh) for a in (images, np.arange(n) % 10))
     perm = steps_.permutation(0)

@@ -2,8 +2,8 @@
 
 For each model (a Case) at its experiment's input shape and batch size, `measure_case`
 times, windows interleaved (benchmarks.timing):
-- jax_synthetic: `cnn_jax.train.train_step` on a device-resident float batch;
-- jax_pipeline: the real compiled step (`cnn_jax.train.compile_steps(...).train`), which
+- jax_synthetic: `cnn_jax.steps.train_step` on a device-resident float batch;
+- jax_pipeline: the real compiled step (`cnn_jax.steps.compile_steps(...).train`), which
   gathers the batch from a device-resident uint8 dataset, augments and normalises it on
   the device, donating the state, called as the training loop calls it;
 - torch_eager and torch_compile: the same architecture in torch.nn
@@ -28,7 +28,8 @@ import numpy as np
 from benchmarks.cases import CASES, Case, device_info, peak_tflops
 from benchmarks.tables import format_table
 from benchmarks.timing import Runner, interleaved, log, median, rounded, significant
-from cnn_jax import parallel, train
+from cnn_jax import parallel
+from cnn_jax import steps as steps_lib
 from cnn_jax.data.augment import AugmentConfig
 from cnn_jax.models import build_model
 
@@ -57,8 +58,8 @@ def jax_runners(
 ) -> tuple[dict[str, Runner], dict[str, Any]]:
     """The 'synthetic' and 'pipeline' runners of `case` and what their compilation measured.
 
-    Both use cnn_jax's own code: `train.train_step` jitted with the state donated on a
-    pre-made float batch, and `train.compile_steps(...).train` (gather + augment +
+    Both use cnn_jax's own code: `steps_lib.train_step` jitted with the state donated on a
+    pre-made float batch, and `steps_lib.compile_steps(...).train` (gather + augment +
     normalise + step, state donated) called with a host step index as the training loop
     calls it.
     """
@@ -70,29 +71,29 @@ def jax_runners(
     images_np = rng.integers(0, 256, (num_train, *case.data_shape), dtype=np.uint8)
     labels_np = rng.integers(0, case.num_classes, (num_train,), dtype=np.int32)
     channels = case.data_shape[-1]
-    spec = train.InputSpec(
+    spec = steps_lib.InputSpec(
         mean=(0.5,) * channels,
         std=(0.25,) * channels,
         image_size=case.image_size,
         augment=AugmentConfig.from_config(config.augment),
     )
     key = jax.random.key(seed)
-    state = train.create_train_state(config, model, case.input_shape, key, steps_per_epoch)
+    state = steps_lib.create_train_state(config, model, case.input_shape, key, steps_per_epoch)
     state = jax.device_put(state, parallel.replicated(mesh))
     images = parallel.put_replicated(images_np, mesh)
     labels = parallel.put_replicated(labels_np, mesh)
 
     t0 = time.perf_counter()
-    steps = train.compile_steps(config, mesh, spec, num_train, steps_per_epoch)
+    steps = steps_lib.compile_steps(config, mesh, spec, num_train, steps_per_epoch)
     perm = steps.permutation(key, 0)
-    acc = jax.device_put(train.zero_metrics(), parallel.replicated(mesh))
+    acc = jax.device_put(steps_lib.zero_metrics(), parallel.replicated(mesh))
     pipe_args = (images, labels, perm)
     pipe = steps.train.lower(state, acc, *pipe_args, np.int32(0), key).compile()
     compile_s = time.perf_counter() - t0
 
     batch = jax.device_put(spec.make_batch(images, labels, perm[0]), parallel.data_sharding(mesh))
     step_fn = functools.partial(
-        train.train_step, loss=config.loss, label_smoothing=config.label_smoothing
+        steps_lib.train_step, loss=config.loss, label_smoothing=config.label_smoothing
     )
     synth_state = jax.tree.map(lambda x: x.copy(), state)
     synth = jax.jit(step_fn, donate_argnums=0).lower(synth_state, batch, key).compile()

@@ -14,7 +14,8 @@ import ml_collections
 import numpy as np
 
 from benchmarks.timing import interleaved
-from cnn_jax import parallel, sweep, train
+from cnn_jax import parallel, sweep
+from cnn_jax import steps as steps_lib
 from cnn_jax.data.augment import AugmentConfig
 from cnn_jax.models import build_model
 
@@ -37,7 +38,7 @@ def benchmark_vectorized(
 
     Each K is measured once per entry of `group_sizes` smaller than K (None: one vmap).
 
-    'separate' is the real single-run step (`train.compile_steps(...).train`), whose
+    'separate' is the real single-run step (`steps_lib.compile_steps(...).train`), whose
     images/s is also the per-variant rate of K runs one after another. 'K=k' is the
     vectorised step of `cnn_jax.sweep.make_vectorized_train` over k learning rates (one
     seed, so shared batches). Both read a synthetic uint8 dataset through the input
@@ -56,7 +57,7 @@ def benchmark_vectorized(
         rng.integers(0, num_classes, (num_train,), dtype=np.int32), mesh
     )
     channels = input_shape[-1]
-    spec = train.InputSpec(
+    spec = steps_lib.InputSpec(
         mean=(0.5,) * channels,
         std=(0.25,) * channels,
         augment=AugmentConfig.from_config(config.augment),
@@ -65,12 +66,12 @@ def benchmark_vectorized(
 
     key = jax.random.key(config.seed)
     init_rng, train_rng, data_rng = jax.random.split(key, 3)
-    single = train.create_train_state(config, model, input_shape, init_rng, steps_per_epoch)
+    single = steps_lib.create_train_state(config, model, input_shape, init_rng, steps_per_epoch)
     single = jax.device_put(single, parallel.replicated(mesh))
-    sstep = train.compile_steps(config, mesh, spec, num_train, steps_per_epoch)
+    sstep = steps_lib.compile_steps(config, mesh, spec, num_train, steps_per_epoch)
     sperm = sstep.permutation(data_rng, 0)
     t0 = time.perf_counter()
-    sacc = jax.device_put(train.zero_metrics(), parallel.replicated(mesh))
+    sacc = jax.device_put(steps_lib.zero_metrics(), parallel.replicated(mesh))
     sfn = sstep.train.lower(single, sacc, images, labels, sperm, np.int32(0), train_rng).compile()
     compile_s['separate'] = time.perf_counter() - t0
 
@@ -96,7 +97,7 @@ def benchmark_vectorized(
         rngs = sweep.VariantRngs.from_seeds([c.seed for c in configs])
         state = sweep.create_stacked_state(configs, model, input_shape, rngs, steps_per_epoch)
         state = jax.device_put(state, parallel.replicated(mesh))
-        acc = jax.device_put(train.zero_metrics(k), parallel.replicated(mesh))
+        acc = jax.device_put(steps_lib.zero_metrics(k), parallel.replicated(mesh))
         perm = sweep.permutations(rngs, 0, num_train, steps_per_epoch, config.batch_size, mesh)
         vtrain = sweep.make_vectorized_train(configs, mesh, spec, state, rngs, group_size=g)
         t0 = time.perf_counter()

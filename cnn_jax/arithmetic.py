@@ -171,8 +171,7 @@ def batchnorm_params(channels: int, use_scale: bool = True, use_bias: bool = Tru
     PyTorch's num_batches_tracked counter is not counted (it is bookkeeping, not a tensor
     of the layer's width).
     """
-    trainable = channels * (int(use_scale) + int(use_bias))
-    return LayerParams(trainable, 2 * channels)
+    return LayerParams(channels * (int(use_scale) + int(use_bias)), 2 * channels)
 
 
 def conv2d(

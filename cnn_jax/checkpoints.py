@@ -34,19 +34,10 @@ class Checkpoints:
         )
 
     def save_latest(self, step: int, state: Any, loop: dict) -> None:
-        _save(
-            self.latest,
-            step,
-            ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
-        )
+        _save(self.latest, step, state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop))
 
     def save_best(self, step: int, state: Any, value: float) -> None:
-        _save(
-            self.best,
-            step,
-            ocp.args.Composite(state=ocp.args.StandardSave(state)),
-            metrics={'value': float(value)},
-        )
+        _save(self.best, step, metrics={'value': float(value)}, state=ocp.args.StandardSave(state))
 
     def restore_latest(self, template: Any, max_step: int | None = None) -> tuple[Any, dict] | None:
         """(state, loop record) of the newest readable checkpoint, laid out like `template`.
@@ -62,22 +53,15 @@ class Checkpoints:
             if max_step is not None and step > max_step:
                 continue
             try:
-                restored = self.latest.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(_abstract(template)),
-                        loop=ocp.args.JsonRestore(),
-                    ),
-                )
+                restored = _restore(self.latest, step, template, loop=ocp.args.JsonRestore())
             except Exception as e:  # Orbax and TensorStore raise many types for bad files.
                 failed.append((step, e))
                 continue
             for bad, error in failed:
-                message = (
+                Reporter().warn(
                     f'checkpoint step {bad} in {self.latest.directory} could not be restored '
                     f'({_brief(error)}); deleting it and resuming from step {step}.'
                 )
-                Reporter().warn(message)
                 self.latest.delete(bad)
             return restored['state'], restored['loop']
         if failed:
@@ -95,15 +79,12 @@ class Checkpoints:
         if step is None:
             return None
         try:
-            restored = self.best.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
-            )
+            restored = _restore(self.best, step, template)
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types.
-            message = (
+            Reporter().warn(
                 f'the best checkpoint (step {step}) in {self.best.directory} could not be '
                 f'restored ({_brief(e)}); keeping the latest state instead.'
             )
-            Reporter().warn(message)
             return None
         return restored['state']
 
@@ -136,15 +117,16 @@ def _manager(directory: pathlib.Path, **options: Any) -> ocp.CheckpointManager:
     )
 
 
-def _save(manager: ocp.CheckpointManager, step: int, args: Any, **kwargs: Any) -> None:
-    """Saves `step` unless it is on disk already. A re-run replays the steps after its
-    checkpoint, and the run is deterministic: a step saved before a stop or kill holds the
-    same state (a stop on an epoch's last step records 'all its steps done' where the epoch's
-    end records 'epoch done'; resuming from either redoes the same end-of-epoch work). Orbax
-    refuses to save a step twice."""
+def _save(
+    manager: ocp.CheckpointManager, step: int, metrics: dict | None = None, **items: Any
+) -> None:
+    """Saves `items` (Orbax save args by name) as `step` unless it is on disk already (module
+    doc; Orbax refuses a step twice). The run is deterministic, so that step holds the same
+    state (a stop on an epoch's last step records 'all its steps done' where the epoch's end
+    records 'epoch done'; resuming from either redoes the same end-of-epoch work)."""
     if step in manager.all_steps():
         return
-    manager.save(step, args=args, force=True, **kwargs)
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
 def _brief(error: Exception) -> str:
@@ -153,12 +135,14 @@ def _brief(error: Exception) -> str:
     return f'{type(error).__name__}: {lines[0][:200] if lines else ""}'
 
 
-def _abstract(tree: Any) -> Any:
-    """Shape/dtype/sharding skeleton, so the restore lands where the template lives."""
+def _restore(manager: ocp.CheckpointManager, step: int, template: Any, **items: Any) -> dict:
+    """`step`'s state (and `items`, Orbax restore args by name), the state laid out like
+    `template`: its shapes, dtypes and shardings, so it lands where the template lives."""
 
     def leaf(x):
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         return np.asarray(x)
 
-    return jax.tree.map(leaf, tree)
+    state = ocp.args.StandardRestore(jax.tree.map(leaf, template))
+    return manager.restore(step, args=ocp.args.Composite(state=state, **items))

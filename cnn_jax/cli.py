@@ -93,8 +93,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> int:
         return 2 if result.get('config_errors') else 1 if result.get('failed') else 0
     from cnn_jax.tasks import run as run_task
 
-    out = run_task(config, workdir)
-    return 1 if out.get('status') == 'diverged' else 0
+    return 1 if run_task(config, workdir).get('status') == 'diverged' else 0
 
 
 def flag_error_message(error: BaseException, argv: Sequence[str], flag: str = 'config') -> str:

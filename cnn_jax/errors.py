@@ -17,15 +17,6 @@ class CheckpointError(CnnJaxError, RuntimeError):
     """No checkpoint in the workdir can be restored into the configured run."""
 
 
-class Diverged(CnnJaxError, FloatingPointError):
-    """The training loss became NaN or infinite."""
-
-    def __init__(self, step: int, loss: float):
-        super().__init__(f'diverged at step {step}: training loss is {loss}')
-        self.step = step
-        self.loss = loss
-
-
 class Interrupted(CnnJaxError, KeyboardInterrupt):
     """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint."""
 
@@ -34,4 +25,3 @@ class Interrupted(CnnJaxError, KeyboardInterrupt):
             f'interrupted at step {step}; checkpoint saved in {workdir}. '
             'Re-run the same command to resume from it.'
         )
-        self.step = step

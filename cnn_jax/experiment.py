@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnn_jax import losses, parallel, records, report, summary, train
+from cnn_jax import losses, parallel, records, report, steps, summary
 from cnn_jax.data import Dataset, load_dataset
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
@@ -35,7 +35,7 @@ def sanity_checks(config: ml_collections.ConfigDict, model, dataset: Dataset) ->
     (summary.layer_table raises on any disagreement).
     """
     shape = model_input_shape(config, dataset)
-    variables = train.init_variables(model, shape, jax.random.key(config.seed), config.init)
+    variables = steps.init_variables(model, shape, jax.random.key(config.seed), config.init)
     spec = input_spec(config, dataset)
     n = min(config.batch_size, len(dataset.train))
 

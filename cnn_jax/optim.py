@@ -86,8 +86,7 @@ def param_labels(params: Any, freeze: tuple[str, ...], head: str, backbone_facto
             return 'frozen'
         return 'backbone' if backbone_factor != 1.0 else 'head'
 
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: label(k) for k in flat})
+    return traverse_util.unflatten_dict({k: label(k) for k in traverse_util.flatten_dict(params)})
 
 
 def build_optimizer(

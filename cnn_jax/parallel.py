@@ -100,10 +100,6 @@ def initialize_distributed(
             f', {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got {coordinator=}, '
             f'{num_processes=}, {process_id=}'
         )
-    # Cross-process collectives on CPU need an implementation (gloo is JAX's default
-    # from 0.5 on; older versions have none), chosen before the CPU backend starts.
-    if getattr(jax.config, 'jax_cpu_collectives_implementation', None) is None:
-        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator, num_processes, process_id)
     return True
 
@@ -167,5 +163,4 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size') -> N
 
 def put_replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host array copied to every device (works across hosts: each holds the same data)."""
-    sharding = replicated(mesh)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    return jax.make_array_from_callback(array.shape, replicated(mesh), lambda index: array[index])

@@ -139,9 +139,7 @@ def read_summary(path: str | pathlib.Path) -> dict | None:
 
 
 def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return '?'
-    return str(datetime.timedelta(seconds=int(seconds)))
+    return str(datetime.timedelta(seconds=int(seconds))) if math.isfinite(seconds) else '?'
 
 
 class Progress:
@@ -181,10 +179,7 @@ class Progress:
             f'step {step}/{self.total_steps}  {rate:.1f} steps/s  '
             f'ETA {format_duration(eta)}  {text}'
         )
-        if self.interactive:
-            self.stream.write('\r' + line.ljust(100))
-        else:
-            self.stream.write(line + '\n')
+        self.stream.write('\r' + line.ljust(100) if self.interactive else line + '\n')
         self.stream.flush()
 
     def end_line(self) -> None:

@@ -64,9 +64,8 @@ def plot_curves(
 ) -> None:
     """Loss and accuracy per epoch, train and validation (and test when recorded)."""
     fig = new_figure(11, 4)
-    axes = fig.subplots(1, 2)
     epochs = [r['epoch'] for r in history]
-    for ax, metric in zip(axes, ('loss', 'accuracy'), strict=True):
+    for ax, metric in zip(fig.subplots(1, 2), ('loss', 'accuracy'), strict=True):
         for split, style in (('train', '-o'), ('val', '-s'), ('test', '-^')):
             key = f'{split}_{metric}'
             if history and key in history[0]:
@@ -94,8 +93,7 @@ def plot_confusion_matrix(
     size = min(12, 2.5 + 0.6 * k)
     fig = new_figure(size, size * 0.85)
     ax = fig.subplots()
-    im = ax.imshow(cm, cmap='Blues')
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(ax.imshow(cm, cmap='Blues'), ax=ax, fraction=0.046)
     ax.set_xticks(range(k), class_names, rotation=45, ha='right')
     ax.set_yticks(range(k), class_names)
     ax.set(xlabel='predicted', ylabel='true', title=title)
@@ -150,7 +148,6 @@ def write_report(
     workdir: str | pathlib.Path, summary: dict[str, Any], config_text: str, layer_table: str
 ) -> None:
     """report.md: config, parameter table, results, per-class accuracy, confusion matrix."""
-    workdir = pathlib.Path(workdir)
     s = summary
     parts = [f'# {s.get("name", "run")}: {s["status"]}', '']
     if s['status'] == 'diverged':
@@ -179,4 +176,4 @@ def write_report(
     parts += code_section('Sanity checks', json.dumps(s['sanity'], indent=2))
     parts += code_section('Model', layer_table)
     parts += code_section('Config', config_text)
-    (workdir / 'report.md').write_text('\n'.join(parts))
+    (pathlib.Path(workdir) / 'report.md').write_text('\n'.join(parts))

@@ -99,19 +99,17 @@ def result_changes(
 
 def git_commit() -> str | None:
     """HEAD of the checkout cnn_jax runs from ('+dirty' when files differ), or None."""
-    try:
-        head = subprocess.run(
-            ['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ['git', *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         )
+
+    try:
+        head = git('rev-parse', 'HEAD')
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(
-            ['git', 'status', '--porcelain', '--untracked-files=no'],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        dirty = git('status', '--porcelain', '--untracked-files=no').stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ('+dirty' if dirty else '')
@@ -190,9 +188,8 @@ def start_over(workdir: str | pathlib.Path) -> None:
 @contextlib.contextmanager
 def workdir_lock(workdir: str | pathlib.Path) -> Iterator[None]:
     """Holds `workdir` for this process; ConfigError (exit 2) names the holder if another has
-    it. The flock goes when its holder dies, however it dies; a `.lock` still naming a
-    process (one that died) is then taken over with a warning. SIGTERM exits through the
-    release."""
+    it. A `.lock` still naming a process (one that died: its flock went with it) is taken
+    over with a warning. SIGTERM exits through the release."""
     path = pathlib.Path(workdir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # Kept: an empty one is free.

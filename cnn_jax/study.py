@@ -49,7 +49,7 @@ import ml_collections
 
 from cnn_jax import parallel, records, run_record, sweep, tasks
 from cnn_jax.config_checks import apply_overrides, check_config, config_value
-from cnn_jax.errors import ConfigError, DataError, Diverged
+from cnn_jax.errors import ConfigError, DataError
 from cnn_jax.study_report import (
     ROW_METRICS,
     aggregate,
@@ -214,8 +214,7 @@ def run_study(
     run_fn = run_fn or tasks.run
     workdir = Path(workdir)
     main = parallel.is_main_process()  # Only process 0 writes files.
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
+    if main:  # Creates the workdir with its config.json.
         run_record.record_config(config, workdir)
     else:
         run_record.check_config(config, workdir)
@@ -284,11 +283,9 @@ def vectorize_mode(config: ml_collections.ConfigDict) -> str:
 def vectorized_groups(
     config: ml_collections.ConfigDict, jobs: Sequence[tuple[str, int]]
 ) -> dict[tuple[str, int], list[tuple[str, int]]]:
-    """Maps each (variant, seed) job that trains vectorised to its group's jobs, in order.
-    Jobs whose overrides differ only in cnn_jax.sweep.SWEEPABLE keys (seed included) share a
-    group. With `vectorize='auto'` a group is vectorised where `sweep.should_vectorize` says
-    it pays (an accelerator); with 'true' wherever it can be; with 'false' never. Groups of
-    one job run as ordinary experiments (with checkpoints)."""
+    """Maps each (variant, seed) job that trains vectorised to its group's jobs, in order:
+    the `sweep.vectorizable_groups` of the jobs' overrides (seed included) that
+    config.vectorize allows (module doc). Groups of one job run as ordinary experiments."""
     mode = vectorize_mode(config)
     if mode == 'false' or len(jobs) < 2:
         return {}
@@ -340,31 +337,14 @@ def _run_one(
     """Runs (or resumes) one variant x seed; returns its summary."""
     variant, seed = job
     path = run_dir(workdir, variant, seed, study_seeds(config))
-    resuming = path.exists() and any(path.iterdir())
-    _say(f'{tag}: {"resuming" if resuming else "running"} in {path}')
+    _say(f'{tag}: {"resuming" if path.exists() and any(path.iterdir()) else "running"} in {path}')
     path.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    try:
-        return run_fn(variant_config(config, variant, seed), str(path))
-    except Diverged as e:
-        # The spine normally returns status 'diverged'; record a raise the same way,
-        # so that a re-run skips it.
-        summary = {
-            'status': 'diverged',
-            'diverged_at_step': e.step,
-            'diverged_loss': str(e.loss),
-            'wall_time_s': round(time.time() - start, 2),
-        }
-        if parallel.is_main_process():
-            records.write_json(path / 'summary.json', summary)
-        return summary
+    return run_fn(variant_config(config, variant, seed), str(path))
 
 
 def _attempt(job: tuple[str, int], tag: str, path: Path, train: Callable[[], dict]) -> list[dict]:
-    """Calls `train` for `job` and says how it ended; returns its failure record, if any. An
-    error is one line here (its traceback goes to <run dir>/error.log) and the study goes on;
-    KeyboardInterrupt (errors.Interrupted too) propagates: each run keeps its checkpoints and
-    resumes."""
+    """Calls `train` for `job` and says how it ended; returns its failure record, if any
+    (module doc: an error is one line, KeyboardInterrupt propagates)."""
     try:
         summary = train()
     except KeyboardInterrupt:

@@ -64,10 +64,8 @@ def run_row(path: Path, seed: int, failure: dict | None) -> dict:
         record['status'] = 'failed'
         record['status_text'] = f'failed: {failure["error"]}'
         record['error'] = failure['error']
-    elif epochs:
-        record['status'] = record['status_text'] = 'incomplete'
     else:
-        record['status'] = record['status_text'] = 'not run'
+        record['status'] = record['status_text'] = 'incomplete' if epochs else 'not run'
     summary = summary or {}
     # Best validation accuracy and its epoch from the curves; the summary as a fallback.
     val = [(e['epoch'], finite(e.get('val_accuracy'))) for e in epochs]
@@ -76,8 +74,7 @@ def run_row(path: Path, seed: int, failure: dict | None) -> dict:
         best_epoch, best = max(val, key=lambda t: (t[1], -t[0]))
     else:
         best, best_epoch = finite(summary.get('val_accuracy')), summary.get('best_epoch')
-    record['best_val_accuracy'] = best
-    record['best_epoch'] = best_epoch
+    record.update(best_val_accuracy=best, best_epoch=best_epoch)
     for key in ('test_accuracy', 'test_loss', 'precision', 'recall', 'f1'):
         record[key] = finite(summary.get(key))
     wall = finite(summary.get('wall_time_s'))
@@ -270,8 +267,7 @@ def plot_sweep(study: dict, path: str | Path) -> None:
     ax.set_xscale('log')
     ax.margins(x=0.15)
     ticks = sorted(set(xs.tolist()))
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(['0' if (t == zero_at and 0 in values) else f'{t:g}' for t in ticks])
+    ax.set_xticks(ticks, ['0' if (t == zero_at and 0 in values) else f'{t:g}' for t in ticks])
     ax.minorticks_off()
     ax.set(
         xlabel=study['sweep_key'] + ' (log scale)',

@@ -221,9 +221,7 @@ def layer_rows(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[Layer
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
-    if not shape:
-        return '-'
-    return '[' + ', '.join(['-1', *map(str, shape[1:])]) + ']'
+    return '[' + ', '.join(['-1', *map(str, shape[1:])]) + ']' if shape else '-'
 
 
 def layer_table(model: nn.Module, input_shape: Sequence[int]) -> str:
@@ -235,7 +233,6 @@ def layer_table(model: nn.Module, input_shape: Sequence[int]) -> str:
     'Trainable params: N', 'Non-trainable params: N'.
     """
     rows, counts = layer_rows(model, input_shape)
-    shape = _batch_shape(input_shape)
 
     header = ('Layer (type)', 'Output Shape', 'Param #', 'Formula #', 'BN stats #')
     body = [
@@ -259,7 +256,7 @@ def layer_table(model: nn.Module, input_shape: Sequence[int]) -> str:
     width = sum(widths) + 2 * (len(widths) - 1)
     lines = ['-' * width, fmt(header), '=' * width, *map(fmt, body), '=' * width]
     lines += [
-        f'Input shape: {_fmt_shape(shape)}',
+        f'Input shape: {_fmt_shape(_batch_shape(input_shape))}',
         f'Batch-norm statistics (state, not parameters): {counts.batch_stats:,}',
         '-' * width,
         f'Total params: {counts.total:,}',

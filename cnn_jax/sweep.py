@@ -15,9 +15,8 @@ in Python and leave the layer out at 0), changes the program: ConfigError.
 The stacked variants train through the one training loop
 (`cnn_jax.training_loop.train_variants` with `stacked_steps`), so each variant gives the
 numbers of its sequential run (`cnn_jax.experiment.run` on the variant's config), up to
-float rounding: same initial weights, batches and dropout masks, its own divergence and
-early stopping (a variant that stops keeps its state while the others train on), its own
-checkpoints (an interrupted group resumes), and the same files in its workdir.
+float rounding: same initial weights, batches and dropout masks, its own divergence, early
+stopping and checkpoints (an interrupted group resumes), and the same files in its workdir.
 
     from cnn_jax import sweep
     summaries = sweep.run_vectorized(config, [{'learning_rate': 0.1}, {'learning_rate': 0.01}],
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cnn_jax import experiment, losses, parallel, train, training_loop
+from cnn_jax import experiment, losses, parallel, steps, training_loop
 from cnn_jax.config_checks import apply_overrides
 from cnn_jax.errors import ConfigError
 
@@ -102,10 +101,8 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
-    """Indices of `variants` grouped so that each group can train as one program. Variants
-    whose non-SWEEPABLE overrides are equal share a group (in first-seen order); a group's
-    base config is the study's config with those shared overrides applied, and
-    `run_vectorized` takes the SWEEPABLE rest of each member."""
+    """Indices of `variants` grouped so that each group can train as one program: variants
+    whose non-SWEEPABLE overrides are equal share a group (in first-seen order)."""
     groups: dict[str, list[int]] = {}
     for i, overrides in enumerate(variants):
         fixed, _ = split_overrides(overrides)
@@ -116,7 +113,7 @@ def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
 # --- Stacked states -------------------------------------------------------------------
 
 
-def map_states(fn: Callable[..., jax.Array], *states: train.TrainState) -> train.TrainState:
+def map_states(fn: Callable[..., jax.Array], *states: steps.TrainState) -> steps.TrainState:
     """`fn` over the matching leaves of the states' params, opt_state and batch_stats; the
     rest (step counter, optimiser, apply function) is the first state's."""
     trees = [(s.params, s.opt_state, s.batch_stats) for s in states]
@@ -125,8 +122,8 @@ def map_states(fn: Callable[..., jax.Array], *states: train.TrainState) -> train
 
 
 def stack_states(
-    states: Sequence[train.TrainState], join: Callable[..., jax.Array] = jnp.stack
-) -> train.TrainState:
+    states: Sequence[steps.TrainState], join: Callable[..., jax.Array] = jnp.stack
+) -> steps.TrainState:
     """K train states (same model and optimiser structure) as one stacked state. The step
     counter stays a scalar (all variants step together); the optimiser and apply function are
     those of the first state, which is right because the variants differ only in the numbers
@@ -139,7 +136,7 @@ def stack_states(
     return map_states(lambda *xs: join(xs), *states)
 
 
-def unstack_state(state: train.TrainState, k: int | slice) -> train.TrainState:
+def unstack_state(state: steps.TrainState, k: int | slice) -> steps.TrainState:
     """Variant `k` of a stacked state, as an ordinary train state (a slice: a smaller stack)."""
     return map_states(lambda x: x[k], state)
 
@@ -156,8 +153,8 @@ class VariantRngs:
     @classmethod
     def from_seeds(cls, seeds: Sequence[int]) -> VariantRngs:
         keys = [jax.random.split(jax.random.key(int(s)), 3) for s in seeds]
-        init, train_, data = (jnp.stack([k[i] for k in keys]) for i in range(3))
-        return cls(init, train_, data, shared=len(set(seeds)) == 1)
+        init, train, data = (jnp.stack([k[i] for k in keys]) for i in range(3))
+        return cls(init, train, data, shared=len(set(seeds)) == 1)
 
 
 def create_stacked_state(
@@ -166,10 +163,10 @@ def create_stacked_state(
     input_shape: tuple[int, ...],
     rngs: VariantRngs,
     steps_per_epoch: int,
-) -> train.TrainState:
+) -> steps.TrainState:
     """Each variant's own fresh state (its seed, its hyperparameters), stacked."""
     states = [
-        train.create_train_state(c, model, input_shape, rngs.init[k], steps_per_epoch)
+        steps.create_train_state(c, model, input_shape, rngs.init[k], steps_per_epoch)
         for k, c in enumerate(configs)
     ]
     return stack_states(states)
@@ -181,17 +178,17 @@ def create_stacked_state(
 def make_vectorized_train(
     configs: Sequence[ml_collections.ConfigDict],
     mesh: Mesh,
-    spec: train.InputSpec,
-    state: train.TrainState,
+    spec: steps.InputSpec,
+    state: steps.TrainState,
     rngs: VariantRngs,
     group_size: int | None = None,
-) -> Callable[..., tuple[train.TrainState, train.Metrics]]:
-    """The jitted vectorised counterpart of `train.compile_steps(...).train`.
+) -> Callable[..., tuple[steps.TrainState, steps.Metrics]]:
+    """The jitted vectorised counterpart of `steps.compile_steps(...).train`.
 
     train(state, acc, images, labels, perm, step_in_epoch, rng, active=None) -> (state, acc),
     with the stacked state and metric sums (K,); `perm` and `rng` carry a leading K axis
-    unless the variants share their seed. The body is compile_steps' train function,
-    vmapped. `active`, (K,) bool, keeps the state of the variants it marks False.
+    unless the variants share their seed. `active`, (K,) bool, keeps the state of the
+    variants it marks False.
 
     `group_size` g < K vmaps groups of g variants side by side in the one program (same
     numbers): a vmapped convolution with per-variant kernels is a grouped convolution,
@@ -201,7 +198,7 @@ def make_vectorized_train(
     shared_smoothing = len(set(smoothings)) == 1
     repl = parallel.replicated(mesh)
     smoothing_arr = jnp.asarray(smoothings, jnp.float32)
-    body = train.input_train_step(spec, parallel.data_sharding(mesh), configs[0].loss)
+    body = steps.input_train_step(spec, parallel.data_sharding(mesh), configs[0].loss)
 
     def one(state, acc, images, labels, perm, step_in_epoch, rng, smoothing, active):
         # A shared smoothing stays a Python number, as in the sequential run's program.
@@ -248,7 +245,7 @@ def permutations(
     """Each variant's epoch shuffle as the training loop draws it ((K, ...) unless shared)."""
 
     def fn(key: jax.Array) -> jax.Array:
-        return train.epoch_permutation(key, epoch, num_train, steps_per_epoch, batch_size)
+        return steps.epoch_permutation(key, epoch, num_train, steps_per_epoch, batch_size)
 
     if rngs.shared:
         perm, spec = fn(rngs.data[0]), PartitionSpec(None, parallel.DATA_AXIS)
@@ -264,26 +261,26 @@ def stacked_steps(
     configs: Sequence[ml_collections.ConfigDict],
     model: Any,
     input_shape: tuple[int, ...],
-    spec: train.InputSpec,
+    spec: steps.InputSpec,
     mesh: Mesh,
     num_train: int,
     steps_per_epoch: int,
-) -> train.VariantSteps:
+) -> steps.VariantSteps:
     """The training loop's steps for K stacked variants (cnn_jax.training_loop.train_variants)."""
     rngs = VariantRngs.from_seeds([c.seed for c in configs])
     state = create_stacked_state(configs, model, input_shape, rngs, steps_per_epoch)
     batch_size = configs[0].batch_size
-    return train.VariantSteps(
+    return steps.VariantSteps(
         state=state,
         train=make_vectorized_train(configs, mesh, spec, state, rngs),
         permutation=lambda epoch: permutations(
             rngs, epoch, num_train, steps_per_epoch, batch_size, mesh
         ),
         rng=rngs.train[0] if rngs.shared else rngs.train,
-        zero_metrics=lambda: train.zero_metrics(len(configs)),
+        zero_metrics=lambda: steps.zero_metrics(len(configs)),
         variant=unstack_state,
         stack=stack_states,
-        evaluation=train.compile_steps(configs[0], mesh, spec, num_train, steps_per_epoch),
+        evaluation=steps.compile_steps(configs[0], mesh, spec, num_train, steps_per_epoch),
     )
 
 
@@ -300,8 +297,7 @@ def run_vectorized(
       config: the base experiment config (no `study` field).
       variants: one dict of overrides per variant, keys from SWEEPABLE, e.g.
         [{'learning_rate': 0.1}, {'learning_rate': 0.01, 'seed': 1}].
-      workdirs: one directory per variant; each receives what `cnn_jax.experiment.run`
-        would write there, checkpoints included (an interrupted group resumes from them).
+      workdirs: one directory per variant, for what `cnn_jax.experiment.run` writes there.
       names: optional `name` of each variant's config (the title of its reports).
       hooks: called after each step, as in cnn_jax.training_loop.
 

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from cnn_jax import parallel, train
+from cnn_jax import parallel, steps
 from cnn_jax.checkpoints import Checkpoints
 from cnn_jax.data import Dataset
 from cnn_jax.data.augment import AugmentConfig
@@ -42,7 +42,7 @@ Hook = Callable[[int], bool | None]  # Called after each step; True asks the loo
 class TrainResult:
     """One run's (one variant's) outcome; the fields from steps_per_epoch on are shared."""
 
-    state: train.TrainState  # The one tested: the best one when early stopping is on.
+    state: steps.TrainState  # The one tested: the best one when early stopping is on.
     history: list[dict[str, Any]]
     status: str  # 'completed' | 'diverged'
     diverged_at_step: int | None
@@ -102,8 +102,8 @@ def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int
     return steps_per_epoch, monitor, 'min' if monitor.endswith('loss') else 'max'
 
 
-def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> train.InputSpec:
-    return train.InputSpec(
+def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> steps.InputSpec:
+    return steps.InputSpec(
         mean=tuple(float(v) for v in dataset.mean),
         std=tuple(float(v) for v in dataset.std),
         image_size=config.image_size or None,  # 0 or None: no resize.
@@ -119,9 +119,7 @@ def agreed_stop(wanted: bool, sync_point: bool) -> bool:
     waits for the next log point or epoch end, where one tiny all-gather agrees on it:
     nothing is added to the steps in between.
     """
-    if jax.process_count() == 1:
-        return wanted
-    return sync_point and parallel.any_process(wanted)
+    return wanted if jax.process_count() == 1 else sync_point and parallel.any_process(wanted)
 
 
 def agreed_improvement(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -171,15 +169,15 @@ class _Variant:
         return better
 
 
-def _host_acc(acc: train.Metrics) -> list[dict[str, float]]:
+def _host_acc(acc: steps.Metrics) -> list[dict[str, float]]:
     """Each variant's running metric sums, on the host."""
     host = {name: np.atleast_1d(v) for name, v in jax.device_get(acc).items()}
     return [{name: float(v[k]) for name, v in host.items()} for k in range(len(host['loss']))]
 
 
 def _restore_latest(
-    runs: Sequence[_Variant], steps: train.VariantSteps, state: train.TrainState
-) -> tuple[train.TrainState, list[dict]] | None:
+    runs: Sequence[_Variant], made: steps.VariantSteps, state: steps.TrainState
+) -> tuple[steps.TrainState, list[dict]] | None:
     """(state, each variant's loop record) at the newest step all variants saved, or None.
 
     Each variant has its own checkpoints (a plain run can resume a stack's variant and the
@@ -187,12 +185,12 @@ def _restore_latest(
     """
     limit = None
     while True:
-        found = [r.ckpt.restore_latest(steps.variant(state, k), limit) for k, r in enumerate(runs)]
+        found = [r.ckpt.restore_latest(made.variant(state, k), limit) for k, r in enumerate(runs)]
         if any(f is None for f in found):
             return None
         at = {int(s.step) for s, _ in found}
         if len(at) == 1:
-            return steps.stack([s for s, _ in found]), [loop for _, loop in found]
+            return made.stack([s for s, _ in found]), [loop for _, loop in found]
         limit = min(at)
 
 
@@ -215,7 +213,7 @@ def train_variants(
     model: nn.Module,
     mesh: Mesh | None = None,
     hooks: Sequence[Hook] = (),
-    make_steps: train.MakeSteps = train.plain_steps,
+    make_steps: steps.MakeSteps = steps.plain_steps,
 ) -> list[TrainResult]:
     """Trains K variants of one experiment in step, each as its own run in its workdir.
 
@@ -399,7 +397,7 @@ class _Loop:
                 if split in self.splits and (split == 'val' or config.eval_test_each_epoch):
                     m = self._evaluate(state_k, split)[0]
                     row.update({f'{split}_loss': m['loss'], f'{split}_accuracy': m['accuracy']})
-            lr = train.optax_learning_rate(state_k, r.config, self.steps_per_epoch)
+            lr = steps.optax_learning_rate(state_k, r.config, self.steps_per_epoch)
             row.update(learning_rate=lr, elapsed_s=round(time.perf_counter() - self.t_start, 3))
             r.history.append(row)
             r.report.epoch(row)
@@ -420,11 +418,11 @@ class _Loop:
         if stopping:
             self._mask()
 
-    def _evaluate(self, state: train.TrainState, split: str, predictions: bool = False):
+    def _evaluate(self, state: steps.TrainState, split: str, predictions: bool = False):
         data = self.splits[split]
         if split == 'train':  # Val and test were capped when they were loaded.
             data = data.strided(self.config.max_eval_examples)
-        return train.evaluate(
+        return steps.evaluate(
             self.steps.evaluation, state, data, self.config.eval_batch_size, predictions
         )
 

@@ -53,10 +53,7 @@ def backends_started() -> bool:
     """
     import jax  # Here, not above: launch.py imports this module before it loads JAX.
 
-    try:
-        current = jax.config.jax_num_cpu_devices
-    except AttributeError:  # A JAX without the option: assume not started, as before.
-        return False
+    current = jax.config.jax_num_cpu_devices
     try:
         jax.config.update('jax_num_cpu_devices', 2 if current == 1 else 1)
     except RuntimeError:

@@ -105,14 +105,14 @@ def test_preprocess_resizes_and_normalises():
 )
 def test_training_batch_is_augment_then_normalise_of_the_float_images(cfg, image_size):
     """make_batch may crop and flip the uint8 pixels first; the values must not change."""
-    from cnn_jax import train
+    from cnn_jax import steps
 
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
     labels = jnp.arange(16, dtype=jnp.int32)
     indices = jnp.asarray([3, 1, 4, 15, 9, 2])
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    spec = train.InputSpec(mean=mean, std=std, image_size=image_size, augment=cfg)
+    spec = steps.InputSpec(mean=mean, std=std, image_size=image_size, augment=cfg)
     key = jax.random.key(5)
     batch = spec.make_batch(images, labels, indices, key)
     x = augment.augment(key, augment.to_unit_range(images[indices], image_size), cfg)

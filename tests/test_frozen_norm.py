@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cnn_jax import train
+from cnn_jax import steps
 from cnn_jax.models import create_model
 from configs import default
 
@@ -46,13 +46,13 @@ def random_variables(model, seed=0):
 def make_state(model, freeze, monkeypatch):
     variables = random_variables(model)
     # The random variables stand in for the init (and its compile: tens of CPU seconds).
-    monkeypatch.setattr(train, 'init_variables', lambda m, shape, rng, init: variables)
+    monkeypatch.setattr(steps, 'init_variables', lambda m, shape, rng, init: variables)
     config = default.get_config()
     config.model = 'resnet'
     config.optimizer = 'sgd'
     config.learning_rate = 0.1
     config.freeze = freeze
-    return train.create_train_state(config, model, (SIZE, SIZE, 3), jax.random.key(0), 10)
+    return steps.create_train_state(config, model, (SIZE, SIZE, 3), jax.random.key(0), 10)
 
 
 def by_top(tree):
@@ -101,7 +101,7 @@ def test_frozen_batch_norm_keeps_its_statistics_and_normalises_with_them(
     model = make_model()
     state = make_state(model, freeze, monkeypatch)
     before_params, before_stats = by_top(state.params), by_top(state.batch_stats)
-    step = jax.jit(train.train_step)
+    step = jax.jit(steps.train_step)
     for i in range(3):
         state, metrics = step(state, batch(seed=i), jax.random.key(i))
     assert np.isfinite(float(metrics['loss']))

@@ -72,22 +72,22 @@ def test_a_streamed_step_reads_each_devices_rows_where_they_lie():
     import jax
     import numpy as np
 
-    from cnn_jax import parallel, train
+    from cnn_jax import parallel, steps
     from cnn_jax.models import build_model
 
     c = tiny_config(batch_size=16)
     mesh = parallel.make_mesh()
     assert mesh.devices.size == 8
-    spec = train.InputSpec((0.5,), (0.25,))
-    steps = train.plain_steps([c], build_model(c, 10), (8, 8, 1), spec, mesh, 64, 4)
-    state, acc = jax.device_put((steps.state, steps.zero_metrics()), parallel.replicated(mesh))
+    spec = steps.InputSpec((0.5,), (0.25,))
+    plain = steps.plain_steps([c], build_model(c, 10), (8, 8, 1), spec, mesh, 64, 4)
+    state, acc = jax.device_put((plain.state, plain.zero_metrics()), parallel.replicated(mesh))
     shard = parallel.data_sharding(mesh)
     images = jax.device_put(np.zeros((16, 8, 8, 1), np.uint8), shard)
     labels = jax.device_put(np.zeros(16, np.int32), shard)
-    args = (state, acc, images, labels, None, np.int32(0), steps.rng)
-    hlo = steps.evaluation.train.lower(*args).compile().as_text()
+    args = (state, acc, images, labels, None, np.int32(0), plain.rng)
+    hlo = plain.evaluation.train.lower(*args).compile().as_text()
     assert 'all-gather' not in hlo
     rows = jax.device_put(np.arange(16, dtype=np.int32)[None], jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(None, 'data')))  # fmt: skip
-    gathered = steps.evaluation.train.lower(*args[:4], rows, *args[5:]).compile().as_text()
+    gathered = plain.evaluation.train.lower(*args[:4], rows, *args[5:]).compile().as_text()
     assert 'all-gather' in gathered  # What perm=None avoids.

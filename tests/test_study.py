@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cnn_jax import records, study
-from cnn_jax.errors import ConfigError, Diverged, Interrupted
+from cnn_jax.errors import ConfigError, Interrupted
 from configs.ablations import make_study, sweep
 from tests import conftest
 
@@ -24,7 +24,7 @@ def tiny_config():
     return conftest.tiny_config(optimizer='sgd', learning_rate=0.05, steps_per_epoch=4)
 
 
-def fake_run(calls=None, fail=(), diverge=(), raise_diverged=()):
+def fake_run(calls=None, fail=(), diverge=()):
     """A stand-in for experiment.run that writes metrics.jsonl and summary.json."""
 
     def run(config, workdir):
@@ -34,8 +34,6 @@ def fake_run(calls=None, fail=(), diverge=(), raise_diverged=()):
         lr, seed = config.learning_rate, config.seed
         if any(f in str(workdir) for f in fail):
             raise RuntimeError(f'boom in {name}')
-        if any(f in str(workdir) for f in raise_diverged):
-            raise Diverged(7, float('nan'))
         with open(Path(workdir) / 'metrics.jsonl', 'a') as f:
             for e in range(1, config.num_epochs + 1):
                 acc = 0.5 + 0.1 * e + 0.01 * seed - 0.01 * abs(math.log10(lr + 1e-9))
@@ -151,16 +149,6 @@ def test_failure_is_recorded_and_study_continues(tmp_path):
     calls = []
     result = study.run_study(c, tmp_path, fake_run(calls))
     assert [Path(w).name for w, _ in calls] == ['sgd'] and not result['failures']
-
-
-def test_raised_diverged_is_recorded_and_skipped_next_time(tmp_path):
-    c = two_variants()
-    result = study.run_study(c, tmp_path, fake_run(raise_diverged=('adam',)))
-    assert not result['failures']
-    assert result['variants'][1]['status'] == 'diverged at step 7'
-    calls = []
-    study.run_study(c, tmp_path, fake_run(calls))
-    assert calls == []
 
 
 def test_interrupt_stops_the_study_without_outputs(tmp_path):

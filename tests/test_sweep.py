@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import experiment, parallel, sweep, train
+from cnn_jax import experiment, parallel, steps, sweep
 from cnn_jax.data import load_dataset
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
@@ -29,29 +29,29 @@ def _sgd_config(**overrides):
     return config
 
 
-def _sequential_params(config, dataset, steps):
-    """Parameters after `steps` steps of the training loop's own compiled step."""
+def _sequential_params(config, dataset, num_steps):
+    """Parameters after `num_steps` steps of the training loop's own compiled step."""
     mesh = parallel.make_mesh()
     model = experiment.build_model(config, dataset.num_classes)
     init_rng, train_rng, data_rng = jax.random.split(jax.random.key(config.seed), 3)
     spe = len(dataset.train) // config.batch_size
-    state = train.create_train_state(
+    state = steps.create_train_state(
         config, model, model_input_shape(config, dataset), init_rng, spe
     )
     state = jax.device_put(state, parallel.replicated(mesh))
-    compiled = train.compile_steps(
+    compiled = steps.compile_steps(
         config, mesh, input_spec(config, dataset), len(dataset.train), spe
     )
     images = parallel.put_replicated(dataset.train.images, mesh)
     labels = parallel.put_replicated(dataset.train.labels, mesh)
     perm = compiled.permutation(data_rng, 0)
-    acc = train.zero_metrics()
-    for s in range(steps):
+    acc = steps.zero_metrics()
+    for s in range(num_steps):
         state, acc = compiled.train(state, acc, images, labels, perm, np.int32(s), train_rng)
     return jax.device_get(state.params), jax.device_get(acc)
 
 
-def _vectorized_params(config, variants, dataset, steps, group_size=None):
+def _vectorized_params(config, variants, dataset, num_steps, group_size=None):
     mesh = parallel.make_mesh()
     configs = sweep.variant_configs(config, variants)
     model = experiment.build_model(config, dataset.num_classes)
@@ -68,8 +68,8 @@ def _vectorized_params(config, variants, dataset, steps, group_size=None):
     labels = parallel.put_replicated(dataset.train.labels, mesh)
     perm = sweep.permutations(rngs, 0, len(dataset.train), spe, config.batch_size, mesh)
     rng = rngs.train[0] if rngs.shared else rngs.train
-    acc = train.zero_metrics(len(configs))
-    for s in range(steps):
+    acc = steps.zero_metrics(len(configs))
+    for s in range(num_steps):
         state, acc = vtrain(state, acc, images, labels, perm, np.int32(s), rng)
     return state, jax.device_get(acc)
 

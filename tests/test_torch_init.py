@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import train
+from cnn_jax import steps
 from cnn_jax.models import create_model
 from cnn_jax.models.torch_init import apply_init
 
@@ -23,8 +23,8 @@ def _layers(params, prefix=()):
 
 def test_every_conv_and_dense_is_uniform_within_one_over_root_fan_in():
     model = create_model('cifar_cnn6', 10)  # Convs, 1x1 convs, dense layers and BatchNorm.
-    module = train.init_variables(model, (32, 32, 3), jax.random.key(0))
-    torch_like = train.init_variables(model, (32, 32, 3), jax.random.key(0), 'torch')
+    module = steps.init_variables(model, (32, 32, 3), jax.random.key(0))
+    torch_like = steps.init_variables(model, (32, 32, 3), jax.random.key(0), 'torch')
     layers = dict(_layers(torch_like['params']))
     assert len(layers) == 10  # 6 convs + 4 dense.
     for path, layer in layers.items():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import train
+from cnn_jax import steps
 from cnn_jax.data import load_dataset
 from cnn_jax.data.augment import preprocess
 from cnn_jax.errors import ConfigError
@@ -62,13 +62,13 @@ def pretrained(tmp_path_factory):
     from cnn_jax import optim
 
     tx = optim.build_optimizer(config, 30)
-    state = train.TrainState.create(
+    state = steps.TrainState.create(
         apply_fn=model.apply,
         params=variables['params'],
         tx=tx,
         batch_stats=variables['batch_stats'],
     )
-    step = jax.jit(train.train_step)
+    step = jax.jit(steps.train_step)
     rng = np.random.default_rng(0)
     losses = []
     for i in range(30):

@@ -13,7 +13,7 @@ import pytest
 import torch_reference as ref
 from flax import traverse_util
 
-from cnn_jax import optim, train
+from cnn_jax import optim, steps
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import create_model
 from cnn_jax.transfer import weights
@@ -275,7 +275,7 @@ def test_frozen_layers_stay_and_backbone_lr_is_scaled(tmp_path, monkeypatch):
     # Every variable comes from the file: skip the real init, whose compile (truncated
     # normal initialisers) costs tens of CPU seconds.
     monkeypatch.setattr(
-        train, 'init_variables', lambda m, shape, rng, init: abstract_variables(m, 32)
+        steps, 'init_variables', lambda m, shape, rng, init: abstract_variables(m, 32)
     )
     path = str(tmp_path / 'pretrained.safetensors')
     weights.export_torchvision(pretrained, path)
@@ -286,7 +286,7 @@ def test_frozen_layers_stay_and_backbone_lr_is_scaled(tmp_path, monkeypatch):
     config.pretrained = path
     config.freeze = ('conv1', 'bn1', 'layer1')
     config.backbone_lr_factor = 0.5
-    state = train.create_train_state(config, model, (32, 32, 3), jax.random.key(0), 10)
+    state = steps.create_train_state(config, model, (32, 32, 3), jax.random.key(0), 10)
     assert_same_variables({'params': state.params, 'batch_stats': state.batch_stats}, pretrained)
     before = flat({'params': state.params, 'batch_stats': {}})
 
@@ -306,7 +306,7 @@ def test_frozen_layers_stay_and_backbone_lr_is_scaled(tmp_path, monkeypatch):
         'image': jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
         'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
     }
-    step = jax.jit(train.train_step)
+    step = jax.jit(steps.train_step)
     for i in range(2):
         state, metrics = step(state, batch, jax.random.key(i))
     assert np.isfinite(float(metrics['loss']))

@@ -243,17 +243,14 @@ def load_dataset(config: ml_collections.ConfigDict, allow_streams: bool = False)
     train, val = validation_split(raw.train_images, raw.train_labels, config.val_fraction, seed)
     test = Split(raw.test_images, raw.test_labels)
     train = subsample(train, config.max_train_examples, seed + 1)
-    if config.max_eval_examples:
-        val = subsample(val, config.max_eval_examples, seed + 2) if val else None
-        test = subsample(test, config.max_eval_examples, seed + 3)
+    val = subsample(val, config.max_eval_examples, seed + 2) if val else None
+    test = subsample(test, config.max_eval_examples, seed + 3)
     sample = train.images
     if streams is not None:
-        channels = (1, 1, 1, streams[0].image_shape[-1])
-        sample = (
-            streams[0].examples(train.images[stats_sample(len(train))])
-            if config.normalize == 'dataset'
-            else np.zeros(channels, np.uint8)
-        )
+        if config.normalize == 'dataset':
+            sample = streams[0].examples(train.images[stats_sample(len(train))])
+        else:
+            sample = np.zeros((1, 1, 1, streams[0].image_shape[-1]), np.uint8)
         train, test = (streams[i].take(s.images, s.labels) for i, s in ((0, train), (1, test)))
         val = val and streams[0].take(val.images, val.labels)
     mean, std = channel_stats(sample, config.normalize)

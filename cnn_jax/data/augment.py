@@ -3,7 +3,7 @@
 Images arrive as uint8 NHWC batches gathered from the device-resident dataset. They are
 scaled to [0, 1], resized, augmented (padding and rotation fill with black, as
 torchvision does before `Normalize`) and then normalised per channel. When crop and flip
-are the only transforms and nothing is resized, `train.InputSpec` applies them to the
+are the only transforms and nothing is resized, `steps.InputSpec` applies them to the
 uint8 batch instead: they only move pixels, so the values are the same.
 """
 

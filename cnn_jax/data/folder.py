@@ -150,13 +150,12 @@ def read_folder(
         resized |= len({im.shape for im in images}) > 1
         arrays[f'{split}_images'] = _to_rgb_array(images, image_size, str(root / split))
         arrays[f'{split}_labels'] = np.asarray(labels, np.int32)
-    raw = RawData(**arrays, class_names=class_names)
     cached = cache_file(image_size if resized else None)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f'.{os.getpid()}-{os.urandom(4).hex()}.tmp.npz')  # One per writer.
     np.savez(tmp, **arrays, class_names=np.asarray(class_names))
     os.replace(tmp, cached)
-    return raw
+    return RawData(**arrays, class_names=class_names)
 
 
 def _image_shape(data: bytes | pathlib.Path) -> tuple[int, int, int]:

@@ -41,8 +41,7 @@ def list_examples(
         )
         examples.extend((p, label) for p in paths)
     random.Random(split).shuffle(examples)
-    paths = [p for p, _ in examples]
-    return paths, np.asarray([label for _, label in examples], np.int32)
+    return [p for p, _ in examples], np.asarray([label for _, label in examples], np.int32)
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:

@@ -48,6 +48,7 @@ DEVICE_MEMORY_FRACTION = 0.5
 # When the device reports no memory limit (the CPU backend): per device, and the CPU
 # devices of a host share its memory, each holding a copy.
 CPU_BUDGET_BYTES = 2 * 2**30
+PREFETCH = 4  # Batches a stream decodes ahead of the step.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +98,6 @@ def prefetch(iterable: Iterable[T], size: int) -> Iterator[T]:
     An exception in the thread is raised here; closing this generator (or leaving a for
     loop early) stops the thread and closes `iterable`.
     """
-    if size <= 0:
-        yield from iterable
-        return
     items: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
 
@@ -158,7 +156,7 @@ def to_device(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
 class Stream:
     """What both stream kinds share: `index` (the split's examples it serves) and their
     `labels`, evaluation, decoding. Options: `image_size` (a square resize on the host),
-    `process_index` and `process_count` (JAX's by default), `prefetch` (batches ahead)."""
+    `process_index` and `process_count` (JAX's by default)."""
 
     index: np.ndarray
     _labels: np.ndarray
@@ -171,9 +169,8 @@ class Stream:
         image_size: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
-        prefetch: int = 4,
     ):
-        self.image_size, self.prefetch = image_size, prefetch
+        self.image_size = image_size
         # JAX's own process where not given (tests pass them to play a process).
         count = jax.process_count() if process_count is None else process_count
         index = jax.process_index() if process_index is None else process_index
@@ -191,7 +188,7 @@ class Stream:
     def eval(self, batch_size: int) -> Iterator[Batch]:
         """This process's share of every example in order, padded (module doc)."""
         share = process_share(eval_order(len(self), batch_size), *self._process)
-        return prefetch(self._batches(share), self.prefetch)
+        return prefetch(self._batches(share), PREFETCH)
 
     def examples(self, index: np.ndarray) -> np.ndarray:
         """The decoded images of `index` (ascending for TFDS), e.g. a statistics sample."""
@@ -248,12 +245,9 @@ class Stream:
 
 
 class FolderStream(Stream):
-    """Batches of an image folder's split, decoded by Pillow threads as they are needed.
-
-    `image_size` resizes every image to a square of that size on the host (Pillow
-    bilinear, as `folder.read_folder` does for folders of mixed sizes); None keeps each
-    image's size, which must then be the same for all.
-    """
+    """Batches of an image folder's split, decoded by Pillow threads as they are needed;
+    without `image_size` (a host resize, as for `folder.read_folder`'s mixed sizes) every
+    image must have the first one's size."""
 
     def __init__(
         self,
@@ -277,7 +271,7 @@ class FolderStream(Stream):
     def train(self, order: np.ndarray, start_step: int = 0) -> Iterator[Batch]:
         """This process's share of the (steps, B) global `order`'s rows from `start_step`."""
         share = process_share(order, *self._process)[start_step:]
-        return prefetch(self._batches(share), self.prefetch)
+        return prefetch(self._batches(share), PREFETCH)
 
     def _load(self, path: str) -> np.ndarray:
         image = images_lib.load(path, self.image_size)
@@ -299,10 +293,8 @@ class FolderStream(Stream):
 class TfdsStream(Stream):
     """Batches of a prepared TFDS split; each process reads only its shard's records.
 
-    `take` selects (ascending) and relabels examples: the rest are skipped undecoded.
-    Within an epoch a process's shard is read through a shuffle buffer seeded from the
-    epoch's order (see the module doc). Resuming skips the records of the steps already
-    run before they are decoded.
+    `take` selects (ascending) and relabels examples: the rest are skipped undecoded. The
+    shard's order is the module doc's; resuming skips the steps already run undecoded.
     """
 
     def __init__(self, builder: Any, split: str, *, shuffle_buffer: int = 10_000, **options: Any):
@@ -379,7 +371,7 @@ class TfdsStream(Stream):
             Batch(images, labels, np.ones(b, np.float32), index)
             for index, images, labels in ds.as_numpy_iterator()
         )
-        return prefetch(batches, self.prefetch)
+        return prefetch(batches, PREFETCH)
 
     @contextlib.contextmanager
     def _decoder(self, examples: np.ndarray) -> Iterator[Callable]:

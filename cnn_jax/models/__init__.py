@@ -19,7 +19,6 @@ from cnn_jax.models.cifar_cnn6 import CifarCNN6
 from cnn_jax.models.mnist_cnn import MnistCNN
 from cnn_jax.models.small_cnn import SmallCNN
 
-# config.dtype -> the compute dtype (parameters stay float32).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # name -> module class or functools.partial alias; config.model picks one.

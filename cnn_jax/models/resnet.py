@@ -133,9 +133,8 @@ class ResNet(nn.Module):
                 )
                 x = block(x, train=train)
         x = GlobalAvgPool(name='avgpool')(x)
-        if features_only:
-            return x.astype(jnp.float32)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+        if not features_only:
+            x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
         return x.astype(jnp.float32)
 
 

@@ -5,5 +5,5 @@
 - `svm`: the frozen-feature + linear SVM task (`config.task='svm'`);
 - `compare`: per-class accuracy of a study's variants side by side.
 Fine-tuning itself is ordinary training with `config.pretrained`, `config.freeze` and
-`config.backbone_lr_factor` (see cnn_jax.train and cnn_jax.optim).
+`config.backbone_lr_factor` (see cnn_jax.steps and cnn_jax.optim).
 """

@@ -5,10 +5,7 @@ weights config.pretrained, extracts the pooled features (eval mode) of train (+ 
 test, cached in the workdir as features-<key>.npz (a hash of the weights file and the
 data/model config), fits StandardScaler + LinearSVC on train (+ val), evaluates on test
 and writes summary.json, report.md, roc.png and confusion_matrix.png. With
-config.one_vs_rest the labels are {0: rest, 1: class}.
-
-SVM options live in `config.svm` (all optional): C (1.0), class_weight (None or
-'balanced'), max_iter (5000).
+config.one_vs_rest the labels are {0: rest, 1: class}. LinearSVC's options come from config.svm.
 """
 
 import functools
@@ -116,13 +113,12 @@ def load_or_extract(
     train_images = np.concatenate([s.images for s in fit_splits])
     train_labels = np.concatenate([s.labels for s in fit_splits])
     model = build_model(config, ds.num_classes)
-    input_shape = model_input_shape(config, ds)
     # Every backbone tensor comes from the file, so the variables need only their shapes
     # (no init to compile); a replaced head stays abstract and is dropped: it is unused.
     abstract = jax.eval_shape(
         functools.partial(model.init, train=False),
         jax.random.key(config.seed),
-        jnp.zeros((1, *input_shape), jnp.float32),
+        jnp.zeros((1, *model_input_shape(config, ds)), jnp.float32),
     )
     loaded = load_torchvision(str(weights), abstract, arch=config.model)
     variables = {}
@@ -285,15 +281,13 @@ def run_svm(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     svm = config.svm
     clf = fit_svm(train_x, train_y, svm, config.seed)
-    pred = clf.predict(test_x)
-    scores = clf.decision_function(test_x)
-    metrics = report.classification_metrics(test_y, pred, k)
+    metrics = report.classification_metrics(test_y, clf.predict(test_x), k)
     cm = np.asarray(metrics['confusion_matrix'])
     if k == 2:
         precision, recall, f1 = _binary_prf(cm)
     else:
         precision, recall, f1 = metrics['precision'], metrics['recall'], metrics['f1']
-    curves = roc_curves(test_y, scores, k)
+    curves = roc_curves(test_y, clf.decision_function(test_x), k)
     auc = float(np.mean([c[2] for c in curves.values()])) if curves else None
 
     summary = {

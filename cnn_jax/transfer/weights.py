@@ -217,8 +217,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     path = os.path.expanduser(path)
     ext = _extension(path)
     check_exists(path)
-    reader = {'.safetensors': _read_safetensors, '.npz': _read_npz}.get(ext, _read_torch)
-    state = reader(path)
+    state = {'.safetensors': _read_safetensors, '.npz': _read_npz}.get(ext, _read_torch)(path)
     if not state:
         raise ConfigError(f'weights file {path} holds no tensors')
     if all(k.startswith('module.') for k in state):
@@ -340,8 +339,7 @@ def load_torchvision(path: str, variables: Mapping[str, Any], *, arch: str) -> d
         else:
             array = np.transpose(state[name], np.argsort(_torch_axes(value.ndim)))
             flat[collection][p] = jnp.asarray(array.astype(value.dtype))
-    out = dict(variables)
-    out['params'] = traverse_util.unflatten_dict(flat['params'])
+    out = {**variables, 'params': traverse_util.unflatten_dict(flat['params'])}
     if 'batch_stats' in variables or flat['batch_stats']:
         out['batch_stats'] = traverse_util.unflatten_dict(flat['batch_stats'])
     n = sum(1 for k in expected if not (keep_head and k in head_keys))

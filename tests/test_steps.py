@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import parallel, train
+from cnn_jax import parallel, steps
 from cnn_jax.models import create_model
 from tests.conftest import tiny_config
 
 
 def tiny_state(config, num_classes=4, shape=(8, 8, 1), mesh=None):
     model = create_model('small_cnn', num_classes, **config.model_options.to_dict())
-    state = train.create_train_state(config, model, shape, jax.random.key(0), 10)
+    state = steps.create_train_state(config, model, shape, jax.random.key(0), 10)
     if mesh is not None:
         state = jax.device_put(state, parallel.replicated(mesh))
     return state
@@ -26,13 +26,13 @@ def test_tiny_model_overfits_tiny_batch():
         'image': jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
         'label': jnp.asarray(rng.integers(0, 4, 16)),
     }
-    step = jax.jit(train.train_step)
+    step = jax.jit(steps.train_step)
     losses = []
     for _ in range(60):
         state, m = step(state, batch, jax.random.key(1))
         losses.append(float(m['loss'] / m['count']))
     assert losses[-1] < losses[0] / 20, losses[::10]
-    metrics, _ = train.eval_step(state, batch)
+    metrics, _ = steps.eval_step(state, batch)
     assert float(metrics['correct']) == 16.0
 
 
@@ -40,13 +40,13 @@ def test_eval_step_ignores_masked_examples():
     config = tiny_config()
     state = tiny_state(config)
     x = jnp.ones((4, 8, 8, 1))
-    full, _ = train.eval_step(state, {'image': x, 'label': jnp.asarray([0, 1, 2, 3])})
-    masked, _ = train.eval_step(
+    full, _ = steps.eval_step(state, {'image': x, 'label': jnp.asarray([0, 1, 2, 3])})
+    masked, _ = steps.eval_step(
         state,
         {'image': x, 'label': jnp.asarray([0, 1, 2, 3]), 'mask': jnp.asarray([1.0, 1.0, 0.0, 0.0])},
     )
     assert float(masked['count']) == 2.0
-    two, _ = train.eval_step(state, {'image': x[:2], 'label': jnp.asarray([0, 1])})
+    two, _ = steps.eval_step(state, {'image': x[:2], 'label': jnp.asarray([0, 1])})
     np.testing.assert_allclose(float(masked['loss']), float(two['loss']), rtol=1e-6)
     np.testing.assert_allclose(float(masked['correct']), float(two['correct']))
     assert float(full['count']) == 4.0
@@ -63,21 +63,21 @@ def test_eight_devices_match_one_device():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (64, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 4, 64).astype(np.int32)
-    spec = train.InputSpec(
-        mean=(0.5,), std=(0.25,), augment=train.augment_lib.AugmentConfig(flip=True, crop_padding=1)
+    spec = steps.InputSpec(
+        mean=(0.5,), std=(0.25,), augment=steps.augment_lib.AugmentConfig(flip=True, crop_padding=1)
     )
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:8]):
         mesh = parallel.make_mesh(devices)
-        steps = train.compile_steps(config, mesh, spec, num_train=64, steps_per_epoch=4)
+        compiled = steps.compile_steps(config, mesh, spec, num_train=64, steps_per_epoch=4)
         state = tiny_state(config, mesh=mesh)
-        acc = jax.device_put(train.zero_metrics(), parallel.replicated(mesh))
+        acc = jax.device_put(steps.zero_metrics(), parallel.replicated(mesh))
         x = parallel.put_replicated(images, mesh)
         y = parallel.put_replicated(labels, mesh)
-        perm = steps.permutation(jax.random.key(2), 0)
+        perm = compiled.permutation(jax.random.key(2), 0)
         losses = []
         for s in range(3):
-            state, acc = steps.train(state, acc, x, y, perm, np.int32(s), jax.random.key(3))
+            state, acc = compiled.train(state, acc, x, y, perm, np.int32(s), jax.random.key(3))
             losses.append(float(acc['loss']))
         assert state.params['Dense_0']['kernel'].sharding.num_devices == len(devices)
         results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))

@@ -71,9 +71,8 @@ def create_train_state(
     params = variables['params']
     tx = optim.build_optimizer(config, steps_per_epoch, params)  # Checks config.freeze too.
     apply_fn = model.apply
-    freeze = tuple(config.freeze)
-    if freeze:
-        head = config.head_name
+    if config.freeze:
+        freeze, head = tuple(config.freeze), config.head_name
         apply_fn = frozen_norm_apply(model, lambda name: optim.is_frozen(name, freeze, head))
     return TrainState.create(
         apply_fn=apply_fn, params=params, tx=tx, batch_stats=variables.get('batch_stats', {})
@@ -184,9 +183,8 @@ class InputSpec:
     ) -> dict[str, jax.Array]:
         """Gathers `indices` (None: the images are the batch), converts, augments when
         `rng` is given, normalises."""
-        if indices is not None:
-            images, labels = images[indices], labels[indices]
-        x = images
+        x = images if indices is None else images[indices]
+        labels = labels if indices is None else labels[indices]
         resized = self.image_size is not None and x.shape[1:3] != (self.image_size,) * 2
         # Crop and flip give the same values before the float conversion as after, and on
         # uint8 they move a quarter of the bytes: on 2 CPU cores this took SimpleNN's
@@ -261,17 +259,16 @@ def compile_steps(
     `input_train_step` at config.label_smoothing: nothing leaves the device between
     logging points.
     """
-    loss_name = config.loss
     repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
     train = functools.partial(
-        input_train_step(spec, shard, loss_name), label_smoothing=config.label_smoothing
+        input_train_step(spec, shard, config.loss), label_smoothing=config.label_smoothing
     )
 
     def evaluate(state, images, labels, indices, mask):
         batch = spec.make_batch(images, labels, indices)
         batch['mask'] = mask
-        return eval_step(state, batch, loss=loss_name)
+        return eval_step(state, batch, loss=config.loss)
 
     def permutation(rng, epoch):
         return epoch_permutation(rng, epoch, num_train, steps_per_epoch, config.batch_size)
@@ -316,7 +313,7 @@ def plain_steps(
     num_train: int,
     steps_per_epoch: int,
 ) -> VariantSteps:
-    """One ordinary train state and cnn_jax.train's compiled steps: a plain run (K=1)."""
+    """One ordinary train state and cnn_jax.steps' compiled steps: a plain run (K=1)."""
     (config,) = configs  # A plain run trains one config.
     init_rng, train_rng, data_rng = jax.random.split(jax.random.key(config.seed), 3)
     state = create_train_state(config, model, input_shape, init_rng, steps_per_epoch)
@@ -358,8 +355,7 @@ def evaluate(
     result = {'loss': float(total['loss']) / count, 'accuracy': float(total['correct']) / count}
     # Sharded across devices and processes: gathered whole once, not a host sync per batch.
     n = len(split)
-    predictions = np.concatenate([parallel.to_host(p) for p in preds])[:n] if preds else None
-    return result, predictions
+    return result, (np.concatenate([parallel.to_host(p) for p in preds])[:n] if preds else None)
 
 
 def optax_learning_rate(
