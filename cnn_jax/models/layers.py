@@ -124,14 +124,66 @@ def _strided_max(
     return out
 
 
-class SmallMapConv:
-    """`lax.conv_general_dilated`, but on maps of at most 2x2 pixels a matrix product.
+def tap_conv_wins(platform: str, kernel_shape: Sequence[int]) -> bool:
+    """Whether `tap_conv` beats lax on `platform` for an HWIO kernel of this shape.
 
-    For nn.Conv's `conv_general_dilated_cls`: parameters and results are nn.Conv's. XLA:CPU
-    runs a 3x3 convolution over a 2x2 map with 512 channels (ResNet-18's last stage at
-    64x64 input, VGG's last block at 32x32) in 1.1 s at batch 64, 40x its time on a 3x3
-    map; as shifted slices and one dot it is an ordinary matrix product. Stride 1,
-    explicit padding, no dilation or groups only; anything else goes to lax unchanged.
+    Only XLA:CPU, only few input channels and a small kernel: Eigen builds patches element
+    by element and multiplies them in a GEMM of only C_out columns, while a sum of shifted
+    slices fuses into one vectorised loop. Forward + weight gradient, CPU ms, batch 64
+    (results/benchmark/simplenn_cpu.md): SimpleNN 5x5 3->8 11.1 -> 8.0, 5x5 1->8 4.5 ->
+    1.4, ResNet-20 3x3 3->16 (batch 128) 14.4 -> 7.7, VGG 3x3 3->64 18.9 -> 14.1; lost
+    at 5x5 3->32 (fwd 1.4x), 3x3 8->16 (1.3x), 7x7 3->64 (1.8x).
+    """
+    kh, kw, cin, cout = kernel_shape
+    return platform == 'cpu' and cin <= 3 and kh * kw * cin * cout <= 1024
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def tap_conv(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    """NHWC x HWIO convolution as a sum over taps of shifted slices times kernel rows.
+
+    Accumulates in float32; the gradients are lax's (its weight gradient is fast here).
+    Non-finite kernels take lax's path, so that NaN and inf propagate as there. The
+    conditional also makes XLA:CPU keep the sum's result: otherwise it fuses the sum into
+    each consumer, recomputing it in ReLU's and pooling's gradients (SimpleNN 3.7x slower).
+    """
+    branches = (functools.partial(f, strides=strides, pads=pads) for f in (_tap_sum, _lax_nhwc))
+    return lax.cond(jnp.isfinite(w).all(), *branches, x, w)
+
+
+def _tap_sum(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    kh, kw, cin, _ = w.shape
+    (sh, sw), f32 = strides, jnp.float32
+    xp = jnp.pad(x.astype(f32), ((0, 0), *pads, (0, 0)))
+    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    out = jnp.zeros((), f32)
+    for i in range(kh):
+        for j in range(kw):
+            part = xp[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+            for c in range(cin):
+                out = out + part[..., c : c + 1] * w[i, j, c].astype(f32)
+    return out.astype(x.dtype)
+
+
+def _lax_nhwc(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+tap_conv.defvjp(
+    lambda x, w, strides, pads: (tap_conv(x, w, strides, pads), (x, w)),
+    lambda strides, pads, res, g: jax.vjp(lambda x, w: _lax_nhwc(x, w, strides, pads), *res)[1](g),
+)
+
+
+class SmallMapConv:
+    """`lax.conv_general_dilated` in the formulation that XLA:CPU runs fastest.
+
+    For nn.Conv's `conv_general_dilated_cls`: parameters and results are nn.Conv's.
+    - On maps of at most 2x2 pixels, a matrix product: XLA:CPU runs a 3x3 convolution
+      over a 2x2 map with 512 channels (ResNet-18's last stage at 64x64 input, VGG's last
+      block at 32x32) in 1.1 s at batch 64, 40x its time on a 3x3 map.
+    - Where `tap_conv_wins` (first layers on CPU), `tap_conv`.
+    NHWC without dilation or groups only; anything else goes to lax unchanged.
     """
 
     def __call__(
@@ -149,17 +201,20 @@ class SmallMapConv:
     ) -> jax.Array:
         nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
         unit = (None, (1, 1))
-        if (
+        plain = not (
             lhs.ndim != 4
-            or max(lhs.shape[1:3]) > 2
-            or tuple(window_strides) != (1, 1)
-            or isinstance(padding, str)
             or (lhs_dilation is not None and tuple(lhs_dilation) not in unit)
             or (rhs_dilation is not None and tuple(rhs_dilation) not in unit)
             or feature_group_count != 1
             or dimension_numbers != nhwc
             or kwargs
-        ):
+        )
+        strides = tuple(window_strides)
+        if plain and tap_conv_wins(jax.default_backend(), rhs.shape):
+            if isinstance(padding, str):
+                padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+            return tap_conv(lhs, rhs, strides, tuple(map(tuple, padding)))
+        if not plain or max(lhs.shape[1:3]) > 2 or strides != (1, 1) or isinstance(padding, str):
             return lax.conv_general_dilated(
                 lhs,
                 rhs,
