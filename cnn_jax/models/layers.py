@@ -147,8 +147,18 @@ def tap_conv(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Arr
     conditional also makes XLA:CPU keep the sum's result: otherwise it fuses the sum into
     each consumer, recomputing it in ReLU's and pooling's gradients (SimpleNN 3.7x slower).
     """
-    branches = (functools.partial(f, strides=strides, pads=pads) for f in (_tap_sum, _lax_nhwc))
-    return lax.cond(jnp.isfinite(w).all(), *branches, x, w)
+    tap_sum, lax_conv = (functools.partial(f, strides=strides, pads=pads) for f in _FORMS)
+    conv = jax.custom_batching.custom_vmap(
+        lambda x, w: lax.cond(jnp.isfinite(w).all(), tap_sum, lax_conv, x, w)
+    )
+    # Under vmap (a sweep's variants) the conditional would run both branches: lax's path.
+    conv.def_vmap(
+        lambda _, batched, x, w: (
+            jax.vmap(lax_conv, [0 if b else None for b in batched])(x, w),
+            True,
+        )
+    )
+    return conv(x, w)
 
 
 def _tap_sum(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
@@ -169,6 +179,7 @@ def _lax_nhwc(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Ar
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+_FORMS = (_tap_sum, _lax_nhwc)
 tap_conv.defvjp(
     lambda x, w, strides, pads: (tap_conv(x, w, strides, pads), (x, w)),
     lambda strides, pads, res, g: jax.vjp(lambda x, w: _lax_nhwc(x, w, strides, pads), *res)[1](g),
