@@ -7,6 +7,7 @@ model's parameter tree.
 """
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_batching import custom_vmap
 
 from cnn_jax.errors import ConfigError
 
@@ -125,14 +127,12 @@ def _strided_max(
 
 
 def tap_conv_wins(platform: str, kernel_shape: Sequence[int]) -> bool:
-    """Whether `tap_conv` beats lax on `platform` for an HWIO kernel of this shape.
+    """Whether `tap_conv` beats lax for this HWIO kernel: XLA:CPU's first layers only.
 
-    Only XLA:CPU, only few input channels and a small kernel: Eigen builds patches element
-    by element and multiplies them in a GEMM of only C_out columns, while a sum of shifted
-    slices fuses into one vectorised loop. Forward + weight gradient, CPU ms, batch 64
-    (results/benchmark/simplenn_cpu.md): SimpleNN 5x5 3->8 11.1 -> 8.0, 5x5 1->8 4.5 ->
-    1.4, ResNet-20 3x3 3->16 (batch 128) 14.4 -> 7.7, VGG 3x3 3->64 18.9 -> 14.1; lost
-    at 5x5 3->32 (fwd 1.4x), 3x3 8->16 (1.3x), 7x7 3->64 (1.8x).
+    There Eigen builds patches element by element for a GEMM of few columns. CPU ms, conv,
+    ReLU, pool, forward and weight gradient, batch 64 (results/benchmark/simplenn_cpu.md):
+    5x5 3->8 15.2 -> 9.8, 5x5 1->8 6.7 -> 2.6, 3x3 3->16 (batch 128) 29.2 -> 20.6; lost at
+    3x3 3->64 (1.02x), 5x5 3->32 (1.11x). SimpleNN's whole train step: 0.75x CPU time.
     """
     kh, kw, cin, cout = kernel_shape
     return platform == 'cpu' and cin <= 3 and kh * kw * cin * cout <= 1024
@@ -140,49 +140,41 @@ def tap_conv_wins(platform: str, kernel_shape: Sequence[int]) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def tap_conv(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
-    """NHWC x HWIO convolution as a sum over taps of shifted slices times kernel rows.
-
-    Accumulates in float32; the gradients are lax's (its weight gradient is fast here).
-    Non-finite kernels take lax's path, so that NaN and inf propagate as there. The
-    conditional also makes XLA:CPU keep the sum's result: otherwise it fuses the sum into
-    each consumer, recomputing it in ReLU's and pooling's gradients (SimpleNN 3.7x slower).
+    """NHWC x HWIO convolution as one fused float32 sum of shifted slices times kernel rows;
+    lax's gradients. The conditional keeps the sum's result: XLA:CPU would fuse the sum into
+    each consumer, recomputing it in ReLU's and pooling's gradients (SimpleNN's step 3.7x
+    slower). A non-finite kernel runs lax (NaN and inf propagate as there), and so does
+    vmap (a sweep's variants), under which the conditional would run both branches.
     """
-    tap_sum, lax_conv = (functools.partial(f, strides=strides, pads=pads) for f in _FORMS)
-    conv = jax.custom_batching.custom_vmap(
-        lambda x, w: lax.cond(jnp.isfinite(w).all(), tap_sum, lax_conv, x, w)
-    )
-    # Under vmap (a sweep's variants) the conditional would run both branches: lax's path.
-    conv.def_vmap(
-        lambda _, batched, x, w: (
-            jax.vmap(lax_conv, [0 if b else None for b in batched])(x, w),
-            True,
-        )
-    )
+    sums, convs = (functools.partial(f, strides=strides, pads=pads) for f in (_tap_sum, _lax))
+    conv = custom_vmap(lambda x, w: lax.cond(jnp.isfinite(w).all(), sums, convs, x, w))
+    conv.def_vmap(lambda _, bat, *a: (jax.vmap(convs, [0 if b else None for b in bat])(*a), True))
     return conv(x, w)
 
 
+def _shifted(x: jax.Array, kh: int, kw: int, strides: Sequence[int], pads: Any):
+    """(i, j, the padded input's slice that kernel tap (i, j) multiplies)."""
+    x, (sh, sw) = jnp.pad(x, ((0, 0), *map(tuple, pads), (0, 0))), strides
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    for i, j in itertools.product(range(kh), range(kw)):
+        yield i, j, x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+
+
 def _tap_sum(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
-    kh, kw, cin, _ = w.shape
-    (sh, sw), f32 = strides, jnp.float32
-    xp = jnp.pad(x.astype(f32), ((0, 0), *pads, (0, 0)))
-    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    out = jnp.zeros((), f32)
-    for i in range(kh):
-        for j in range(kw):
-            part = xp[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
-            for c in range(cin):
-                out = out + part[..., c : c + 1] * w[i, j, c].astype(f32)
+    out, f32 = jnp.zeros((), jnp.float32), jnp.float32
+    for i, j, part in _shifted(x.astype(f32), *w.shape[:2], strides, pads):
+        for c in range(w.shape[2]):
+            out = out + part[..., c : c + 1] * w[i, j, c].astype(f32)
     return out.astype(x.dtype)
 
 
-def _lax_nhwc(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+def _lax(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-_FORMS = (_tap_sum, _lax_nhwc)
 tap_conv.defvjp(
     lambda x, w, strides, pads: (tap_conv(x, w, strides, pads), (x, w)),
-    lambda strides, pads, res, g: jax.vjp(lambda x, w: _lax_nhwc(x, w, strides, pads), *res)[1](g),
+    lambda strides, pads, res, g: jax.vjp(lambda x, w: _lax(x, w, strides, pads), *res)[1](g),
 )
 
 
@@ -211,39 +203,20 @@ class SmallMapConv:
         **kwargs: Any,
     ) -> jax.Array:
         nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
-        unit = (None, (1, 1))
-        plain = not (
-            lhs.ndim != 4
-            or (lhs_dilation is not None and tuple(lhs_dilation) not in unit)
-            or (rhs_dilation is not None and tuple(rhs_dilation) not in unit)
-            or feature_group_count != 1
-            or dimension_numbers != nhwc
-            or kwargs
-        )
-        strides = tuple(window_strides)
+        plain = lhs.ndim == 4 and dimension_numbers == nhwc and feature_group_count == 1
+        dilated = [d for d in (lhs_dilation, rhs_dilation) if d is not None and tuple(d) != (1, 1)]
+        plain = plain and not kwargs and not dilated
+        strides, (kh, kw, _, cout) = tuple(window_strides), rhs.shape
+        if plain and isinstance(padding, str):
+            padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), strides, padding)
         if plain and tap_conv_wins(jax.default_backend(), rhs.shape):
-            if isinstance(padding, str):
-                padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
             return tap_conv(lhs, rhs, strides, tuple(map(tuple, padding)))
-        if not plain or max(lhs.shape[1:3]) > 2 or strides != (1, 1) or isinstance(padding, str):
-            return lax.conv_general_dilated(
-                lhs,
-                rhs,
-                window_strides,
-                padding,
-                lhs_dilation=lhs_dilation,
-                rhs_dilation=rhs_dilation,
-                dimension_numbers=dimension_numbers,
-                feature_group_count=feature_group_count,
-                precision=precision,
-                **kwargs,
-            )
-        kh, kw, cin, cout = rhs.shape
-        x = jnp.pad(lhs, ((0, 0), *map(tuple, padding), (0, 0)))
-        oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-        cols = [x[:, i : i + oh, j : j + ow] for i in range(kh) for j in range(kw)]
-        return jnp.dot(
-            jnp.concatenate(cols, axis=-1), rhs.reshape(kh * kw * cin, cout), precision=precision
+        if plain and max(lhs.shape[1:3]) <= 2 and strides == (1, 1):
+            cols = jnp.concatenate([p for _, _, p in _shifted(lhs, kh, kw, strides, padding)], -1)
+            return jnp.dot(cols, rhs.reshape(-1, cout), precision=precision)
+        args = (lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, *args, precision=precision, **kwargs
         )
 
 
