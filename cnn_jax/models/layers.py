@@ -127,15 +127,15 @@ def _strided_max(
 
 
 def tap_conv_wins(platform: str, kernel_shape: Sequence[int]) -> bool:
-    """Whether `tap_conv` beats lax for this HWIO kernel: XLA:CPU's first layers only.
-
-    There Eigen builds patches element by element for a GEMM of few columns. CPU ms, conv,
-    ReLU, pool, forward and weight gradient, batch 64 (results/benchmark/simplenn_cpu.md):
-    5x5 3->8 15.2 -> 9.8, 5x5 1->8 6.7 -> 2.6, 3x3 3->16 (batch 128) 29.2 -> 20.6; lost at
-    3x3 3->64 (1.02x), 5x5 3->32 (1.11x). SimpleNN's whole train step: 0.75x CPU time.
+    """Whether `tap_conv` beats lax for this HWIO kernel: XLA:CPU's 5x5+ first layers only,
+    where Eigen builds patches element by element for a GEMM of few columns. CPU ms, conv +
+    ReLU + pool, forward + weight gradient (`python -m benchmarks.profile_step --first-convs`,
+    results/benchmark/simplenn_cpu.md): 5x5 3->8 9.9 -> 8.0, 5x5 1->8 5.2 -> 2.3; SimpleNN's
+    step 0.76x. Lost at 5x5 3->32 (1.26x); ResNet-20's 3x3 3->16 stem won alone (0.66x) but
+    not in its step (1.02x, 1.04x), so 3x3 kernels keep lax.
     """
     kh, kw, cin, cout = kernel_shape
-    return platform == 'cpu' and cin <= 3 and kh * kw * cin * cout <= 1024
+    return platform == 'cpu' and cin <= 3 and kh * kw >= 25 and kh * kw * cin * cout <= 1024
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
