@@ -171,7 +171,11 @@ def test_tap_conv_non_finite_kernels_and_vmap_take_lax():
         jnp.isnan(layers.tap_conv(x, nan, (1, 1), pads)),
         jnp.isnan(layers._lax(x, nan, (1, 1), pads)),
     )
-    got = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, layers.tap_conv))))(w)
+    vmapped = jax.vmap(jax.value_and_grad(functools.partial(loss, layers.tap_conv)))
+    text = str(jax.make_jaxpr(vmapped)(w))
+    assert 'cond' not in text and 'select_n' not in text  # Not both branches: lax alone.
+    assert 'cond' in str(jax.make_jaxpr(functools.partial(loss, layers.tap_conv))(w[0]))
+    got = jax.jit(vmapped)(w)
     want = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, layers._lax))))(w)
     _assert_close(got, want, 1e-6)
 
