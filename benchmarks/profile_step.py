@@ -301,13 +301,13 @@ def step_ab_cpu_ms(model: str, reps: int, rounds: int) -> dict[str, float]:
     import jax.numpy as jnp
 
     from benchmarks.cases import CASES
-    from cnn_jax import train
+    from cnn_jax import steps as steps_lib
     from cnn_jax.models import create_model, layers
 
     case = CASES[model]
     config = case.config()
     net = create_model(case.model, case.num_classes, **config.model_options.to_dict())
-    state = train.create_train_state(config, net, case.input_shape, jax.random.key(0), 100)
+    state = steps_lib.create_train_state(config, net, case.input_shape, jax.random.key(0), 100)
     rng = np.random.default_rng(0)
     batch = {
         'image': jnp.asarray(rng.normal(size=(case.batch_size, *case.input_shape)), jnp.float32),
@@ -321,7 +321,7 @@ def step_ab_cpu_ms(model: str, reps: int, rounds: int) -> dict[str, float]:
     for form in ('lax', 'tap_conv'):
         chooser = layers.tap_conv_wins if form == 'tap_conv' else (lambda *_: False)
         with mock.patch.object(layers, 'tap_conv_wins', chooser):
-            steps[form] = jax.jit(functools.partial(train.train_step))  # Its own trace.
+            steps[form] = jax.jit(functools.partial(steps_lib.train_step))  # Its own trace.
             call(steps[form])
     totals = collections.Counter()
     for _ in range(rounds):

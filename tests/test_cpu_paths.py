@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import optim, parallel, train
+from cnn_jax import optim, parallel, steps
 from cnn_jax.models import create_model, layers
 from configs import default
 
@@ -215,7 +215,7 @@ def _check_model(model_name, shape, batch_size, monkeypatch, taps):
     model = create_model(model_name, 10)
     variables = _numpy_variables(model, shape)
     tx = optim.build_optimizer(config, 10, variables['params'])
-    state = train.TrainState.create(
+    state = steps.TrainState.create(
         apply_fn=model.apply,
         tx=tx,
         params=variables['params'],
@@ -234,7 +234,7 @@ def _check_model(model_name, shape, batch_size, monkeypatch, taps):
         with monkeypatch.context() as patch:
             _force_platform(patch, platform)
             # A new function object: jit's trace cache would return the last platform's trace.
-            traced = jax.jit(functools.partial(train.train_step)).trace(*args)
+            traced = jax.jit(functools.partial(steps.train_step)).trace(*args)
         # Each CPU formulation runs where, and only where, the CPU choice was made.
         text = str(traced.jaxpr)
         assert ('name=relu' in text or 'let relu =' in text) == (platform != 'cpu')  # nn.relu
