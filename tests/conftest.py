@@ -12,9 +12,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope='session')
 def suite_cache(request, tmp_path_factory):
-    """One folder for the suite's caches, in .pytest_cache: the fast and the slow tier (one
-    .ci/run) and pytest-xdist's workers share it, so CIFAR-10's archive is decoded once and a
-    program compiled once. Under -p no:cacheprovider, a temporary folder per session."""
+    """One folder for the suite's caches, in .pytest_cache: the fast and the slow tier of one
+    .ci/run share it, so CIFAR-10's archive is decoded once and a program compiled once.
+    Under -p no:cacheprovider, a temporary folder per session."""
     cache = getattr(request.config, 'cache', None)
     return cache.mkdir('cnn_jax_test_cache') if cache else tmp_path_factory.mktemp('cache')
 
