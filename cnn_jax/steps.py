@@ -35,10 +35,10 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
-# XLA:CPU spends most of a small run's compile time on the initialiser's random draws at its
-# default LLVM optimisation level (SimpleNN 12 s, ResNet-20 26 s of a 2-core machine); level 1
-# compiles them in a fifth to a half of that, to the same bits (tests/test_steps.py checks
-# this against the default compile). Level 0 changes the bits: not used.
+# XLA:CPU compiles the initialiser's random draws slowly at its default LLVM optimisation
+# level; level 1 gives the same bits 2.3-6x sooner (idle, 2 cores: SimpleNN 3.0 -> 0.5 s,
+# ResNet-20 4.1 -> 1.3 s; `python -m benchmarks.init_compile`; tests/test_steps.py checks the
+# bits against the default compile). Level 0 changes the bits: not used.
 INIT_CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 
 
