@@ -81,6 +81,8 @@ RULES: tuple[tuple[str, Check, str], ...] = (
     ('step_epochs', _numbers_above_zero, 'a tuple of epochs > 0'),
     ('step_factor', _above(0), '> 0'),
     ('grad_clip_norm', _optional(_above(0)), '> 0 or None'),
+    ('grad_accum_steps', _at_least(1, whole=True), 'a whole number >= 1 (1: off)'),
+    ('ema_decay', _fraction, 'in [0, 1) (0: off)'),
     ('backbone_lr_factor', _at_least(0), '>= 0'),
     ('label_smoothing', _fraction, 'in [0, 1)'),
     ('sanity_loss_tolerance', _above(0), '> 0'),

@@ -157,11 +157,23 @@ def write_report(
         for split in ('train', 'val', 'test')
         if s.get(f'{split}_accuracy') is not None
     ]
+    raw = s.get('test_raw_accuracy')
+    if raw is not None:  # cnn_jax.ema: the averaged weights were evaluated.
+        results.append(('test, raw weights', raw, s.get('test_raw_loss')))
     parts += [
         '## Results',
         '',
         markdown_table(('split', 'accuracy', 'loss'), results),
         '',
+        *(
+            [
+                'Evaluated with the moving average of the weights (ema_decay); the last row is '
+                'the raw weights.',
+                '',
+            ]
+            if raw is not None
+            else []
+        ),
         f'Macro precision {s["precision"]:.4f}, recall {s["recall"]:.4f}, F1 {s["f1"]:.4f}.',
         '',
         f'{s["epochs_run"]} epochs, best epoch {s.get("best_epoch")}'

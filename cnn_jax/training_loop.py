@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from cnn_jax import parallel, steps
+from cnn_jax import accumulate, ema, parallel, steps
 from cnn_jax.checkpoints import Checkpoints
 from cnn_jax.data import Dataset
 from cnn_jax.data.augment import AugmentConfig
@@ -85,11 +85,13 @@ class StopRequest:
 
 def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int, str, str]:
     """(steps per epoch, the metric the best checkpoint tracks, 'min' or 'max')."""
-    num_train = len(dataset.train)
-    steps_per_epoch = num_train // config.batch_size
+    num_train, batch = len(dataset.train), accumulate.optimizer_batch(config)
+    steps_per_epoch = num_train // batch  # Optimiser steps (grad_accum_steps micro-batches).
     if steps_per_epoch == 0:
+        accum = f' x grad_accum_steps={config.grad_accum_steps}' * (batch != config.batch_size)
         raise ConfigError(
-            f'batch_size={config.batch_size} is larger than the {num_train} training examples'
+            f'batch_size={config.batch_size}{accum} is larger than the {num_train} training '
+            'examples'
         )
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
@@ -419,6 +421,8 @@ class _Loop:
             self._mask()
 
     def _evaluate(self, state: steps.TrainState, split: str, predictions: bool = False):
+        """`split`'s metrics of the state's moving average when it keeps one (cnn_jax.ema)."""
+        state = ema.weights_to_evaluate(state)
         data = self.splits[split]
         if split == 'train':  # Val and test were capped when they were loaded.
             data = data.strided(self.config.max_eval_examples)
@@ -440,6 +444,8 @@ class _Loop:
             r.ckpt.close()
             r.report.close()
             evals = {split: self._evaluate(state, split, split == 'test') for split in self.splits}
+            if state.ema is not None:  # The report gives the raw weights' accuracy too.
+                evals['test_raw'] = self._evaluate(ema.raw_weights(state), 'test')
             results.append(
                 TrainResult(
                     state=state,

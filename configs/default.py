@@ -69,6 +69,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.step_epochs = ()  # 'step' schedule: epochs at which lr is multiplied by step_factor.
     c.step_factor = 0.1
     c.grad_clip_norm = config_dict.placeholder(float)
+    # Gradient accumulation (timm --grad-accum-steps): each optimiser step sees
+    # batch_size x grad_accum_steps examples, run as grad_accum_steps micro-batches of
+    # batch_size inside the compiled step; schedules and steps_per_epoch count optimiser
+    # steps. 1: off. See cnn_jax.accumulate.
+    c.grad_accum_steps = 1
+    # Moving average of the weights and BatchNorm statistics (timm --model-ema
+    # --model-ema-decay), used for evaluation, the best checkpoint and the report. 0: off.
+    c.ema_decay = 0.0
+    # Decay min(ema_decay, (1 + n) / (10 + n)) after optimiser step n (cnn_jax.ema).
+    c.ema_warmup = False
     # Fine-tuning: top-level parameter names (or prefixes) to freeze; ('backbone',) = all
     # but the head. backbone_lr_factor scales the learning rate of non-head parameters.
     c.freeze = ()
