@@ -9,9 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import ema, experiment, steps, tasks, training_loop
+from cnn_jax import ema, experiment, parallel, steps, sweep, tasks, training_loop
+from cnn_jax.data import load_dataset
+from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import Interrupted
 from cnn_jax.models import create_model
+from cnn_jax.training_loop import input_spec
 from tests import conftest
 from tests.conftest import tiny_config
 
@@ -97,3 +100,37 @@ def test_ema_run_resumed_mid_epoch_ends_where_the_uninterrupted_run_ends(tmp_pat
         rel_tol=1e-6,
         abs_tol=1e-6,
     )
+
+
+# --- Vectorised sweeps ----------------------------------------------------------------------
+
+
+def test_a_vectorised_sweep_keeps_each_variants_average_and_accumulates():
+    """Two learning rates, EMA and 2 micro-batches: the second variant of the stack ends
+    with the weights and average of its own compiled run (3 steps)."""
+    config = tiny_config(optimizer='momentum', learning_rate=0.05, batch_size=16)
+    config.ema_decay, config.ema_warmup, config.grad_accum_steps = 0.9, True, 2
+    config.model_options.dropout_rate = 0.2
+    dataset = load_dataset(config)
+    mesh, n = parallel.make_mesh(), len(dataset.train)
+    spec, shape = input_spec(config, dataset), model_input_shape(config, dataset)
+    model = experiment.build_model(config, dataset.num_classes)
+    images = parallel.put_replicated(dataset.train.images, mesh)
+    labels = parallel.put_replicated(dataset.train.labels, mesh)
+    configs = sweep.variant_configs(config, [{'learning_rate': 0.1}, {'learning_rate': 0.01}])
+    made = sweep.stacked_steps(configs, model, shape, spec, mesh, n, 10)
+    state = jax.device_put(made.state, parallel.replicated(mesh))
+    acc, perm = made.zero_metrics(), made.permutation(0)
+    for s in range(3):
+        state, acc = made.train(state, acc, images, labels, perm, np.int32(s), made.rng, None)
+    k = 1  # Not the first: its learning rate is the stack's own, not the base config's.
+    alone = steps.plain_steps([configs[k]], model, shape, spec, mesh, n, 10)
+    one, acc1, perm1 = alone.state, alone.zero_metrics(), alone.permutation(0)
+    for s in range(3):
+        one, acc1 = alone.train(one, acc1, images, labels, perm1, np.int32(s), alone.rng, None)
+    got = jax.device_get(made.variant(state, k))
+    want, got = jax.tree.leaves((one.params, one.ema)), jax.tree.leaves((got.params, got.ema))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    leaves = jax.tree.leaves(jax.device_get(state.ema['params']))
+    assert not np.allclose(leaves[0][0], leaves[0][1])  # The variants' averages differ.
