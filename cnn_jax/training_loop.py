@@ -48,7 +48,8 @@ class TrainResult:
     diverged_at_step: int | None
     stopped_early: bool
     best_epoch: int | None
-    evals: dict[str, dict[str, float]]  # Final {'train'|'val'|'test': {loss, accuracy}}.
+    # Final {'train'|'val'|'test': {loss, accuracy}}, and 'test_raw' with an EMA (cnn_jax.ema).
+    evals: dict[str, dict[str, float]]
     test_predictions: np.ndarray
     steps_per_epoch: int
     train_steps_per_s: float
@@ -88,7 +89,9 @@ def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int
     num_train, batch = len(dataset.train), accumulate.optimizer_batch(config)
     steps_per_epoch = num_train // batch  # Optimiser steps (grad_accum_steps micro-batches).
     if steps_per_epoch == 0:
-        accum = f' x grad_accum_steps={config.grad_accum_steps}' * (batch != config.batch_size)
+        accum = (
+            f' x grad_accum_steps={config.grad_accum_steps}' if batch != config.batch_size else ''
+        )
         raise ConfigError(
             f'batch_size={config.batch_size}{accum} is larger than the {num_train} training '
             'examples'

@@ -125,6 +125,8 @@ BAD_VALUES = {
     'step_epochs': [(0,), (5, -1)],
     'step_factor': [0.0],
     'grad_clip_norm': [0.0],
+    'grad_accum_steps': [0, -2],
+    'ema_decay': [1.0, -0.1],
     'backbone_lr_factor': [-1.0],
     'label_smoothing': [1.0],
     'sanity_loss_tolerance': [0.0],
