@@ -114,9 +114,10 @@ def test_default_levers_are_bit_identical_to_the_step_before_them():
 
 
 def run_config(batch_size, accum):
-    """Digits, 256 training examples: 8 optimiser steps of 32, a warmup-cosine schedule."""
+    """Digits, 128 training examples: 4 optimiser steps of 32, a warmup-cosine schedule."""
     c = config(batch_size, accum)
-    c.num_epochs, c.steps_per_epoch, c.max_train_examples = 1, None, 256
+    c.num_epochs, c.steps_per_epoch, c.max_train_examples = 1, None, 128
+    c.max_eval_examples = 96
     c.schedule, c.warmup_epochs = 'warmup_cosine', 0.5
     return c
 
@@ -125,7 +126,7 @@ def test_an_accumulated_run_equals_its_large_batch_twin(tmp_path):
     """Through tasks.run (what launch.py calls): the schedule counts optimiser steps."""
     twin = tasks.run(run_config(32, 1), tmp_path / 'twin')
     accumulated = tasks.run(run_config(16, 2), tmp_path / 'accumulated')
-    assert accumulated['steps_per_epoch'] == twin['steps_per_epoch'] == 256 // 32
+    assert accumulated['steps_per_epoch'] == twin['steps_per_epoch'] == 128 // 32
     for key in ('train_loss', 'val_loss', 'test_loss', 'test_accuracy', 'val_accuracy'):
         np.testing.assert_allclose(accumulated[key], twin[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
