@@ -190,7 +190,7 @@ def _check(case: Case, shape, dtype: str = 'float32', k: int = 1) -> dict[str, A
 
 def speed_rows(tiny: bool, accelerator: bool) -> list[tuple[Case, str]]:
     """(case, dtype) of every speed row: bfloat16 on accelerators, float32 on CPU, and
-    ResNet-50 in both. --tiny: batch 8, resized inputs at 32."""
+    ResNet-50 in both. --tiny: batch 8, resized inputs at 32 (tiny_rows: one per family)."""
     low = 'bfloat16' if accelerator else 'float32'
     names = [
         ('resnet50', 'bfloat16'),
@@ -211,6 +211,15 @@ def speed_rows(tiny: bool, accelerator: bool) -> list[tuple[Case, str]]:
     return rows
 
 
+def tiny_rows(rows: list[tuple[Case, str]]) -> list[tuple[Case, str]]:
+    """The first row of each model family: what --tiny times (CI's CPU compiles each deep
+    net for tens of seconds; the rows of one family run the same code)."""
+    firsts: dict[str, tuple[Case, str]] = {}
+    for case, dtype in rows:
+        firsts.setdefault(device_checks.model_family(case.model), (case, dtype))
+    return list(firsts.values())
+
+
 SCANNED = ('resnet20', 'simplenn')  # Short steps: where dispatch may bound the rate.
 
 
@@ -224,8 +233,14 @@ def speed(report: Report, opts: Options) -> None:
         else {'steps': 5, 'windows': 3, 'warmup': 2, 'settle_s': 0.1, 'window_s': 0.5}
     )
     report.step('speed')['settings'] = settings
-    for case, dtype in speed_rows(opts.tiny, accelerator):
+    rows = speed_rows(opts.tiny, accelerator)
+    timed = tiny_rows(rows) if opts.tiny else rows
+    for case, dtype in rows:
         label = {'model': case.name, 'dtype': dtype}
+        if (case, dtype) not in timed:
+            skip = '--tiny: one model per family'
+            report.step('speed')['rows'].append({**label, 'tiny_skipped': skip})
+            continue
 
         def measure(case=case, dtype=dtype) -> dict[str, Any]:
             row = train_step.measure_case(
@@ -247,7 +262,7 @@ def speed(report: Report, opts: Options) -> None:
     chunk = 4 if opts.tiny else 50
     scan_settings = {'windows': 1, 'window_s': 0.0} if opts.tiny else {}
     report.step('speed')['scan'] = report.step('speed').get('scan', [])
-    for case, dtype in speed_rows(opts.tiny, accelerator):
+    for case, dtype in timed:
         if case.name in SCANNED:
             label = {'scan_of': case.name, 'dtype': dtype}
 
@@ -261,16 +276,17 @@ def speed(report: Report, opts: Options) -> None:
 
 
 def sweep(report: Report, opts: Options) -> None:
-    """K = 1, 2, 4, 8 SimpleNN variants as one program against K separate runs."""
-    case = CASES['simplenn']
+    """K = 1, 2, 4, 8 SimpleNN variants (--tiny: 1, 2) as one program against K separate
+    runs."""
+    case, ks = CASES['simplenn'], (1, 2, 4, 8)
     settings = {'steps': 5, 'windows': 3, 'warmup': 2, 'settle_s': 0.1, 'window_s': 0.5}
     if opts.tiny:
-        case = dataclasses.replace(case, batch_size=8)
+        case, ks = dataclasses.replace(case, batch_size=8), (1, 2)
         settings = {'steps': 1, 'windows': 1, 'warmup': 1, 'settle_s': 0.0, 'window_s': 0.0}
 
     def measure() -> dict[str, Any]:
         result = vectorized.benchmark_vectorized(
-            case.config(), case.input_shape, case.num_classes, (1, 2, 4, 8), **settings
+            case.config(), case.input_shape, case.num_classes, ks, **settings
         )
         report.step('sweep')['result'] = result
         return {'separate_ips': result['separate_ips'], 'rows': len(result['rows'])}

@@ -57,8 +57,8 @@ def outcome(row: dict[str, Any]) -> str:
     """'ok', the skip reason, or the error of one row."""
     if row.get('same_network_as'):
         return f'alias: the network of {row["same_network_as"]}'
-    if row.get('skipped'):
-        return f'skipped: {row["skipped"]}'
+    if row.get('skipped') or row.get('tiny_skipped'):
+        return f'skipped: {row.get("skipped") or row["tiny_skipped"]}'
     if row.get('error'):
         return f'**error**: {row["error"].splitlines()[0][:200]}'
     return 'ok'

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from cnn_jax.xla_cpu import use_recommended_flags
 
@@ -227,6 +230,106 @@ def step_cpu_ms(model: str, reps: int, rounds: int, with_torch: bool) -> dict[st
     return {name: value / rounds for name, value in totals.items()}
 
 
+# First convolutions (few input channels), where layers.tap_conv_wins may pick the tap sum:
+# (name, batch, map size, in, out, kernel, padding).
+FIRST_CONVS: tuple[tuple[str, int, int, int, int, int, int], ...] = (
+    ('SimpleNN (CIFAR)', 64, 32, 3, 8, 5, 0),
+    ('SimpleNN (MNIST)', 64, 28, 1, 8, 5, 0),
+    ('ResNet-20 stem', 128, 32, 3, 16, 3, 1),
+    ('E10 three-block CNN', 64, 32, 3, 32, 5, 2),
+    ('VGG stem', 64, 32, 3, 64, 3, 1),
+)
+
+
+def first_conv_ms(shape: tuple[int, ...], reps: int, rounds: int) -> dict[str, float]:
+    """CPU ms of conv + ReLU + 2x2 max-pool, forward and weight gradient (a first layer
+    needs no input gradient), lax against layers.tap_conv, interleaved; shape as FIRST_CONVS."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from cnn_jax.models import layers
+
+    _, batch, size, cin, cout, k, p = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.1, jnp.float32)
+    pads = ((p, p), (p, p))
+    relu, pool = layers.relu_for('cpu'), layers.MaxPool()
+    forms = {
+        'lax': lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC),
+        'tap_conv': lambda x, w: layers.tap_conv(x, w, (1, 1), pads),
+    }
+    calls = {}
+    for form, conv in forms.items():
+        step = jax.jit(
+            jax.value_and_grad(lambda w, conv=conv: pool.apply({}, relu(conv(x, w))).sum())
+        )
+        calls[form] = functools.partial(lambda step: jax.block_until_ready(step(w)), step)
+    totals = collections.Counter()
+    for _ in range(rounds):
+        for form, call in calls.items():
+            totals[form] += _cpu_ms(call, reps) / rounds
+    return dict(totals)
+
+
+def first_conv_rows(reps: int, rounds: int) -> list[str]:
+    """Markdown rows of first_conv_ms for FIRST_CONVS, and whether tap_conv_wins picks it."""
+    from cnn_jax.models import layers
+
+    rows = [
+        '| first conv | batch | lax | tap_conv | ratio | chosen on CPU |',
+        '|---|---|---|---|---|---|',
+    ]
+    for shape in FIRST_CONVS:
+        name, batch, size, cin, cout, k, _ = shape
+        ms = first_conv_ms(shape, reps, rounds)
+        chosen = 'yes' if layers.tap_conv_wins('cpu', (k, k, cin, cout)) else 'no'
+        rows.append(
+            f'| {name}: {cin}->{cout} {k}x{k} at {size}x{size} | {batch} | {ms["lax"]:.1f} | '
+            f'{ms["tap_conv"]:.1f} | {ms["tap_conv"] / ms["lax"]:.2f} | {chosen} |'
+        )
+    return rows
+
+
+def step_ab_cpu_ms(model: str, reps: int, rounds: int) -> dict[str, float]:
+    """CPU ms per synthetic train step with the CPU convolutions (tap_conv where chosen)
+    and with lax everywhere (layers.tap_conv_wins patched while tracing), interleaved."""
+    from unittest import mock
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.cases import CASES
+    from cnn_jax import steps as steps_lib
+    from cnn_jax.models import create_model, layers
+
+    case = CASES[model]
+    config = case.config()
+    net = create_model(case.model, case.num_classes, **config.model_options.to_dict())
+    state = steps_lib.create_train_state(config, net, case.input_shape, jax.random.key(0), 100)
+    rng = np.random.default_rng(0)
+    batch = {
+        'image': jnp.asarray(rng.normal(size=(case.batch_size, *case.input_shape)), jnp.float32),
+        'label': jnp.asarray(rng.integers(0, case.num_classes, case.batch_size)),
+    }
+
+    def call(step: Callable[..., Any]) -> Any:
+        return jax.block_until_ready(step(state, batch, jax.random.key(1)))
+
+    steps = {}
+    for form in ('lax', 'tap_conv'):
+        chooser = layers.tap_conv_wins if form == 'tap_conv' else (lambda *_: False)
+        with mock.patch.object(layers, 'tap_conv_wins', chooser):
+            steps[form] = jax.jit(functools.partial(steps_lib.train_step))  # Its own trace.
+            call(steps[form])
+    totals = collections.Counter()
+    for _ in range(rounds):
+        for form, step in steps.items():
+            totals[form] += _cpu_ms(functools.partial(call, step), reps) / rounds
+    return dict(totals)
+
+
 def table(title: str, ms: dict[str, float]) -> str:
     """A markdown table of `ms`, largest first, with each row's share of the total."""
     total = sum(ms.values())
@@ -247,10 +350,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         action='store_true',
         help='CPU time per ResNet-20 conv part and per whole step instead of the trace',
     )
+    parser.add_argument(
+        '--first-convs',
+        action='store_true',
+        help='CPU time of the first convolutions, lax against tap_conv, and of whole steps '
+        'with and without tap_conv (--model, comma-separated)',
+    )
     args = parser.parse_args(argv)
     use_recommended_flags()
     # torch's OpenMP workers spin while idle, which process time would count as work.
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    if args.first_convs:
+        print('\n'.join(first_conv_rows(args.steps, 3)))
+        print()
+        print('| whole train step | CPU ms, lax | CPU ms, tap_conv | ratio |')
+        print('|---|---|---|---|')
+        for model in args.model.split(','):
+            ms = step_ab_cpu_ms(model, args.steps, 3)
+            ratio = ms['tap_conv'] / ms['lax']
+            print(f'| {model} | {ms["lax"]:.1f} | {ms["tap_conv"]:.1f} | {ratio:.2f} |')
+        return 0
     if args.cpu_time:
         print('\n'.join(layer_rows(128, args.steps, not args.no_torch)))
         steps = step_cpu_ms(args.model, args.steps, 3, not args.no_torch)

@@ -10,15 +10,23 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope='session')
+def suite_cache(request, tmp_path_factory):
+    """One folder for the suite's caches, in .pytest_cache: the fast and the slow tier of one
+    .ci/run share it, so CIFAR-10's archive is decoded once and a program compiled once.
+    Under -p no:cacheprovider, a temporary folder per session."""
+    cache = getattr(request.config, 'cache', None)
+    return cache.mkdir('cnn_jax_test_cache') if cache else tmp_path_factory.mktemp('cache')
+
+
 @pytest.fixture(scope='session', autouse=True)
-def _compilation_cache(request, tmp_path_factory):
+def _compilation_cache(suite_cache):
     """JAX's persistent compilation cache: the many small runs share their compiled steps,
-    and a re-run of the suite loads them from .pytest_cache instead of compiling again."""
+    and a re-run of the suite loads them instead of compiling again (launch.py's children
+    use <CNN_JAX_CACHE>/xla, cli.enable_compilation_cache)."""
     import jax
 
-    cache = getattr(request.config, 'cache', None)  # None under -p no:cacheprovider.
-    where = cache.mkdir('jax_compilation_cache') if cache else tmp_path_factory.mktemp('xla')
-    jax.config.update('jax_compilation_cache_dir', str(where))
+    jax.config.update('jax_compilation_cache_dir', str(suite_cache / 'xla'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
     jax.config.update('jax_compilation_cache_max_size', 2**30)  # Oldest entries go first.
@@ -38,9 +46,10 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Decoded-folder caches go to a temporary directory, never ~/.cache."""
-    monkeypatch.setenv('CNN_JAX_CACHE', str(tmp_path_factory.getbasetemp() / 'cache'))
+def _isolated_cache(suite_cache, monkeypatch):
+    """Decoded-folder caches (and launch.py's compiled programs) go to the suite's cache,
+    never ~/.cache."""
+    monkeypatch.setenv('CNN_JAX_CACHE', str(suite_cache))
 
 
 def tiny_config(**overrides):

@@ -42,11 +42,11 @@ def epoch_rows(workdir: pathlib.Path) -> list[dict]:
 
 
 @pytest.fixture(scope='module')
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, suite_cache):
     """The uninterrupted run: (summary, metrics.jsonl epoch rows)."""
     workdir = tmp_path_factory.mktemp('straight')
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('CNN_JAX_CACHE', str(tmp_path_factory.getbasetemp() / 'cache'))
+        mp.setenv('CNN_JAX_CACHE', str(suite_cache))
         out = experiment.run(config(), workdir)
     assert [r['epoch'] for r in epoch_rows(workdir)] == [1, 2, 3]
     return out, epoch_rows(workdir)

@@ -7,11 +7,14 @@ into the cache. `folder_metadata` describes one from a listing and a header.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import pathlib
+import shutil
 import tarfile
+import tempfile
 
 import numpy as np
 
@@ -44,17 +47,27 @@ def archive_key(archive: pathlib.Path, chunk: int = 1 << 20) -> str:
 
 
 def _extract_archive(archive: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
-    """Extracts a .tar(.gz) once into the cache; returns the folder with train/ and test/."""
+    """Extracts a .tar(.gz) once into the cache; returns the folder with train/ and test/.
+    Each process extracts into a folder of its own and renames it into place (the first
+    rename wins), so none reads another's half-written files."""
     target = cache_dir / f'extracted-{archive_key(archive)}'
     if not (target / '.complete').exists():
         Reporter().line(f'Extracting {archive} to {target} (once) ...')
-        target.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        mine = pathlib.Path(tempfile.mkdtemp(prefix=target.name, suffix='.tmp', dir=cache_dir))
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(target, filter='data')
+                tar.extractall(mine, filter='data')
+            (mine / '.complete').touch()
+            if target.exists() and not (target / '.complete').exists():
+                # Left by an interrupted extraction of an older cnn_jax.
+                shutil.rmtree(target, ignore_errors=True)
+            with contextlib.suppress(OSError):  # Another process's extraction is in place.
+                os.rename(mine, target)
         except (tarfile.TarError, OSError) as e:
             raise DataError(f'cannot extract {archive}: {e}') from None
-        (target / '.complete').touch()
+        finally:
+            shutil.rmtree(mine, ignore_errors=True)
     return extracted_root(target)
 
 

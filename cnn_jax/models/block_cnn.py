@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.errors import ConfigError
-from cnn_jax.models.layers import Activation, Flatten, MaxPool, dropout, normalize
+from cnn_jax.models.layers import Activation, Flatten, MaxPool, SmallMapConv, dropout, normalize
 
 
 class BlockCNN(nn.Module):
@@ -40,9 +40,10 @@ class BlockCNN(nn.Module):
         if self.padding not in ('same', 'valid'):
             raise ConfigError(f"padding must be 'same' or 'valid', got {self.padding!r}")
         x = x.astype(self.dtype)
+        conv = functools.partial(nn.Conv, dtype=self.dtype, conv_general_dilated_cls=SmallMapConv)
         for f, k in zip(self.features, self.kernel_sizes, strict=True):
             p = k // 2 if self.padding == 'same' else 0
-            x = nn.Conv(f, (k, k), padding=((p, p), (p, p)), dtype=self.dtype)(x)
+            x = conv(f, (k, k), padding=((p, p), (p, p)))(x)
             x = normalize(x, self.norm, train=train, rate=self.norm_rate, dtype=self.dtype)
             x = Activation(self.activation)(x)
             x = MaxPool()(x)

@@ -7,6 +7,7 @@ model's parameter tree.
 """
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_batching import custom_vmap
 
 from cnn_jax.errors import ConfigError
 
@@ -124,14 +126,67 @@ def _strided_max(
     return out
 
 
-class SmallMapConv:
-    """`lax.conv_general_dilated`, but on maps of at most 2x2 pixels a matrix product.
+def tap_conv_wins(platform: str, kernel_shape: Sequence[int]) -> bool:
+    """Whether `tap_conv` beats lax for this HWIO kernel: XLA:CPU's 5x5+ first layers only,
+    where Eigen builds patches element by element for a GEMM of few columns. CPU ms, conv +
+    ReLU + pool, forward + weight gradient (`python -m benchmarks.profile_step --first-convs`,
+    results/benchmark/simplenn_cpu.md): 5x5 3->8 9.9 -> 8.0, 5x5 1->8 5.2 -> 2.3; SimpleNN's
+    step 0.76x. Lost at 5x5 3->32 (1.26x); ResNet-20's 3x3 3->16 stem won alone (0.66x) but
+    not in its step (1.02x, 1.04x), so 3x3 kernels keep lax.
+    """
+    kh, kw, cin, cout = kernel_shape
+    return platform == 'cpu' and cin <= 3 and kh * kw >= 25 and kh * kw * cin * cout <= 1024
 
-    For nn.Conv's `conv_general_dilated_cls`: parameters and results are nn.Conv's. XLA:CPU
-    runs a 3x3 convolution over a 2x2 map with 512 channels (ResNet-18's last stage at
-    64x64 input, VGG's last block at 32x32) in 1.1 s at batch 64, 40x its time on a 3x3
-    map; as shifted slices and one dot it is an ordinary matrix product. Stride 1,
-    explicit padding, no dilation or groups only; anything else goes to lax unchanged.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def tap_conv(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    """NHWC x HWIO convolution as one fused float32 sum of shifted slices times kernel rows;
+    lax's gradients. The conditional keeps the sum's result: XLA:CPU would fuse the sum into
+    each consumer, recomputing it in ReLU's and pooling's gradients (SimpleNN's step 3.7x
+    slower). A non-finite kernel runs lax (NaN and inf propagate as there), and so does
+    vmap (a sweep's variants), under which the conditional would run both branches.
+    """
+    sums, convs = (functools.partial(f, strides=strides, pads=pads) for f in (_tap_sum, _lax))
+    conv = custom_vmap(lambda x, w: lax.cond(jnp.isfinite(w).all(), sums, convs, x, w))
+    conv.def_vmap(lambda _, bat, *a: (jax.vmap(convs, [0 if b else None for b in bat])(*a), True))
+    return conv(x, w)
+
+
+def _shifted(x: jax.Array, kh: int, kw: int, strides: Sequence[int], pads: Any):
+    """(i, j, the padded input's slice that kernel tap (i, j) multiplies)."""
+    x, (sh, sw) = jnp.pad(x, ((0, 0), *map(tuple, pads), (0, 0))), strides
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    for i, j in itertools.product(range(kh), range(kw)):
+        yield i, j, x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+
+
+def _tap_sum(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    out, f32 = jnp.zeros((), jnp.float32), jnp.float32
+    for i, j, part in _shifted(x.astype(f32), *w.shape[:2], strides, pads):
+        for c in range(w.shape[2]):
+            out = out + part[..., c : c + 1] * w[i, j, c].astype(f32)
+    return out.astype(x.dtype)
+
+
+def _lax(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+tap_conv.defvjp(
+    lambda x, w, strides, pads: (tap_conv(x, w, strides, pads), (x, w)),
+    lambda strides, pads, res, g: jax.vjp(lambda x, w: _lax(x, w, strides, pads), *res)[1](g),
+)
+
+
+class SmallMapConv:
+    """`lax.conv_general_dilated` in the formulation that XLA:CPU runs fastest.
+
+    For nn.Conv's `conv_general_dilated_cls`: parameters and results are nn.Conv's.
+    - On maps of at most 2x2 pixels, a matrix product: XLA:CPU runs a 3x3 convolution
+      over a 2x2 map with 512 channels (ResNet-18's last stage at 64x64 input, VGG's last
+      block at 32x32) in 1.1 s at batch 64, 40x its time on a 3x3 map.
+    - Where `tap_conv_wins` (first layers on CPU), `tap_conv`.
+    NHWC without dilation or groups only; anything else goes to lax unchanged.
     """
 
     def __call__(
@@ -148,36 +203,20 @@ class SmallMapConv:
         **kwargs: Any,
     ) -> jax.Array:
         nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
-        unit = (None, (1, 1))
-        if (
-            lhs.ndim != 4
-            or max(lhs.shape[1:3]) > 2
-            or tuple(window_strides) != (1, 1)
-            or isinstance(padding, str)
-            or (lhs_dilation is not None and tuple(lhs_dilation) not in unit)
-            or (rhs_dilation is not None and tuple(rhs_dilation) not in unit)
-            or feature_group_count != 1
-            or dimension_numbers != nhwc
-            or kwargs
-        ):
-            return lax.conv_general_dilated(
-                lhs,
-                rhs,
-                window_strides,
-                padding,
-                lhs_dilation=lhs_dilation,
-                rhs_dilation=rhs_dilation,
-                dimension_numbers=dimension_numbers,
-                feature_group_count=feature_group_count,
-                precision=precision,
-                **kwargs,
-            )
-        kh, kw, cin, cout = rhs.shape
-        x = jnp.pad(lhs, ((0, 0), *map(tuple, padding), (0, 0)))
-        oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-        cols = [x[:, i : i + oh, j : j + ow] for i in range(kh) for j in range(kw)]
-        return jnp.dot(
-            jnp.concatenate(cols, axis=-1), rhs.reshape(kh * kw * cin, cout), precision=precision
+        plain = lhs.ndim == 4 and dimension_numbers == nhwc and feature_group_count == 1
+        dilated = [d for d in (lhs_dilation, rhs_dilation) if d is not None and tuple(d) != (1, 1)]
+        plain = plain and not kwargs and not dilated
+        strides, (kh, kw, _, cout) = tuple(window_strides), rhs.shape
+        if plain and isinstance(padding, str):
+            padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), strides, padding)
+        if plain and tap_conv_wins(jax.default_backend(), rhs.shape):
+            return tap_conv(lhs, rhs, strides, tuple(map(tuple, padding)))
+        if plain and max(lhs.shape[1:3]) <= 2 and strides == (1, 1):
+            cols = jnp.concatenate([p for _, _, p in _shifted(lhs, kh, kw, strides, padding)], -1)
+            return jnp.dot(cols, rhs.reshape(-1, cout), precision=precision)
+        args = (lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, *args, precision=precision, **kwargs
         )
 
 

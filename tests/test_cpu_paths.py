@@ -1,0 +1,262 @@
+"""The CPU formulations (ReLU as a mask product, `tap_conv`) compute what the lax path does.
+
+Each is chosen on CPU only, by its selection function (`relu_for`, `tap_conv_wins`); here
+the CPU choice is compared with the other platforms' one, forced through that function:
+per layer (values and gradients, float32 and bfloat16) and per model (3 train steps).
+"""
+
+import functools
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import optim, parallel, steps
+from cnn_jax.models import create_model, layers
+from configs import default
+
+
+def test_cpu_relu_equals_nn_relu_with_gradients():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5, 5, 3)), jnp.float32)
+    x = x.at[0, 0, 0].set(0.0)  # ReLU's kink: gradient 0 in both.
+    g = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+    fast = layers.relu_for('cpu')
+    np.testing.assert_array_equal(fast(x), nn.relu(x))
+    grad_fast = jax.vjp(fast, x)[1](g)[0]
+    grad_ref = jax.vjp(nn.relu, x)[1](g)[0]
+    np.testing.assert_array_equal(grad_fast, grad_ref)
+    assert float(grad_fast[0, 0, 0, 0]) == 0.0
+
+
+def test_other_platforms_keep_nn_relu():
+    assert layers.relu_for('gpu') is nn.relu
+    assert layers.relu_for('tpu') is nn.relu
+    assert layers.relu_for('cpu') is not nn.relu
+
+
+# Kernels the tap sum is chosen for on CPU (first layers), and ones it is not.
+CHOSEN = [(5, 5, 3, 8), (5, 5, 1, 8), (5, 5, 1, 32), (7, 7, 1, 16), (7, 7, 3, 6)]
+NOT_CHOSEN = [(5, 5, 3, 32), (3, 3, 3, 16), (1, 1, 3, 64), (7, 7, 3, 64), (3, 3, 512, 512)]
+
+
+def test_tap_conv_chosen_on_cpu_only():
+    for kernel in CHOSEN:
+        assert layers.tap_conv_wins('cpu', kernel), kernel
+    for kernel in CHOSEN + NOT_CHOSEN:
+        assert not layers.tap_conv_wins('gpu', kernel), kernel
+        assert not layers.tap_conv_wins('tpu', kernel), kernel
+    for kernel in NOT_CHOSEN:
+        assert not layers.tap_conv_wins('cpu', kernel), kernel
+
+
+def _conv_pair(kernel, stride, padding, dtype):
+    """(nn.Conv through SmallMapConv, plain nn.Conv): the same layer, the same parameters."""
+    kh, kw, _, cout = kernel
+    make = functools.partial(nn.Conv, cout, (kh, kw), strides=stride, padding=padding, dtype=dtype)
+    return make(conv_general_dilated_cls=layers.SmallMapConv), make()
+
+
+def _values_and_grads(conv, variables, x, g):
+    """The layer's output and the gradients of <output, g> w.r.t. kernel, bias and input."""
+    y, vjp = jax.vjp(lambda v, x: conv.apply(v, x), variables, x)
+    return y, vjp(g.astype(y.dtype))
+
+
+def _assert_close(ours, ref, rtol):
+    # Relative to the array's scale: sums of terms of both signs have no elementwise scale.
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.abs(b).max()))
+
+
+def _sweep_cases(seed, count):
+    """Seeded random first layers (1-3 input channels, taps x outputs up to 1024): every
+    kernel size, stride and kind of padding, odd map sizes, batch 1 among them."""
+    rng = np.random.default_rng(seed)
+    paddings = itertools.cycle(['SAME', 'VALID', 'explicit'])
+    cases = []
+    for k, stride in itertools.islice(
+        itertools.cycle(itertools.product((1, 3, 5, 7), (1, 2))), count
+    ):
+        cin = int(rng.integers(1, 4))
+        cout = int(rng.integers(1, 1024 // (k * k * cin) + 1))
+        size = int(rng.choice([k + 2, 7, 9, 13])) | 1  # Odd, at least the kernel.
+        batch = int(rng.choice([1, 2, 3]))
+        padding = next(paddings)
+        if padding == 'explicit':
+            padding = tuple((int(rng.integers(0, k)), int(rng.integers(0, k))) for _ in range(2))
+        cases.append(((k, k, cin, cout), stride, padding, (batch, size, size, cin)))
+    return cases
+
+
+def _check_sweep(cases, dtype, rtol):
+    """Each case's layer through SmallMapConv (the tap sum, chosen for every kernel here)
+    against plain nn.Conv (lax)."""
+    pairs, inputs = [], []
+    for i, (kernel, stride, padding, shape) in enumerate(cases):
+        ours, ref = _conv_pair(kernel, stride, padding, dtype)
+        rng = np.random.default_rng(i)  # numpy draws: eager jax ops compile per shape.
+        x = rng.normal(size=shape).astype(dtype)
+        params = {'kernel': rng.normal(size=kernel) / np.sqrt(np.prod(kernel[:3]))}
+        variables = {'params': {**params, 'bias': rng.normal(size=kernel[3])}}
+        variables = jax.tree.map(lambda v: v.astype(np.float32), variables)
+        g = rng.normal(size=jax.eval_shape(ref.apply, variables, x).shape).astype(np.float32)
+        assert 'custom_vjp' in str(jax.make_jaxpr(ours.apply)(variables, x))  # The tap sum.
+        pairs.append((ours, ref))
+        inputs.append((variables, x, g))
+
+    @jax.jit  # One program for all cases: one compilation.
+    def run(inputs):
+        return [
+            tuple(_values_and_grads(conv, *args) for conv in pair)
+            for pair, args in zip(pairs, inputs, strict=True)
+        ]
+
+    for got, want in run(inputs):
+        assert got[0].dtype == want[0].dtype == dtype
+        _assert_close(got, want, rtol)
+
+
+def test_tap_conv_equals_lax_values_and_gradients(monkeypatch):
+    """Kernels 1-7, strides 1 and 2, SAME/VALID/explicit, odd sizes, batch 1: forward and
+    gradients w.r.t. kernel, bias and input at 1e-5 (float32) and at bf16's 1e-2."""
+    monkeypatch.setattr(layers, 'tap_conv_wins', lambda *_: True)  # 1x1 and 3x3 too.
+    _check_sweep(_sweep_cases(0, 8), jnp.float32, 1e-5)
+    _check_sweep(_sweep_cases(1, 4), jnp.bfloat16, 1e-2)
+
+
+@pytest.mark.parametrize('kernel', [(3, 3, 3, 512), (1, 1, 64, 16)])
+def test_tap_conv_formulation_at_wide_channels(kernel):
+    """The formulation itself is exact at any width (the selection keeps it to few channels)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 5, 5, kernel[2])), jnp.float32)
+    w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+    pads = ((1, 1), (1, 1))
+    tap = jax.jit(lambda x, w: layers.tap_conv(x, w, (1, 1), pads))
+    lax_conv = jax.jit(lambda x, w: layers._lax(x, w, (1, 1), pads))
+    _assert_close(tap(x, w), lax_conv(x, w), 1e-5)
+
+
+def test_not_chosen_layers_run_lax_unchanged(monkeypatch):
+    """Many channels, big kernels, dilation: lax. A non-CPU platform: lax for every kernel."""
+    x = jnp.ones((1, 9, 9, 3), jnp.float32)
+    for kernel in NOT_CHOSEN[:3]:
+        ours, _ = _conv_pair(kernel, 1, 'SAME', jnp.float32)
+        jaxpr = str(jax.make_jaxpr(ours.init)(jax.random.key(0), x))
+        assert 'conv_general_dilated' in jaxpr and 'custom_vjp' not in jaxpr, kernel
+    dilated = nn.Conv(8, (3, 3), kernel_dilation=2, conv_general_dilated_cls=layers.SmallMapConv)
+    assert 'custom_vjp' not in str(jax.make_jaxpr(dilated.init)(jax.random.key(0), x))
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    for kernel in CHOSEN:
+        ours, _ = _conv_pair(kernel, 1, 'SAME', jnp.float32)
+        jaxpr = str(jax.make_jaxpr(ours.init)(jax.random.key(0), jnp.ones((1, 9, 9, kernel[2]))))
+        assert 'custom_vjp' not in jaxpr, kernel
+
+
+def test_tap_conv_non_finite_kernels_and_vmap_take_lax():
+    """NaN propagates as in lax; vmapped (a sweep's variants), lax's values and gradients."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 7, 7, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)  # 3 variants' kernels.
+    pads = ((1, 1), (1, 1))
+
+    def loss(conv, w):
+        return jnp.sum(conv(x, w, (1, 1), pads) ** 2)
+
+    nan = w[0].at[0, 0, 0, 1].set(jnp.nan)
+    np.testing.assert_array_equal(
+        jnp.isnan(layers.tap_conv(x, nan, (1, 1), pads)),
+        jnp.isnan(layers._lax(x, nan, (1, 1), pads)),
+    )
+    vmapped = jax.vmap(jax.value_and_grad(functools.partial(loss, layers.tap_conv)))
+    text = str(jax.make_jaxpr(vmapped)(w))
+    assert 'cond' not in text and 'select_n' not in text  # Not both branches: lax alone.
+    assert 'cond' in str(jax.make_jaxpr(functools.partial(loss, layers.tap_conv))(w[0]))
+    got = jax.jit(vmapped)(w)
+    want = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, layers._lax))))(w)
+    _assert_close(got, want, 1e-6)
+
+
+def _force_platform(monkeypatch, platform):
+    """Every selection function makes `platform`'s choice, whatever the backend."""
+    relu_for, tap_conv_wins = layers.relu_for, layers.tap_conv_wins
+    monkeypatch.setattr(layers, 'relu_for', lambda _: relu_for(platform))
+    monkeypatch.setattr(layers, 'tap_conv_wins', lambda _, kernel: tap_conv_wins(platform, kernel))
+
+
+def _numpy_variables(model, shape):
+    """The model's variables, drawn with numpy: compiling ResNet-20's init takes 20 s here."""
+    init = functools.partial(model.init, train=False)
+    shapes = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, *shape)))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        if path[-1].key == 'kernel':  # He-like scale, so that 3 steps train smoothly.
+            return rng.normal(size=leaf.shape).astype(np.float32) / np.sqrt(
+                np.prod(leaf.shape[:-1])
+            )
+        fill = 1.0 if path[-1].key in ('scale', 'var') else 0.0  # BatchNorm's own defaults.
+        return np.full(leaf.shape, fill, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _check_model(model_name, shape, batch_size, monkeypatch, taps):
+    """3 momentum-SGD steps with the CPU paths, on 1 device and on 8, against the lax path
+    (the other platforms' choice) on 1 device: losses, parameters and BN statistics. `taps`:
+    whether the model has a layer that tap_conv_wins picks."""
+    if jax.device_count() < 8:
+        pytest.skip('needs 8 (virtual) devices')
+    config = default.get_config()
+    config.model, config.optimizer, config.learning_rate = model_name, 'momentum', 0.01
+    model = create_model(model_name, 10)
+    variables = _numpy_variables(model, shape)
+    tx = optim.build_optimizer(config, 10, variables['params'])
+    state = steps.TrainState.create(
+        apply_fn=model.apply,
+        tx=tx,
+        params=variables['params'],
+        batch_stats=variables.get('batch_stats', {}),
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        'image': rng.normal(size=(batch_size, *shape)).astype(np.float32),
+        'label': rng.integers(0, 10, batch_size).astype(np.int32),
+    }
+    results = {}
+    for platform, n_devices in (('gpu', 1), ('cpu', 1), ('cpu', 8)):
+        mesh = parallel.make_mesh(jax.devices()[:n_devices])
+        args = [jax.device_put(state, parallel.replicated(mesh))]
+        args += [jax.device_put(batch, parallel.data_sharding(mesh)), jax.random.key(1)]
+        with monkeypatch.context() as patch:
+            _force_platform(patch, platform)
+            # A new function object: jit's trace cache would return the last platform's trace.
+            traced = jax.jit(functools.partial(steps.train_step)).trace(*args)
+        # Each CPU formulation runs where, and only where, the CPU choice was made.
+        text = str(traced.jaxpr)
+        assert ('name=relu' in text or 'let relu =' in text) == (platform != 'cpu')  # nn.relu
+        assert ('custom_vjp' in text) == (platform == 'cpu' and taps)  # tap_conv
+        step, losses = traced.lower().compile(), []
+        for _ in range(3):
+            args[0], metrics = step(*args)
+            losses.append(float(metrics['loss']))
+        results[platform, n_devices] = losses, jax.device_get((args[0].params, args[0].batch_stats))
+    (ref_losses, ref_state) = results.pop(('gpu', 1))
+    assert ref_losses[2] != ref_losses[0]  # The steps train.
+    for losses, final in results.values():
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), final, ref_state
+        )
+
+
+def test_simplenn_train_steps_cpu_paths_equal_lax(monkeypatch):
+    _check_model('simplenn', (32, 32, 3), 16, monkeypatch, taps=True)
+
+
+@pytest.mark.slow
+def test_resnet20_train_steps_cpu_paths_equal_lax(monkeypatch):
+    _check_model('resnet20', (16, 16, 3), 8, monkeypatch, taps=False)
