@@ -68,5 +68,5 @@ def accumulated(
         body, (zeros, batch_stats), (micro, jnp.arange(k))
     )
     grads = jax.tree.map(lambda g: g / k, grad_sum)
-    flat = micro['label'].reshape(-1)
+    flat = micro['label'].reshape(-1, *micro['label'].shape[2:])  # Soft targets too.
     return grads, batch_stats, per_example.reshape(-1), logits.reshape(-1, logits.shape[-1]), flat

@@ -49,6 +49,10 @@ def _fraction(x: Any) -> bool:
     return _number(x) and 0 <= x < 1
 
 
+def _probability(x: Any) -> bool:
+    return _number(x) and 0 <= x <= 1
+
+
 def _optional(check: Check) -> Check:
     return lambda x: x is None or check(x)
 
@@ -68,6 +72,10 @@ RULES: tuple[tuple[str, Check, str], ...] = (
     ('augment.crop_padding', _at_least(0, whole=True), 'a whole number of pixels >= 0'),
     ('augment.rotation_degrees', _at_least(0), '>= 0'),
     ('augment.scale', _fraction, 'in [0, 1)'),
+    ('augment.mixup_alpha', _at_least(0), '>= 0 (0: off)'),
+    ('augment.cutmix_alpha', _at_least(0), '>= 0 (0: off)'),
+    ('augment.mix_prob', _probability, 'a probability in [0, 1]'),
+    ('augment.switch_prob', _probability, 'a probability in [0, 1]'),
     ('num_epochs', _at_least(1, whole=True), 'a whole number >= 1'),
     ('batch_size', _at_least(1, whole=True), 'a whole number >= 1'),
     ('eval_batch_size', _at_least(1, whole=True), 'a whole number >= 1'),

@@ -130,6 +130,8 @@ def frozen_norm_apply(model: nn.Module, frozen: Callable[[str], bool]) -> Callab
 def _sums(
     loss: jnp.ndarray, logits: jnp.ndarray, labels: jnp.ndarray, weight: jnp.ndarray
 ) -> Metrics:
+    if labels.ndim == 2:  # Mixed soft targets: accuracy against the dominant label.
+        labels = jnp.argmax(labels, -1)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {
         'loss': jnp.sum(loss * weight),
@@ -213,6 +215,7 @@ class InputSpec:
     std: tuple[float, ...]
     image_size: int | None = None
     augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
+    num_classes: int | None = None  # For mixup's and CutMix's soft targets.
 
     def make_batch(
         self,
@@ -222,7 +225,8 @@ class InputSpec:
         rng: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Gathers `indices` (None: the images are the batch), converts, augments when
-        `rng` is given, normalises."""
+        `rng` is given, normalises, then mixes (mixup, CutMix) when augment.mixes: the
+        labels are then soft targets (N, C)."""
         x = images if indices is None else images[indices]
         labels = labels if indices is None else labels[indices]
         resized = self.image_size is not None and x.shape[1:3] != (self.image_size,) * 2
@@ -236,6 +240,9 @@ class InputSpec:
         if rng is not None and not early:
             x = augment_lib.augment(rng, x, self.augment)
         x = augment_lib.normalize(x, np.asarray(self.mean), np.asarray(self.std))
+        if rng is not None and self.augment.mixes:  # Off: no key drawn, the step as before.
+            mix_rng = jax.random.fold_in(rng, 1)
+            x, labels, _ = augment_lib.mix(mix_rng, x, labels, self.num_classes, self.augment)
         return {'image': x, 'label': labels}
 
 

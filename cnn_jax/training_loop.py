@@ -113,6 +113,7 @@ def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> steps.Inp
         std=tuple(float(v) for v in dataset.std),
         image_size=config.image_size or None,  # 0 or None: no resize.
         augment=AugmentConfig.from_config(config.augment),
+        num_classes=dataset.num_classes,
     )
 
 

@@ -43,6 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.crop_padding = 0  # Random crop after zero padding by this many pixels.
     c.augment.rotation_degrees = 0.0  # Random rotation in [-d, d].
     c.augment.scale = 0.0  # Random zoom in [1 - s, 1 + s].
+    # Mixup and CutMix (timm --mixup, --cutmix, --mixup-prob, --mixup-switch-prob), last,
+    # with the batch reversed as partner; targets become soft. Alphas 0: off.
+    c.augment.mixup_alpha = 0.0  # lam ~ Beta(alpha, alpha).
+    c.augment.cutmix_alpha = 0.0
+    c.augment.mix_prob = 1.0  # Chance that a batch is mixed.
+    c.augment.switch_prob = 0.5  # With both alphas > 0: chance of CutMix over mixup.
 
     # --- Model ------------------------------------------------------------------
     c.model = 'small_cnn'  # See cnn_jax.models.MODELS.
