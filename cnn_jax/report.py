@@ -117,9 +117,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def class_sections(
-    class_names: Sequence[str], per_class_accuracy: Sequence[float], cm: Sequence[Sequence[int]]
+    class_names: Sequence[str],
+    per_class_accuracy: Sequence[float],
+    cm: Sequence[Sequence[int]],
+    image: str = 'confusion_matrix.png',
 ) -> list[str]:
-    """report.md's per-class accuracy and confusion matrix sections (lines)."""
+    """report.md's per-class accuracy and confusion matrix sections (lines); `image` is
+    the confusion matrix's plot, beside the report."""
     return [
         '## Per-class accuracy',
         '',
@@ -134,7 +138,7 @@ def class_sections(
             [[name, *row] for name, row in zip(class_names, cm, strict=True)],
         ),
         '',
-        '![confusion matrix](confusion_matrix.png)',
+        f'![confusion matrix]({image})',
         '',
     ]
 
