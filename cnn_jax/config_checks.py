@@ -101,6 +101,7 @@ RULES: tuple[tuple[str, Check, str], ...] = (
     ('checkpoint_every_epochs', _at_least(1, whole=True), 'a whole number >= 1'),
     ('keep_checkpoints', _at_least(1, whole=True), 'a whole number >= 1'),
     ('steps_per_epoch', _optional(_at_least(1, whole=True)), 'a whole number >= 1 or None'),
+    ('profile_steps', _at_least(0, whole=True), 'a whole number of steps >= 0 (0: off)'),
 )
 
 # (key, plural, the known values): the names the modules that read these keys accept.

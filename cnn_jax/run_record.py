@@ -53,6 +53,7 @@ NON_RESULT_KEYS = frozenset(
         'vectorize',
         'only',
         'sanity_loss_tolerance',
+        'profile_steps',
     }
 )
 ABSENT = '(absent)'  # A key one of the two configs does not have.

@@ -33,7 +33,7 @@ from cnn_jax.data import Dataset
 from cnn_jax.data.augment import AugmentConfig
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError, Interrupted
-from cnn_jax.records import Progress, Reporter
+from cnn_jax.records import Progress, Reporter, StepProfile
 
 Hook = Callable[[int], bool | None]  # Called after each step; True asks the loop to stop.
 
@@ -271,6 +271,7 @@ class _Loop:
         # Placed on the mesh like the step's output, so the second step does not recompile.
         self.acc = jax.device_put(self.steps.zero_metrics(), repl)
         self.progress = Progress(config.num_epochs * self.steps_per_epoch)
+        self.profile = StepProfile(workdirs[0], config.profile_steps)
         self.stop, self.stop_wanted, self.active = StopRequest(), False, None
         self.start_epoch, self.start_step, self.resumed_from = 0, 0, None
         self.t_start, self.compile_s, self.timed_steps, self.timed_s = 0.0, 0.0, 0, 0.0
@@ -334,6 +335,7 @@ class _Loop:
                     self.compile_s = self.compile_s or time.perf_counter() - self.t_start
                     self.progress.start(gstep)
                     t_epoch, first_timed = time.perf_counter(), gstep
+                self.profile.step(self.state)
                 log_point = gstep % max(1, self.config.log_every_steps) == 0 or s == spe - 1
                 if log_point and not self._log_point(gstep, epoch):
                     break
@@ -343,6 +345,7 @@ class _Loop:
                     self._save_and_stop(gstep, epoch, s + 1)
         finally:
             inputs.close()  # Stops a stream's decoding threads.
+            self.profile.stop(self.state)
         if not self.any_active():
             return False
         jax.block_until_ready(self.state)

@@ -106,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.best_metric = 'val_accuracy'
     c.steps_per_epoch = config_dict.placeholder(int)  # Cap (quick runs, tests).
     c.eval_test_each_epoch = False  # Also evaluate the test split after every epoch.
+    # Trace this many train steps after the first (compiled) one with jax.profiler into
+    # <workdir>/tensorboard (TensorBoard's profile plugin opens it). 0: off.
+    c.profile_steps = 0
     # The first batch's loss further than this (relative) from ln(classes) warns.
     c.sanity_loss_tolerance = 0.5
     c.task = 'train'  # 'train' | 'svm' (frozen features + linear SVM).
