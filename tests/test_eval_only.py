@@ -117,3 +117,17 @@ def test_eval_only_needs_a_workdir_with_checkpoints(tmp_path):
     r = launch(*RUN, f'--workdir={tmp_path}', '--eval_only', '--checkpoint=latest')
     assert_one_error_line(r, 'no latest checkpoint in')
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_eval_only_latest_evaluates_the_moving_average(tmp_path):
+    """Without early stopping the run tests its last state: --checkpoint=latest reproduces
+    it, with the EMA weights the run evaluated (not the raw ones)."""
+    run = [*RUN[:3], '--config.ema_decay=0.5', f'--workdir={tmp_path}']
+    assert launch(*run).returncode == 0
+    r = launch(*run, '--eval_only', '--checkpoint=latest')
+    assert r.returncode == 0, r.stderr[-3000:]
+    evaluated = assert_reproduces_summary(tmp_path, 'eval_latest')
+    summary = json.loads((tmp_path / 'summary.json').read_text())
+    assert evaluated['ema_weights'] and summary['test_raw_loss'] != evaluated['test_loss']
+    assert 'moving average' in (tmp_path / 'eval_latest.md').read_text()

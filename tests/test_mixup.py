@@ -2,6 +2,7 @@
 the mixed batch and its soft targets follow the drawn lambda, the losses take soft
 targets, mixing off is today's step, and a launch with mixing trains."""
 
+import functools
 import json
 import pathlib
 import subprocess
@@ -13,12 +14,15 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import experiment, losses, parallel, steps, sweep
+from cnn_jax import experiment, losses, parallel, steps, sweep, tasks, training_loop
 from cnn_jax.data import augment, load_dataset
 from cnn_jax.data.metadata import model_input_shape
+from cnn_jax.errors import Interrupted
 from cnn_jax.models import create_model
 from cnn_jax.training_loop import input_spec
+from tests import conftest
 from tests.conftest import tiny_config
+from tests.test_ema import VOLATILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N, H, W, C, CLASSES = 8, 10, 12, 3, 5
@@ -196,3 +200,28 @@ def test_a_vectorised_sweep_mixes_as_each_variants_own_run():
     stacked, alone = jax.tree.map(lambda x: x[1], ends[0]), ends[1]
     for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(alone), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mixed_run_resumed_mid_epoch_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypatch):
+    """The mixing key is the step's (its augmentation key folded), so a resumed run
+    mixes the batches the uninterrupted one mixed."""
+
+    def mixed():
+        c = tiny_config(num_epochs=2, steps_per_epoch=4)
+        c.augment.mixup_alpha, c.augment.cutmix_alpha, c.augment.flip = 0.4, 1.0, True
+        return c
+
+    straight = tasks.run(mixed(), tmp_path / 'straight')
+    hook = functools.partial(training_loop.train_and_evaluate, hooks=[lambda step: step == 6])
+    with monkeypatch.context() as m:
+        m.setattr(experiment, 'train_and_evaluate', hook)
+        with pytest.raises(Interrupted, match='interrupted at step 6;'):
+            tasks.run(mixed(), tmp_path / 'resumed')
+    out = tasks.run(mixed(), tmp_path / 'resumed')
+    assert out['resumed_from_step'] == 6
+    conftest.assert_close(
+        {k: v for k, v in out.items() if k not in VOLATILE},
+        {k: v for k, v in straight.items() if k not in VOLATILE},
+        rel_tol=1e-6,
+        abs_tol=1e-6,
+    )
