@@ -177,6 +177,7 @@ def test_a_launch_with_mixup_and_cutmix_trains_to_finite_metrics(tmp_path):
     assert summary['test_accuracy'] > 0.3  # Ten classes: it learned from mixed batches.
 
 
+@pytest.mark.slow
 def test_a_vectorised_sweep_mixes_as_each_variants_own_run():
     """Two label smoothings over mixed batches: the second variant of the stack ends with
     the weights of its own compiled run (3 steps); mixing needs no refusal in sweeps."""
@@ -202,6 +203,7 @@ def test_a_vectorised_sweep_mixes_as_each_variants_own_run():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_mixed_run_resumed_mid_epoch_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypatch):
     """The mixing key is the step's (its augmentation key folded), so a resumed run
     mixes the batches the uninterrupted one mixed."""
