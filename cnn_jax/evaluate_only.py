@@ -27,21 +27,10 @@ from cnn_jax.errors import ConfigError
 from cnn_jax.training_loop import input_spec
 
 CHECKPOINTS = ('best', 'latest')
-# The keys an evaluation may change: which data it reads, and how (not the model).
+# The keys an evaluation may change: which data it reads, at what size (not the model).
 DATA_KEYS = frozenset(
-    {
-        'dataset',
-        'val_fraction',
-        'data_seed',
-        'classes',
-        'label_groups',
-        'label_group_names',
-        'one_vs_rest',
-        'max_train_examples',
-        'max_eval_examples',
-        'input_mode',
-        'device_memory_budget_gb',
-    }
+    'dataset val_fraction data_seed classes label_groups label_group_names one_vs_rest '
+    'max_train_examples max_eval_examples image_size input_mode device_memory_budget_gb'.split()
 )
 
 
