@@ -141,7 +141,7 @@ BAD_VALUES = {
     'checkpoint_every_epochs': [0],
     'keep_checkpoints': [0],
     'steps_per_epoch': [0],
-    'profile_steps': [-1, 1.5],
+    'profile_steps': [-1],
     'input_mode': ['disk'],
     'model': ['resnet9000'],
     'dtype': ['float16'],
