@@ -61,6 +61,11 @@ def run(
             f'{workdir} holds a model of {len(trained)} classes; {dataset.name} has '
             f'{dataset.num_classes}'
         )
+    if trained is not None and trained != dataset.class_names:  # Same count, other names.
+        records.Reporter().warn(
+            f'{dataset.name} names its classes {dataset.class_names}; '
+            f'the run was trained on {trained}'
+        )
     state, step = restore(config, workdir, which, model, model_input_shape(config, dataset), mesh)
     spec = input_spec(config, dataset)
     compiled = steps.compile_steps(config, mesh, spec, len(dataset.train), 1)
