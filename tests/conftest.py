@@ -29,7 +29,8 @@ def _compilation_cache(suite_cache):
     jax.config.update('jax_compilation_cache_dir', str(suite_cache / 'xla'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-    jax.config.update('jax_compilation_cache_max_size', 2**30)  # Oldest entries go first.
+    # No size cap, as in launch.py's children: with one, JAX evicts by reading every entry's
+    # access-time file, which entries the children wrote lack, so every later write failed.
     yield
 
 

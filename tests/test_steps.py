@@ -1,5 +1,7 @@
 """The train step learns, and N devices compute what one device computes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,22 @@ def test_batch_size_must_divide_over_devices():
         pytest.skip('needs 8 devices')
     with pytest.raises(ConfigError, match='batch_size=12 does not divide over 8 devices'):
         parallel.check_batch_size(12, mesh)
+
+
+@pytest.mark.parametrize(
+    'name',
+    ['small_cnn', pytest.param('simplenn', marks=pytest.mark.slow)]
+    + [pytest.param('resnet20', marks=pytest.mark.slow)],
+)
+def test_init_compiled_quickly_gives_the_default_compiles_bits(name):
+    """init_variables compiles at INIT_CPU_COMPILER_OPTIONS on the CPU (minutes less over a
+    test suite); the variables must be the bits the default compile gives."""
+    model = create_model(name, num_classes=10)
+    rng, x = jax.random.key(7), jnp.zeros((1, 32, 32, 3), jnp.float32)
+    got = steps.init_variables(model, (32, 32, 3), rng)
+    params_rng, dropout_rng = jax.random.split(rng)
+    init = jax.jit(functools.partial(model.init, train=False))  # XLA's default options.
+    want = init({'params': params_rng, 'dropout': dropout_rng}, x)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
