@@ -2,6 +2,7 @@
 
     python launch.py --config=configs/quickstart.py [--config.key=value ...] [--workdir=DIR]
     python launch.py --config=configs/vgg.py --summary       # layer table, no training
+    python launch.py --config=configs/quickstart.py --eval_only [--checkpoint=latest]
 
 Multi-process (hosts, or processes on one host): the same command in each process, with
 --coordinator=HOST:PORT --num_processes=N --process_id=I (or JAX_COORDINATOR_ADDRESS,
@@ -33,6 +34,15 @@ _WORKDIR = flags.DEFINE_string(
 _SUMMARY = flags.DEFINE_bool('summary', False, "Print the model's layer table and exit.")
 _RESTART = flags.DEFINE_bool(
     'restart', False, 'Delete what an earlier run left in the workdir and start over.'
+)
+_EVAL_ONLY = flags.DEFINE_bool(
+    'eval_only',
+    False,
+    "Evaluate the workdir's checkpoint on the test split (--config.dataset= may name other "
+    'data of the same classes); writes eval_<checkpoint>.md/.json there, trains nothing.',
+)
+_CHECKPOINT = flags.DEFINE_enum(
+    'checkpoint', 'best', ['best', 'latest'], 'With --eval_only: which checkpoint.'
 )
 _COORDINATOR = flags.DEFINE_string(
     'coordinator', None, 'Multi-process: HOST:PORT of process 0 (JAX_COORDINATOR_ADDRESS).'
@@ -87,6 +97,11 @@ def main(argv: list[str]) -> int:
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
     if _SUMMARY.value:
         return cli.print_summary(config)
+    if _EVAL_ONLY.value:
+        if _RESTART.value:
+            print('error: --eval_only never deletes a run: drop --restart', file=sys.stderr)
+            return 2
+        return cli.evaluate_only(config, workdir, _CHECKPOINT.value)
     return cli.run(config, workdir, restart=_RESTART.value)
 
 

@@ -60,7 +60,7 @@ class Checkpoints:
             for bad, error in failed:
                 Reporter().warn(
                     f'checkpoint step {bad} in {self.latest.directory} could not be restored '
-                    f'({_brief(error)}); deleting it and resuming from step {step}.'
+                    f'({brief(error)}); deleting it and resuming from step {step}.'
                 )
                 self.latest.delete(bad)
             return restored['state'], restored['loop']
@@ -68,7 +68,7 @@ class Checkpoints:
             raise CheckpointError(
                 f'none of the checkpoints at steps {[s for s, _ in failed]} in '
                 f'{self.latest.directory} could be restored (step {failed[0][0]}: '
-                f'{_brief(failed[0][1])}). A run with a changed config needs a new workdir.'
+                f'{brief(failed[0][1])}). A run with a changed config needs a new workdir.'
             ) from failed[0][1]
         return None
 
@@ -83,7 +83,7 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types.
             Reporter().warn(
                 f'the best checkpoint (step {step}) in {self.best.directory} could not be '
-                f'restored ({_brief(e)}); keeping the latest state instead.'
+                f'restored ({brief(e)}); keeping the latest state instead.'
             )
             return None
         return restored['state']
@@ -95,6 +95,25 @@ class Checkpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def restore_read_only(
+    workdir: str | pathlib.Path, which: str, template: Any
+) -> tuple[Any, int] | None:
+    """(state, step) of the newest checkpoint in workdir/checkpoints/`which` ('latest', or
+    'best', which keeps one), laid out like `template`, or None if there is none. Read
+    only: nothing is created, cleaned up or deleted (evaluation-only runs), so a run
+    training there meanwhile keeps its files."""
+    directory = pathlib.Path(workdir).absolute() / 'checkpoints' / which
+    if not directory.is_dir():
+        return None
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    manager = ocp.CheckpointManager(directory, options=options)
+    try:
+        step = manager.latest_step()
+        return None if step is None else (_restore(manager, step, template)['state'], step)
+    finally:
+        manager.close()
 
 
 def _manager(directory: pathlib.Path, **options: Any) -> ocp.CheckpointManager:
@@ -129,7 +148,7 @@ def _save(
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
-def _brief(error: Exception) -> str:
+def brief(error: Exception) -> str:
     """The error's type and first line (TensorStore's messages run to pages)."""
     lines = str(error).strip().splitlines()
     return f'{type(error).__name__}: {lines[0][:200] if lines else ""}'

@@ -50,6 +50,25 @@ def print_summary(config: ml_collections.ConfigDict) -> int:
     return 0
 
 
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str, checkpoint: str) -> int:
+    """launch.py --eval_only: the workdir's `checkpoint` weights on the test split
+    (cnn_jax.evaluate_only); no lock, as nothing the run wrote is written. Exit 0, or 2
+    with one error line."""
+    enable_compilation_cache()
+    from cnn_jax import evaluate_only
+    from cnn_jax.config_checks import check_config
+
+    try:
+        if 'study' in config or config.task != 'train':
+            raise ConfigError('--eval_only evaluates one trained run: not a study or an SVM')
+        check_config(config)
+        evaluate_only.run(config, workdir, checkpoint)
+    except CnnJaxError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> int:
     """Runs the experiment or study; exit code 0 done, 1 diverged/failed, 2 bad input, 130
     stop. Process 0 holds the workdir's lock for the whole job (a second launch there exits 2

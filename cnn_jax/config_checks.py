@@ -49,6 +49,10 @@ def _fraction(x: Any) -> bool:
     return _number(x) and 0 <= x < 1
 
 
+def _probability(x: Any) -> bool:
+    return _number(x) and 0 <= x <= 1
+
+
 def _optional(check: Check) -> Check:
     return lambda x: x is None or check(x)
 
@@ -68,6 +72,10 @@ RULES: tuple[tuple[str, Check, str], ...] = (
     ('augment.crop_padding', _at_least(0, whole=True), 'a whole number of pixels >= 0'),
     ('augment.rotation_degrees', _at_least(0), '>= 0'),
     ('augment.scale', _fraction, 'in [0, 1)'),
+    ('augment.mixup_alpha', _at_least(0), '>= 0 (0: off)'),
+    ('augment.cutmix_alpha', _at_least(0), '>= 0 (0: off)'),
+    ('augment.mix_prob', _probability, 'a probability in [0, 1]'),
+    ('augment.switch_prob', _probability, 'a probability in [0, 1]'),
     ('num_epochs', _at_least(1, whole=True), 'a whole number >= 1'),
     ('batch_size', _at_least(1, whole=True), 'a whole number >= 1'),
     ('eval_batch_size', _at_least(1, whole=True), 'a whole number >= 1'),
@@ -81,6 +89,8 @@ RULES: tuple[tuple[str, Check, str], ...] = (
     ('step_epochs', _numbers_above_zero, 'a tuple of epochs > 0'),
     ('step_factor', _above(0), '> 0'),
     ('grad_clip_norm', _optional(_above(0)), '> 0 or None'),
+    ('grad_accum_steps', _at_least(1, whole=True), 'a whole number >= 1 (1: off)'),
+    ('ema_decay', _fraction, 'in [0, 1) (0: off)'),
     ('backbone_lr_factor', _at_least(0), '>= 0'),
     ('label_smoothing', _fraction, 'in [0, 1)'),
     ('sanity_loss_tolerance', _above(0), '> 0'),
@@ -91,6 +101,7 @@ RULES: tuple[tuple[str, Check, str], ...] = (
     ('checkpoint_every_epochs', _at_least(1, whole=True), 'a whole number >= 1'),
     ('keep_checkpoints', _at_least(1, whole=True), 'a whole number >= 1'),
     ('steps_per_epoch', _optional(_at_least(1, whole=True)), 'a whole number >= 1 or None'),
+    ('profile_steps', _at_least(0, whole=True), 'a whole number of steps >= 0 (0: off)'),
 )
 
 # (key, plural, the known values): the names the modules that read these keys accept.

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnn_jax import losses, parallel, records, report, steps, summary
+from cnn_jax import accumulate, losses, parallel, records, report, steps, summary
 from cnn_jax.data import Dataset, load_dataset
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
@@ -162,7 +162,9 @@ def summary_fields(
         'wall_time_s': round(wall_s, 2),
         'compile_s': round(result.compile_s, 2),
         'train_steps_per_s': round(result.train_steps_per_s, 3),
-        'train_images_per_s': round(result.train_steps_per_s * config.batch_size, 1),
+        'train_images_per_s': round(
+            result.train_steps_per_s * accumulate.optimizer_batch(config), 1
+        ),
         'num_devices': result.num_devices,
         'platform': device.platform,
         'device_kind': device.device_kind,

@@ -2,6 +2,12 @@
 
 'mse' and 'l1' compare softmax outputs with one-hot targets and average over classes,
 so a batch mean equals PyTorch's `MSELoss()` / `L1Loss()` on the same tensors.
+
+Every loss here takes soft targets too (rows of probabilities: mixup's and CutMix's,
+cnn_jax.data.augment.mix), so none refuses them: cross-entropy against a distribution is
+timm's SoftTargetCrossEntropy, and 'mse' and 'l1' compare probabilities with
+probabilities. Label smoothing (cross-entropy only) applies to them as to one-hot targets,
+after the mixing, as timm's `mixup_target` does.
 """
 
 import jax
@@ -26,14 +32,18 @@ def per_example_loss(
     name: str = 'cross_entropy',
     label_smoothing: float | jax.Array = 0.0,
 ) -> jnp.ndarray:
-    """Loss of each example: logits (N, C) float, labels (N,) int -> (N,).
+    """Loss of each example: logits (N, C) float, labels (N,) int or soft targets (N, C)
+    float -> (N,).
 
     `label_smoothing` may be a traced scalar (one per variant of a vectorised sweep).
     """
     traced = not isinstance(label_smoothing, int | float)
     check_loss(name, 0.0 if traced else label_smoothing)
     logits = logits.astype(jnp.float32)
-    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if labels.ndim == logits.ndim:  # Soft targets.
+        one_hot = labels.astype(jnp.float32)
+    else:
+        one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     if name == 'cross_entropy':
         if traced or label_smoothing:
             one_hot = optax.smooth_labels(one_hot, label_smoothing)

@@ -2,7 +2,8 @@
 
 `Reporter` is the one way out for all of them, and decides which process writes.
 metrics.jsonl has one JSON object per epoch (plots and studies read it: `read_metrics`);
-`write_json` writes the JSON files that mark a run or a study done.
+`write_json` writes the JSON files that mark a run or a study done. `StepProfile` traces
+a few train steps with jax.profiler into the TensorBoard folder (config.profile_steps).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -80,6 +82,34 @@ class Reporter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class StepProfile:
+    """A jax.profiler trace of `steps` train steps after warm-up (the first step, compiled
+    and run) into workdir/tensorboard, where TensorBoard's profile plugin finds it
+    (plugins/profile/<time>/*.xplane.pb); process 0 only; 0 steps: off. Call `step` after
+    each train step and `stop` at the epoch's end, which also ends a trace cut short."""
+
+    def __init__(self, workdir: str | pathlib.Path, steps: int):
+        self.folder = pathlib.Path(workdir) / 'tensorboard'
+        self.left = steps if parallel.is_main_process() else 0
+        self.tracing = False
+
+    def step(self, state: Any) -> None:
+        if self.tracing:
+            self.left -= 1
+            if self.left == 0:
+                self.stop(state)
+        elif self.left > 0:  # Warm-up done: the program is compiled and has run once.
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(self.folder))
+            self.tracing = True
+
+    def stop(self, state: Any) -> None:
+        if self.tracing:
+            jax.block_until_ready(state)  # The traced steps' work, not only their dispatch.
+            jax.profiler.stop_trace()
+            self.tracing, self.left = False, 0
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:

@@ -117,9 +117,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def class_sections(
-    class_names: Sequence[str], per_class_accuracy: Sequence[float], cm: Sequence[Sequence[int]]
+    class_names: Sequence[str],
+    per_class_accuracy: Sequence[float],
+    cm: Sequence[Sequence[int]],
+    image: str = 'confusion_matrix.png',
 ) -> list[str]:
-    """report.md's per-class accuracy and confusion matrix sections (lines)."""
+    """report.md's per-class accuracy and confusion matrix sections (lines); `image` is
+    the confusion matrix's plot, beside the report."""
     return [
         '## Per-class accuracy',
         '',
@@ -134,7 +138,7 @@ def class_sections(
             [[name, *row] for name, row in zip(class_names, cm, strict=True)],
         ),
         '',
-        '![confusion matrix](confusion_matrix.png)',
+        f'![confusion matrix]({image})',
         '',
     ]
 
@@ -157,11 +161,23 @@ def write_report(
         for split in ('train', 'val', 'test')
         if s.get(f'{split}_accuracy') is not None
     ]
+    raw = s.get('test_raw_accuracy')
+    if raw is not None:  # cnn_jax.ema: the averaged weights were evaluated.
+        results.append(('test, raw weights', raw, s.get('test_raw_loss')))
     parts += [
         '## Results',
         '',
         markdown_table(('split', 'accuracy', 'loss'), results),
         '',
+        *(
+            [
+                'Evaluated with the moving average of the weights (ema_decay); the last row is '
+                'the raw weights.',
+                '',
+            ]
+            if raw is not None
+            else []
+        ),
         f'Macro precision {s["precision"]:.4f}, recall {s["recall"]:.4f}, F1 {s["f1"]:.4f}.',
         '',
         f'{s["epochs_run"]} epochs, best epoch {s.get("best_epoch")}'

@@ -53,6 +53,7 @@ NON_RESULT_KEYS = frozenset(
         'vectorize',
         'only',
         'sanity_loss_tolerance',
+        'profile_steps',
     }
 )
 ABSENT = '(absent)'  # A key one of the two configs does not have.
@@ -142,20 +143,27 @@ def trained(workdir: str | pathlib.Path) -> bool:
     return any('status' in (read_json(p) or {}) for p in root.glob('**/summary.json'))
 
 
-def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-    """Raises ConfigError if `workdir` holds results of a config that differs in results."""
+RESTART_ADVICE = 'use another --workdir, or add --restart to delete that run and start over'
+
+
+def check_config(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    may_change: frozenset[str] = frozenset(),
+    advice: str = RESTART_ADVICE,
+) -> None:
+    """Raises ConfigError if `workdir` holds results of a config that differs in results,
+    in keys other than `may_change` (an evaluation-only run's data keys); `advice` ends it."""
     record = read_record(workdir)
     if record is None or not trained(workdir):
         return
     defaults = flat_config(default.get_config())
     changes = result_changes(record['config'], flat_config(config), defaults)
+    changes = {k: v for k, v in changes.items() if k not in may_change}
     if changes:
         shown = '; '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in list(changes.items())[:6])
         more = f' (and {len(changes) - 6} more)' if len(changes) > 6 else ''
-        raise ConfigError(
-            f'{workdir} holds a run of another config ({shown}{more}); use another '
-            '--workdir, or add --restart to delete that run and start over'
-        )
+        raise ConfigError(f'{workdir} holds a run of another config ({shown}{more}); {advice}')
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:

@@ -22,7 +22,8 @@ import numpy as np
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from cnn_jax import losses, optim, parallel
+from cnn_jax import accumulate, losses, optim, parallel
+from cnn_jax import ema as ema_lib
 from cnn_jax.data import augment as augment_lib
 from cnn_jax.models import torch_init
 
@@ -30,9 +31,24 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
-    """Flax TrainState plus the BatchNorm statistics (empty dict for models without BN)."""
+    """Flax TrainState plus the BatchNorm statistics (empty dict for models without BN)
+    and the weights' moving average (cnn_jax.ema; None when config.ema_decay is 0)."""
 
     batch_stats: Any = None
+    ema: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The train step's levers, jit constants; the defaults change nothing."""
+
+    ema_decay: float = 0.0  # cnn_jax.ema
+    ema_warmup: bool = False
+    grad_accum_steps: int = 1  # cnn_jax.accumulate
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> StepOptions:
+        return cls(float(config.ema_decay), bool(config.ema_warmup), config.grad_accum_steps)
 
 
 # XLA:CPU compiles the initialiser's random draws slowly at its default LLVM optimisation
@@ -82,8 +98,10 @@ def create_train_state(
     if config.freeze:
         freeze, head = tuple(config.freeze), config.head_name
         apply_fn = frozen_norm_apply(model, lambda name: optim.is_frozen(name, freeze, head))
+    batch_stats = variables.get('batch_stats', {})
+    ema = ema_lib.init(params, batch_stats) if config.ema_decay > 0 else None
     return TrainState.create(
-        apply_fn=apply_fn, params=params, tx=tx, batch_stats=variables.get('batch_stats', {})
+        apply_fn=apply_fn, params=params, tx=tx, batch_stats=batch_stats, ema=ema
     )
 
 
@@ -120,6 +138,8 @@ def frozen_norm_apply(model: nn.Module, frozen: Callable[[str], bool]) -> Callab
 def _sums(
     loss: jnp.ndarray, logits: jnp.ndarray, labels: jnp.ndarray, weight: jnp.ndarray
 ) -> Metrics:
+    if labels.ndim == 2:  # Mixed soft targets: accuracy against the dominant label.
+        labels = jnp.argmax(labels, -1)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {
         'loss': jnp.sum(loss * weight),
@@ -135,31 +155,53 @@ def train_step(
     *,
     loss: str = 'cross_entropy',
     label_smoothing: float | jax.Array = 0.0,
+    options: StepOptions = StepOptions(),
 ) -> tuple[TrainState, Metrics]:
     """One optimiser step on `batch`; returns the new state and the batch's metric sums.
 
     The dropout key is `rng` folded with the step number, so a resumed run draws the
-    same masks as an uninterrupted one.
+    same masks as an uninterrupted one. With options.grad_accum_steps = k > 1 the batch
+    is k micro-batches (cnn_jax.accumulate).
     """
     dropout_rng = jax.random.fold_in(rng, state.step)
 
-    def loss_fn(params):
-        variables = {'params': params, 'batch_stats': state.batch_stats}
-        logits, updates = state.apply_fn(
-            variables,
-            batch['image'],
-            train=True,
-            rngs={'dropout': dropout_rng},
-            mutable=['batch_stats'],
-        )
-        per_example = losses.per_example_loss(logits, batch['label'], loss, label_smoothing)
-        return jnp.mean(per_example), (per_example, logits, updates)
+    def grad_fn(batch_stats, batch, dropout_rng):
+        def loss_fn(params):
+            variables = {'params': params, 'batch_stats': batch_stats}
+            logits, updates = state.apply_fn(
+                variables,
+                batch['image'],
+                train=True,
+                rngs={'dropout': dropout_rng},
+                mutable=['batch_stats'],
+            )
+            per_example = losses.per_example_loss(logits, batch['label'], loss, label_smoothing)
+            return jnp.mean(per_example), (per_example, logits, updates)
 
-    grads, (per_example, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(
-        grads=grads, batch_stats=updates.get('batch_stats', state.batch_stats)
-    )
-    return new_state, _sums(per_example, logits, batch['label'], jnp.ones_like(per_example))
+        grads, (per_example, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+        return grads, updates.get('batch_stats', batch_stats), per_example, logits
+
+    k, labels = options.grad_accum_steps, batch['label']
+    if k == 1:
+        grads, batch_stats, per_example, logits = grad_fn(state.batch_stats, batch, dropout_rng)
+    else:
+        grads, batch_stats, per_example, logits, labels = accumulate.accumulated(
+            grad_fn, state.params, state.batch_stats, batch, dropout_rng, k
+        )
+    new_state = apply_update(state, grads, batch_stats, options)
+    return new_state, _sums(per_example, logits, labels, jnp.ones_like(per_example))
+
+
+def apply_update(
+    state: TrainState, grads: Any, batch_stats: Any, options: StepOptions = StepOptions()
+) -> TrainState:
+    """The optimiser's step with `grads`, the new BatchNorm statistics, then the moving
+    average's step when the state keeps one."""
+    new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if new.ema is None:
+        return new
+    decay = ema_lib.decay_at(state.step, options.ema_decay, options.ema_warmup)
+    return new.replace(ema=ema_lib.update(new.ema, new.params, new.batch_stats, decay))
 
 
 def eval_step(
@@ -181,6 +223,7 @@ class InputSpec:
     std: tuple[float, ...]
     image_size: int | None = None
     augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
+    num_classes: int | None = None  # For mixup's and CutMix's soft targets.
 
     def make_batch(
         self,
@@ -190,7 +233,8 @@ class InputSpec:
         rng: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Gathers `indices` (None: the images are the batch), converts, augments when
-        `rng` is given, normalises."""
+        `rng` is given, normalises, then mixes (mixup, CutMix) when augment.mixes: the
+        labels are then soft targets (N, C)."""
         x = images if indices is None else images[indices]
         labels = labels if indices is None else labels[indices]
         resized = self.image_size is not None and x.shape[1:3] != (self.image_size,) * 2
@@ -204,6 +248,9 @@ class InputSpec:
         if rng is not None and not early:
             x = augment_lib.augment(rng, x, self.augment)
         x = augment_lib.normalize(x, np.asarray(self.mean), np.asarray(self.std))
+        if rng is not None and self.augment.mixes:  # Off: no key drawn, the step as before.
+            mix_rng = jax.random.fold_in(rng, 1)
+            x, labels, _ = augment_lib.mix(mix_rng, x, labels, self.num_classes, self.augment)
         return {'image': x, 'label': labels}
 
 
@@ -222,7 +269,10 @@ def epoch_permutation(
 
 
 def input_train_step(
-    spec: InputSpec, shard: jax.sharding.NamedSharding, loss: str
+    spec: InputSpec,
+    shard: jax.sharding.NamedSharding,
+    loss: str,
+    options: StepOptions = StepOptions(),
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """`train_step` with the input pipeline folded in, for `compile_steps` and cnn_jax.sweep.
 
@@ -238,7 +288,12 @@ def input_train_step(
         aug_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), state.step)
         batch = spec.make_batch(images, labels, indices, aug_rng)
         state, metrics = train_step(
-            state, batch, jax.random.fold_in(rng, 0), loss=loss, label_smoothing=label_smoothing
+            state,
+            batch,
+            jax.random.fold_in(rng, 0),
+            loss=loss,
+            label_smoothing=label_smoothing,
+            options=options,
         )
         return state, jax.tree.map(jnp.add, acc, metrics)
 
@@ -269,8 +324,9 @@ def compile_steps(
     """
     repl, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
+    options = StepOptions.from_config(config)
     train = functools.partial(
-        input_train_step(spec, shard, config.loss), label_smoothing=config.label_smoothing
+        input_train_step(spec, shard, config.loss, options), label_smoothing=config.label_smoothing
     )
 
     def evaluate(state, images, labels, indices, mask):
@@ -279,7 +335,8 @@ def compile_steps(
         return eval_step(state, batch, loss=config.loss)
 
     def permutation(rng, epoch):
-        return epoch_permutation(rng, epoch, num_train, steps_per_epoch, config.batch_size)
+        batch = accumulate.optimizer_batch(config)
+        return epoch_permutation(rng, epoch, num_train, steps_per_epoch, batch)
 
     return CompiledSteps(
         train=jax.jit(train, donate_argnums=(0, 1), out_shardings=(repl, repl)),

@@ -10,7 +10,9 @@ Supported keys (SWEEPABLE): learning_rate, weight_decay and momentum (the optimi
 them from `opt_state.hyperparams`, see cnn_jax.optim), label_smoothing (a traced value in
 the loss) and seed (initial weights, dropout masks, augmentation and the epoch shuffles:
 per-variant batches then). Everything else, dropout rates included (the models check them
-in Python and leave the layer out at 0), changes the program: ConfigError.
+in Python and leave the layer out at 0), changes the program: ConfigError. The variants
+share the levers of the base config (ema_decay, grad_accum_steps): each variant keeps its
+own moving average and accumulates its own gradients, stacked like its weights.
 
 The stacked variants train through the one training loop
 (`cnn_jax.training_loop.train_variants` with `stacked_steps`), so each variant gives the
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cnn_jax import experiment, losses, parallel, steps, training_loop
+from cnn_jax import accumulate, experiment, losses, parallel, steps, training_loop
 from cnn_jax.config_checks import apply_overrides
 from cnn_jax.errors import ConfigError
 
@@ -114,11 +116,12 @@ def vectorizable_groups(variants: Sequence[dict[str, Any]]) -> list[list[int]]:
 
 
 def map_states(fn: Callable[..., jax.Array], *states: steps.TrainState) -> steps.TrainState:
-    """`fn` over the matching leaves of the states' params, opt_state and batch_stats; the
-    rest (step counter, optimiser, apply function) is the first state's."""
-    trees = [(s.params, s.opt_state, s.batch_stats) for s in states]
-    params, opt_state, batch_stats = jax.tree.map(fn, *trees)
-    return states[0].replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
+    """`fn` over the matching leaves of the states' params, opt_state, batch_stats and
+    moving average (cnn_jax.ema); the rest (step counter, optimiser, apply function) is
+    the first state's."""
+    trees = [(s.params, s.opt_state, s.batch_stats, s.ema) for s in states]
+    params, opt_state, batch_stats, ema = jax.tree.map(fn, *trees)
+    return states[0].replace(params=params, opt_state=opt_state, batch_stats=batch_stats, ema=ema)
 
 
 def stack_states(
@@ -198,7 +201,9 @@ def make_vectorized_train(
     shared_smoothing = len(set(smoothings)) == 1
     repl = parallel.replicated(mesh)
     smoothing_arr = jnp.asarray(smoothings, jnp.float32)
-    body = steps.input_train_step(spec, parallel.data_sharding(mesh), configs[0].loss)
+    # The levers are not SWEEPABLE: every variant has configs[0]'s.
+    options = steps.StepOptions.from_config(configs[0])
+    body = steps.input_train_step(spec, parallel.data_sharding(mesh), configs[0].loss, options)
 
     def one(state, acc, images, labels, perm, step_in_epoch, rng, smoothing, active):
         # A shared smoothing stays a Python number, as in the sequential run's program.
@@ -269,7 +274,7 @@ def stacked_steps(
     """The training loop's steps for K stacked variants (cnn_jax.training_loop.train_variants)."""
     rngs = VariantRngs.from_seeds([c.seed for c in configs])
     state = create_stacked_state(configs, model, input_shape, rngs, steps_per_epoch)
-    batch_size = configs[0].batch_size
+    batch_size = accumulate.optimizer_batch(configs[0])
     return steps.VariantSteps(
         state=state,
         train=make_vectorized_train(configs, mesh, spec, state, rngs),

@@ -27,13 +27,13 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from cnn_jax import parallel, steps
+from cnn_jax import accumulate, ema, parallel, steps
 from cnn_jax.checkpoints import Checkpoints
 from cnn_jax.data import Dataset
 from cnn_jax.data.augment import AugmentConfig
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError, Interrupted
-from cnn_jax.records import Progress, Reporter
+from cnn_jax.records import Progress, Reporter, StepProfile
 
 Hook = Callable[[int], bool | None]  # Called after each step; True asks the loop to stop.
 
@@ -48,7 +48,8 @@ class TrainResult:
     diverged_at_step: int | None
     stopped_early: bool
     best_epoch: int | None
-    evals: dict[str, dict[str, float]]  # Final {'train'|'val'|'test': {loss, accuracy}}.
+    # Final {'train'|'val'|'test': {loss, accuracy}}, and 'test_raw' with an EMA (cnn_jax.ema).
+    evals: dict[str, dict[str, float]]
     test_predictions: np.ndarray
     steps_per_epoch: int
     train_steps_per_s: float
@@ -85,11 +86,15 @@ class StopRequest:
 
 def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int, str, str]:
     """(steps per epoch, the metric the best checkpoint tracks, 'min' or 'max')."""
-    num_train = len(dataset.train)
-    steps_per_epoch = num_train // config.batch_size
+    num_train, batch = len(dataset.train), accumulate.optimizer_batch(config)
+    steps_per_epoch = num_train // batch  # Optimiser steps (grad_accum_steps micro-batches).
     if steps_per_epoch == 0:
+        accum = (
+            f' x grad_accum_steps={config.grad_accum_steps}' if batch != config.batch_size else ''
+        )
         raise ConfigError(
-            f'batch_size={config.batch_size} is larger than the {num_train} training examples'
+            f'batch_size={config.batch_size}{accum} is larger than the {num_train} training '
+            'examples'
         )
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
@@ -108,6 +113,7 @@ def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> steps.Inp
         std=tuple(float(v) for v in dataset.std),
         image_size=config.image_size or None,  # 0 or None: no resize.
         augment=AugmentConfig.from_config(config.augment),
+        num_classes=dataset.num_classes,
     )
 
 
@@ -265,6 +271,7 @@ class _Loop:
         # Placed on the mesh like the step's output, so the second step does not recompile.
         self.acc = jax.device_put(self.steps.zero_metrics(), repl)
         self.progress = Progress(config.num_epochs * self.steps_per_epoch)
+        self.profile = StepProfile(workdirs[0], config.profile_steps)
         self.stop, self.stop_wanted, self.active = StopRequest(), False, None
         self.start_epoch, self.start_step, self.resumed_from = 0, 0, None
         self.t_start, self.compile_s, self.timed_steps, self.timed_s = 0.0, 0.0, 0, 0.0
@@ -328,6 +335,7 @@ class _Loop:
                     self.compile_s = self.compile_s or time.perf_counter() - self.t_start
                     self.progress.start(gstep)
                     t_epoch, first_timed = time.perf_counter(), gstep
+                self.profile.step(self.state)
                 log_point = gstep % max(1, self.config.log_every_steps) == 0 or s == spe - 1
                 if log_point and not self._log_point(gstep, epoch):
                     break
@@ -337,6 +345,7 @@ class _Loop:
                     self._save_and_stop(gstep, epoch, s + 1)
         finally:
             inputs.close()  # Stops a stream's decoding threads.
+            self.profile.stop(self.state)
         if not self.any_active():
             return False
         jax.block_until_ready(self.state)
@@ -419,6 +428,8 @@ class _Loop:
             self._mask()
 
     def _evaluate(self, state: steps.TrainState, split: str, predictions: bool = False):
+        """`split`'s metrics of the state's moving average when it keeps one (cnn_jax.ema)."""
+        state = ema.weights_to_evaluate(state)
         data = self.splits[split]
         if split == 'train':  # Val and test were capped when they were loaded.
             data = data.strided(self.config.max_eval_examples)
@@ -440,6 +451,8 @@ class _Loop:
             r.ckpt.close()
             r.report.close()
             evals = {split: self._evaluate(state, split, split == 'test') for split in self.splits}
+            if state.ema is not None:  # The report gives the raw weights' accuracy too.
+                evals['test_raw'] = self._evaluate(ema.raw_weights(state), 'test')
             results.append(
                 TrainResult(
                     state=state,

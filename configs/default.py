@@ -43,6 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.crop_padding = 0  # Random crop after zero padding by this many pixels.
     c.augment.rotation_degrees = 0.0  # Random rotation in [-d, d].
     c.augment.scale = 0.0  # Random zoom in [1 - s, 1 + s].
+    # Mixup and CutMix (timm --mixup, --cutmix, --mixup-prob, --mixup-switch-prob), last,
+    # with the batch reversed as partner; targets become soft. Alphas 0: off.
+    c.augment.mixup_alpha = 0.0  # lam ~ Beta(alpha, alpha).
+    c.augment.cutmix_alpha = 0.0
+    c.augment.mix_prob = 1.0  # Chance that a batch is mixed.
+    c.augment.switch_prob = 0.5  # With both alphas > 0: chance of CutMix over mixup.
 
     # --- Model ------------------------------------------------------------------
     c.model = 'small_cnn'  # See cnn_jax.models.MODELS.
@@ -69,6 +75,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.step_epochs = ()  # 'step' schedule: epochs at which lr is multiplied by step_factor.
     c.step_factor = 0.1
     c.grad_clip_norm = config_dict.placeholder(float)
+    # Gradient accumulation (timm --grad-accum-steps): each optimiser step sees
+    # batch_size x grad_accum_steps examples, run as grad_accum_steps micro-batches of
+    # batch_size inside the compiled step; schedules and steps_per_epoch count optimiser
+    # steps. 1: off. See cnn_jax.accumulate.
+    c.grad_accum_steps = 1
+    # Moving average of the weights and BatchNorm statistics (timm --model-ema
+    # --model-ema-decay), used for evaluation, the best checkpoint and the report. 0: off.
+    c.ema_decay = 0.0
+    # Decay min(ema_decay, (1 + n) / (10 + n)) after optimiser step n (cnn_jax.ema).
+    c.ema_warmup = False
     # Fine-tuning: top-level parameter names (or prefixes) to freeze; ('backbone',) = all
     # but the head. backbone_lr_factor scales the learning rate of non-head parameters.
     c.freeze = ()
@@ -90,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.best_metric = 'val_accuracy'
     c.steps_per_epoch = config_dict.placeholder(int)  # Cap (quick runs, tests).
     c.eval_test_each_epoch = False  # Also evaluate the test split after every epoch.
+    # Trace this many train steps after the first (compiled) one with jax.profiler into
+    # <workdir>/tensorboard (TensorBoard's profile plugin opens it). 0: off.
+    c.profile_steps = 0
     # The first batch's loss further than this (relative) from ln(classes) warns.
     c.sanity_loss_tolerance = 0.5
     c.task = 'train'  # 'train' | 'svm' (frozen features + linear SVM).

@@ -70,7 +70,10 @@ def tiny_argv(command: str, tmp: pathlib.Path, index: int) -> list[str]:
         if '--summary' in argv:
             return argv
         extra = STUDY_TINY if 'ablations/' in text else []
-        return [*argv, *LAUNCH_TINY, *extra, f'--workdir={tmp / f"launch_{index}"}']
+        workdir = tmp / f'launch_{index}'
+        if '--workdir=W' in argv:  # One workdir: a run, then its --eval_only after it.
+            argv, workdir = [a for a in argv if a != '--workdir=W'], tmp / 'W'
+        return [*argv, *LAUNCH_TINY, *extra, f'--workdir={workdir}']
     module = argv[1] if argv[0] == '-m' else None
     if module == 'reproduce':
         if '--root' in argv:  # Its own example root: the same one here.

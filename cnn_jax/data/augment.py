@@ -5,6 +5,9 @@ scaled to [0, 1], resized, augmented (padding and rotation fill with black, as
 torchvision does before `Normalize`) and then normalised per channel. When crop and flip
 are the only transforms and nothing is resized, `steps.InputSpec` applies them to the
 uint8 batch instead: they only move pixels, so the values are the same.
+
+Mixup and CutMix (`mix`, timm's --mixup/--cutmix) come last, on the normalised batch:
+they mix images with their partners and turn the labels into soft targets.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ class AugmentConfig:
     crop_padding: int = 0
     rotation_degrees: float = 0.0
     scale: float = 0.0
+    mixup_alpha: float = 0.0  # `mix`: Beta(alpha, alpha) weights; 0: off.
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # The chance that a batch is mixed.
+    switch_prob: float = 0.5  # With both alphas > 0: the chance of CutMix over mixup.
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> AugmentConfig:
@@ -33,7 +40,16 @@ class AugmentConfig:
             crop_padding=int(cfg.crop_padding),
             rotation_degrees=float(cfg.rotation_degrees),
             scale=float(cfg.scale),
+            mixup_alpha=float(cfg.mixup_alpha),
+            cutmix_alpha=float(cfg.cutmix_alpha),
+            mix_prob=float(cfg.mix_prob),
+            switch_prob=float(cfg.switch_prob),
         )
+
+    @property
+    def mixes(self) -> bool:
+        """Whether batches are mixed (mixup or CutMix), so targets are soft."""
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
 
     @property
     def moves_pixels_only(self) -> bool:
@@ -131,3 +147,46 @@ def augment(rng: jax.Array, x: jnp.ndarray, cfg: AugmentConfig) -> jnp.ndarray:
     if cfg.flip:
         x = random_flip(k_flip, x)
     return x
+
+
+def cutmix_box(rng: jax.Array, lam: jax.Array, h: int, w: int) -> jnp.ndarray:
+    """timm's `rand_bbox`: an (h, w) bool mask of a box of about (1 - lam) of the image,
+    centred at a uniform pixel and clipped at the borders."""
+    cut = jnp.sqrt(1.0 - lam)
+    half_h, half_w = (h * cut).astype(jnp.int32) // 2, (w * cut).astype(jnp.int32) // 2
+    cy, cx = jax.random.randint(rng, (2,), 0, jnp.array([h, w]))
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    inside_rows = (rows >= jnp.clip(cy - half_h, 0, h)) & (rows < jnp.clip(cy + half_h, 0, h))
+    inside_cols = (cols >= jnp.clip(cx - half_w, 0, w)) & (cols < jnp.clip(cx + half_w, 0, w))
+    return inside_rows & inside_cols
+
+
+def mix(
+    rng: jax.Array, x: jnp.ndarray, labels: jnp.ndarray, num_classes: int, cfg: AugmentConfig
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """timm's batch-mode Mixup: (images, soft targets (N, C), lam), each image mixed with
+    its partner in the reversed batch.
+
+    With probability cfg.mix_prob the batch is mixed (else lam = 1): by CutMix with
+    probability cfg.switch_prob when both alphas are > 0, else by the one that is. lam ~
+    Beta(alpha, alpha); mixup takes lam x + (1 - lam) partner, CutMix pastes the partner's
+    `cutmix_box` and sets lam to the fraction of the image left. Targets are lam one_hot +
+    (1 - lam) one_hot(partner); label smoothing applies after (cnn_jax.losses).
+    """
+    k_apply, k_switch, k_mixup, k_cutmix, k_box = jax.random.split(rng, 5)
+    partner = x[::-1]
+    mixed, lam = x, jnp.float32(1.0)
+    if cfg.mixup_alpha > 0:
+        lam = jax.random.beta(k_mixup, cfg.mixup_alpha, cfg.mixup_alpha)
+        mixed = lam * x + (1.0 - lam) * partner
+    if cfg.cutmix_alpha > 0:
+        box_lam = jax.random.beta(k_cutmix, cfg.cutmix_alpha, cfg.cutmix_alpha)
+        box = cutmix_box(k_box, box_lam, x.shape[1], x.shape[2])
+        cut = jnp.where(box[None, :, :, None], partner, x)
+        cut_lam = 1.0 - jnp.mean(box.astype(jnp.float32))
+        use_cut = True if cfg.mixup_alpha == 0 else jax.random.bernoulli(k_switch, cfg.switch_prob)
+        mixed, lam = jnp.where(use_cut, cut, mixed), jnp.where(use_cut, cut_lam, lam)
+    apply = jax.random.bernoulli(k_apply, cfg.mix_prob)
+    x, lam = jnp.where(apply, mixed, x), jnp.where(apply, lam, 1.0).astype(jnp.float32)
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    return x, lam * one_hot + (1.0 - lam) * one_hot[::-1], lam
