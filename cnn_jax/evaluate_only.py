@@ -122,7 +122,7 @@ def write(workdir: pathlib.Path, out: dict[str, Any]) -> None:
     report.plot_confusion_matrix(
         out['confusion_matrix'], out['class_names'], workdir / image, title
     )
-    weights = 'the moving average of the weights (ema_decay)' if out['ema_weights'] else 'weights'
+    weights = 'moving average of the weights (ema_decay)' if out['ema_weights'] else 'weights'
     lines = [
         f'# Evaluation: {title}',
         '',

@@ -1,6 +1,8 @@
-"""The CPU formulations (ReLU as a mask product, `tap_conv`) compute what the lax path does.
+"""The CPU formulations (ReLU as a mask product, `tap_conv`, `canonical_conv`) compute what
+the lax path does.
 
-Each is chosen on CPU only, by its selection function (`relu_for`, `tap_conv_wins`); here
+Each is chosen on CPU only, by its selection function (`relu_for`, `tap_conv_wins`,
+`canonical_conv_wins`); here
 the CPU choice is compared with the other platforms' one, forced through that function:
 per layer (values and gradients, float32 and bfloat16) and per model (3 train steps).
 """
@@ -53,10 +55,10 @@ def test_tap_conv_chosen_on_cpu_only():
 
 
 def _conv_pair(kernel, stride, padding, dtype):
-    """(nn.Conv through SmallMapConv, plain nn.Conv): the same layer, the same parameters."""
+    """(nn.Conv through FastConv, plain nn.Conv): the same layer, the same parameters."""
     kh, kw, _, cout = kernel
     make = functools.partial(nn.Conv, cout, (kh, kw), strides=stride, padding=padding, dtype=dtype)
-    return make(conv_general_dilated_cls=layers.SmallMapConv), make()
+    return make(conv_general_dilated_cls=layers.FastConv), make()
 
 
 def _values_and_grads(conv, variables, x, g):
@@ -72,8 +74,8 @@ def _assert_close(ours, ref, rtol):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.abs(b).max()))
 
 
-def _sweep_cases(seed, count):
-    """Seeded random first layers (1-3 input channels, taps x outputs up to 1024): every
+def _sweep_cases(seed, count, max_cin=3):
+    """Seeded random layers (1 to max_cin input channels, taps x outputs up to 1024): every
     kernel size, stride and kind of padding, odd map sizes, batch 1 among them."""
     rng = np.random.default_rng(seed)
     paddings = itertools.cycle(['SAME', 'VALID', 'explicit'])
@@ -81,7 +83,7 @@ def _sweep_cases(seed, count):
     for k, stride in itertools.islice(
         itertools.cycle(itertools.product((1, 3, 5, 7), (1, 2))), count
     ):
-        cin = int(rng.integers(1, 4))
+        cin = int(rng.integers(1, max_cin + 1))
         cout = int(rng.integers(1, 1024 // (k * k * cin) + 1))
         size = int(rng.choice([k + 2, 7, 9, 13])) | 1  # Odd, at least the kernel.
         batch = int(rng.choice([1, 2, 3]))
@@ -92,9 +94,9 @@ def _sweep_cases(seed, count):
     return cases
 
 
-def _check_sweep(cases, dtype, rtol):
-    """Each case's layer through SmallMapConv (the tap sum, chosen for every kernel here)
-    against plain nn.Conv (lax)."""
+def _check_sweep(cases, dtype, rtol, name='tap_conv'):
+    """Each case's layer through FastConv (`name`, chosen for every kernel here) against
+    plain nn.Conv (lax)."""
     pairs, inputs = [], []
     for i, (kernel, stride, padding, shape) in enumerate(cases):
         ours, ref = _conv_pair(kernel, stride, padding, dtype)
@@ -104,7 +106,7 @@ def _check_sweep(cases, dtype, rtol):
         variables = {'params': {**params, 'bias': rng.normal(size=kernel[3])}}
         variables = jax.tree.map(lambda v: v.astype(np.float32), variables)
         g = rng.normal(size=jax.eval_shape(ref.apply, variables, x).shape).astype(np.float32)
-        assert 'custom_vjp' in str(jax.make_jaxpr(ours.apply)(variables, x))  # The tap sum.
+        assert f'name={name}' in str(jax.make_jaxpr(ours.apply)(variables, x))
         pairs.append((ours, ref))
         inputs.append((variables, x, g))
 
@@ -128,6 +130,19 @@ def test_tap_conv_equals_lax_values_and_gradients(monkeypatch):
     _check_sweep(_sweep_cases(1, 4), jnp.bfloat16, 1e-2)
 
 
+def test_canonical_conv_equals_lax_values_and_gradients(monkeypatch):
+    """The other layers on CPU, the same sweep with up to 8 input channels: the gradients
+    through canonical layouts are lax's at 1e-5 (float32) and at bf16's 1e-2."""
+    monkeypatch.setattr(layers, 'tap_conv_wins', lambda *_: False)
+    _check_sweep(_sweep_cases(2, 8, max_cin=8), jnp.float32, 1e-5, 'canonical_conv')
+    _check_sweep(_sweep_cases(3, 4, max_cin=8), jnp.bfloat16, 1e-2, 'canonical_conv')
+
+
+def test_canonical_conv_chosen_on_cpu_only():
+    assert layers.canonical_conv_wins('cpu')
+    assert not layers.canonical_conv_wins('gpu') and not layers.canonical_conv_wins('tpu')
+
+
 @pytest.mark.parametrize('kernel', [(3, 3, 3, 512), (1, 1, 64, 16)])
 def test_tap_conv_formulation_at_wide_channels(kernel):
     """The formulation itself is exact at any width (the selection keeps it to few channels)."""
@@ -141,13 +156,14 @@ def test_tap_conv_formulation_at_wide_channels(kernel):
 
 
 def test_not_chosen_layers_run_lax_unchanged(monkeypatch):
-    """Many channels, big kernels, dilation: lax. A non-CPU platform: lax for every kernel."""
+    """Many channels, big kernels: canonical_conv on CPU. Dilation: lax. A non-CPU
+    platform: lax for every kernel."""
     x = jnp.ones((1, 9, 9, 3), jnp.float32)
     for kernel in NOT_CHOSEN[:3]:
         ours, _ = _conv_pair(kernel, 1, 'SAME', jnp.float32)
         jaxpr = str(jax.make_jaxpr(ours.init)(jax.random.key(0), x))
-        assert 'conv_general_dilated' in jaxpr and 'custom_vjp' not in jaxpr, kernel
-    dilated = nn.Conv(8, (3, 3), kernel_dilation=2, conv_general_dilated_cls=layers.SmallMapConv)
+        assert 'name=tap_conv' not in jaxpr and 'name=canonical_conv' in jaxpr, kernel
+    dilated = nn.Conv(8, (3, 3), kernel_dilation=2, conv_general_dilated_cls=layers.FastConv)
     assert 'custom_vjp' not in str(jax.make_jaxpr(dilated.init)(jax.random.key(0), x))
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     for kernel in CHOSEN:
@@ -183,8 +199,10 @@ def test_tap_conv_non_finite_kernels_and_vmap_take_lax():
 def _force_platform(monkeypatch, platform):
     """Every selection function makes `platform`'s choice, whatever the backend."""
     relu_for, tap_conv_wins = layers.relu_for, layers.tap_conv_wins
+    canonical = layers.canonical_conv_wins(platform)
     monkeypatch.setattr(layers, 'relu_for', lambda _: relu_for(platform))
     monkeypatch.setattr(layers, 'tap_conv_wins', lambda _, kernel: tap_conv_wins(platform, kernel))
+    monkeypatch.setattr(layers, 'canonical_conv_wins', lambda _: canonical)
 
 
 def _numpy_variables(model, shape):
@@ -238,7 +256,8 @@ def _check_model(model_name, shape, batch_size, monkeypatch, taps):
         # Each CPU formulation runs where, and only where, the CPU choice was made.
         text = str(traced.jaxpr)
         assert ('name=relu' in text or 'let relu =' in text) == (platform != 'cpu')  # nn.relu
-        assert ('custom_vjp' in text) == (platform == 'cpu' and taps)  # tap_conv
+        assert ('name=tap_conv' in text) == (platform == 'cpu' and taps)
+        assert ('name=canonical_conv' in text) == (platform == 'cpu')
         step, losses = traced.lower().compile(), []
         for _ in range(3):
             args[0], metrics = step(*args)

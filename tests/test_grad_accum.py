@@ -1,6 +1,8 @@
 """Gradient accumulation (config.grad_accum_steps, cnn_jax.accumulate): k micro-batches of
 B make the optimiser step one batch of k x B makes; the defaults are today's step."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,23 @@ def test_the_compiled_step_holds_one_micro_batchs_activations():
         step = jax.jit(lambda s, b, o=options: steps.train_step(s, b, jax.random.key(0), options=o))
         temp[accum] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
     assert temp[4] < temp[1] / 2, temp
+
+
+@pytest.mark.parametrize('model_name', ['small_cnn', 'resnet20'])
+def test_every_convolution_in_the_accumulated_step_is_eigens_form(model_name):
+    """XLA:CPU runs a convolution through Eigen only as NHWC x HWIO -> NHWC, and rewrites
+    other forms into it only outside loops. Inside the micro-batches' loop every one of the
+    compiled step's convolutions (forward, both gradients; ResNet's strides too) must be in
+    that form: lax's own gradient forms ran there as naive loops, 20-35x slower."""
+    c = tiny_config(batch_size=8, grad_accum_steps=2, model=model_name)
+    c.model_options.features = (8, 8)  # Two convs: the second's input gradient too.
+    options = c.model_options.to_dict() if model_name == 'small_cnn' else {}
+    model = create_model(model_name, CLASSES, **options)
+    state = steps.create_train_state(c, model, (16, 16, 3), jax.random.key(0), STEPS)
+    step_options = steps.StepOptions.from_config(c)
+    step = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(0), options=step_options))
+    batch = {'image': jnp.zeros((16, 16, 16, 3)), 'label': jnp.zeros((16,), jnp.int32)}
+    text = step.lower(state, batch).compile().as_text()
+    assert 'while' in text  # The micro-batches' loop.
+    forms = re.findall(r'convolution\(.*dim_labels=([\w>-]+)', text)
+    assert len(forms) >= 5 and set(forms) == {'b01f_01io->b01f'}, forms

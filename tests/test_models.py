@@ -581,7 +581,7 @@ def test_max_pool_fast_paths_equal_reduce_window_with_gradient(shape, window, st
     [((2, 2), 3, 1, 1), ((1, 2), 3, 1, 1), ((2, 2), 1, 0, 1), ((4, 4), 3, 1, 1), ((2, 2), 3, 1, 2)],
 )
 def test_small_map_conv_equals_lax_with_gradients(hw, kernel, pad, stride):
-    """SmallMapConv is a matrix product on maps up to 2x2 and lax elsewhere; same numbers."""
+    """FastConv is a matrix product on maps up to 2x2 and lax elsewhere; same numbers."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(3, *hw, 5)), jnp.float32)
     conv = functools.partial(
@@ -592,7 +592,7 @@ def test_small_map_conv_equals_lax_with_gradients(hw, kernel, pad, stride):
     def loss(v, x, module):
         return jnp.sum(module.apply(v, x) ** 2)
 
-    ours, theirs = conv(conv_general_dilated_cls=layers.SmallMapConv), conv()
+    ours, theirs = conv(conv_general_dilated_cls=layers.FastConv), conv()
     uses_lax = 'conv_general_dilated' in str(jax.make_jaxpr(ours.apply)(variables, x))
     assert uses_lax == (max(hw) > 2 or stride != 1)
     np.testing.assert_allclose(

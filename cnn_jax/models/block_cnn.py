@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.errors import ConfigError
-from cnn_jax.models.layers import Activation, Flatten, MaxPool, SmallMapConv, dropout, normalize
+from cnn_jax.models.layers import Activation, FastConv, Flatten, MaxPool, dropout, normalize
 
 
 class BlockCNN(nn.Module):
@@ -40,7 +40,7 @@ class BlockCNN(nn.Module):
         if self.padding not in ('same', 'valid'):
             raise ConfigError(f"padding must be 'same' or 'valid', got {self.padding!r}")
         x = x.astype(self.dtype)
-        conv = functools.partial(nn.Conv, dtype=self.dtype, conv_general_dilated_cls=SmallMapConv)
+        conv = functools.partial(nn.Conv, dtype=self.dtype, conv_general_dilated_cls=FastConv)
         for f, k in zip(self.features, self.kernel_sizes, strict=True):
             p = k // 2 if self.padding == 'same' else 0
             x = conv(f, (k, k), padding=((p, p), (p, p)))(x)

@@ -7,13 +7,14 @@ Dense 256 -> Dense C. `activation` follows every conv (the ablation of E4.3);
 model) or 'dropout' (Dropout2d in place of the conv BN, Dropout in place of the dense BN).
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.models.layers import Activation, Flatten, MaxPool, normalize
+from cnn_jax.models.layers import Activation, FastConv, Flatten, MaxPool, normalize
 
 
 class CifarCNN6(nn.Module):
@@ -31,18 +32,19 @@ class CifarCNN6(nn.Module):
         def norm(x: jax.Array) -> jax.Array:
             return normalize(x, self.norm, train=train, rate=self.norm_rate, dtype=self.dtype)
 
+        conv = functools.partial(nn.Conv, dtype=self.dtype, conv_general_dilated_cls=FastConv)
         x = x.astype(self.dtype)
-        x = nn.Conv(6, (3, 3), padding='VALID', dtype=self.dtype)(x)
+        x = conv(6, (3, 3), padding='VALID')(x)
         x = Activation(self.activation)(x)
         x = MaxPool()(x)
-        x = nn.Conv(8, (3, 3), padding='VALID', dtype=self.dtype)(x)
+        x = conv(8, (3, 3), padding='VALID')(x)
         x = Activation(self.activation)(x)
         for f in (10, 12, 14):
-            x = nn.Conv(f, (1, 1), dtype=self.dtype)(x)
+            x = conv(f, (1, 1))(x)
             if f == 14:
                 x = norm(x)
             x = Activation(self.activation)(x)
-        x = nn.Conv(16, (1, 1), dtype=self.dtype)(x)
+        x = conv(16, (1, 1))(x)
         x = Activation(self.activation)(x)
         x = Flatten()(x)
         for f in (1024, 512, 256):

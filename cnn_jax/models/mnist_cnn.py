@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.models.layers import Activation, AvgPool, Flatten, MaxPool, normalize
+from cnn_jax.models.layers import Activation, AvgPool, FastConv, Flatten, MaxPool, normalize
 
 
 class MnistCNN(nn.Module):
@@ -32,7 +32,9 @@ class MnistCNN(nn.Module):
         x = x.astype(self.dtype)
         last = len(self.features) - 1
         for i, (f, k) in enumerate(zip(self.features, self.kernel_sizes, strict=True)):
-            x = nn.Conv(f, (k, k), padding='VALID', dtype=self.dtype)(x)
+            x = nn.Conv(
+                f, (k, k), padding='VALID', dtype=self.dtype, conv_general_dilated_cls=FastConv
+            )(x)
             x = normalize(x, self.norm, train=train, rate=self.norm_rate, dtype=self.dtype)
             x = Activation(self.activation)(x)
             # Overlapping max-pools keep the map large; the last pool halves it.

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.errors import ConfigError
-from cnn_jax.models.layers import Activation, GlobalAvgPool, MaxPool, SmallMapConv, batch_norm
+from cnn_jax.models.layers import Activation, FastConv, GlobalAvgPool, MaxPool, batch_norm
 
 # torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -38,7 +38,7 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
         kernel_init=_conv_init,
         dtype=dtype,
         name=name,
-        conv_general_dilated_cls=SmallMapConv,
+        conv_general_dilated_cls=FastConv,
     )
 
 

@@ -6,6 +6,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnn_jax.models.layers import FastConv
+
 
 class SmallCNN(nn.Module):
     """conv3x3(same)+BN+ReLU blocks, each followed by 2x2 max-pool while the map allows.
@@ -24,7 +26,14 @@ class SmallCNN(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         x = x.astype(self.dtype)
         for f in self.features:
-            x = nn.Conv(f, (3, 3), padding='SAME', use_bias=not self.use_bn, dtype=self.dtype)(x)
+            x = nn.Conv(
+                f,
+                (3, 3),
+                padding='SAME',
+                use_bias=not self.use_bn,
+                dtype=self.dtype,
+                conv_general_dilated_cls=FastConv,
+            )(x)
             if self.use_bn:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
             x = nn.relu(x)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.models.layers import Activation, Flatten, MaxPool, SmallMapConv, dropout, normalize
+from cnn_jax.models.layers import Activation, FastConv, Flatten, MaxPool, dropout, normalize
 
 # torchvision's initialisation: without BN, VGG trains from scratch only if the signal keeps
 # its scale through 13+ ReLU layers (flax's lecun_normal default halves it at each one).
@@ -57,7 +57,7 @@ class VGG(nn.Module):
                 continue
             x = nn.Conv(
                 int(layer), (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init,
-                dtype=self.dtype, conv_general_dilated_cls=SmallMapConv,
+                dtype=self.dtype, conv_general_dilated_cls=FastConv,
             )(x)  # fmt: skip
             x = normalize(x, self.norm, train=train, rate=self.norm_rate, dtype=self.dtype)
             x = Activation(self.activation)(x)
