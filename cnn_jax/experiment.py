@@ -157,7 +157,8 @@ def summary_fields(
         **{f'{s}_loss': m['loss'] for s, m in result.evals.items()},
         **metrics,
         **summary.count_fields(variables),
-        'epochs_run': len(result.history),
+        # Epochs begun (the last row's epoch rounded up: 1.5 with evals_per_epoch = 2 is 2).
+        'epochs_run': math.ceil(result.history[-1]['epoch']) if result.history else 0,
         'steps_per_epoch': result.steps_per_epoch,
         'wall_time_s': round(wall_s, 2),
         'compile_s': round(result.compile_s, 2),

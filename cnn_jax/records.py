@@ -55,12 +55,12 @@ class Reporter:
     def warn(self, text: str) -> None:
         self.line(f'WARNING: {text}')
 
-    def resume(self, epochs: int) -> list[dict[str, Any]]:
-        """The rows of the first `epochs` epochs, read by the main process (which drops
-        the rest from the file: a resumed run rewrites them) and given to every process."""
+    def resume(self, step: int) -> list[dict[str, Any]]:
+        """The rows of the first `step` steps, read by the main process (which drops the
+        rest from the file: a resumed run rewrites them) and given to every process."""
         rows = None
         if self.main:
-            rows = [r for r in read_metrics(self.path.parent) if r['epoch'] <= epochs]
+            rows = [r for r in read_metrics(self.path.parent) if r['step'] <= step]
             self.path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
         return parallel.from_main(rows)
 
@@ -113,11 +113,12 @@ class StepProfile:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """Per-epoch records of metrics.jsonl sorted by epoch (last record of an epoch wins).
+    """The evaluations' records of metrics.jsonl sorted by epoch (the last record of an epoch
+    value wins; 0.5, 1.0 ... with config.evals_per_epoch = 2).
 
     Unreadable lines (a run killed mid-write) are skipped.
     """
-    by_epoch: dict[int, dict] = {}
+    by_epoch: dict[float, dict] = {}
     try:
         lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
     except OSError:
@@ -128,7 +129,7 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
         if isinstance(record, dict) and 'epoch' in record:
-            by_epoch[int(record['epoch'])] = record
+            by_epoch[float(record['epoch'])] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 

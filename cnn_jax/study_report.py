@@ -185,12 +185,12 @@ def summary_markdown(study: dict) -> str:
 
 def _curves(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-epoch mean and std of `key` over the runs (epochs any run has)."""
-    per_epoch: dict[int, list[float]] = {}
+    per_epoch: dict[float, list[float]] = {}
     for run in runs:
         for record in records.read_metrics(run['workdir']):
             value = finite(record.get(key))
             if value is not None:
-                per_epoch.setdefault(int(record['epoch']), []).append(value)
+                per_epoch.setdefault(record['epoch'], []).append(value)
     epochs = sorted(per_epoch)
     aggs = [aggregate(per_epoch[e]) for e in epochs]
     return np.array(epochs), np.array([a['mean'] for a in aggs]), np.array([a['std'] for a in aggs])

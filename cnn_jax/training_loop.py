@@ -3,8 +3,10 @@
 `train_and_evaluate` trains one run, `train_variants` K variants in step (cnn_jax.sweep).
 The loop resumes from the workdir's latest checkpoint, stops cleanly on Ctrl-C/SIGTERM
 (saving first) and detects divergence. Its phases are `_Loop`'s methods: open (__init__),
-resume, run_epoch, end_epoch (evaluate, early stop, checkpoint) and results (the state to
-test, the best one when early stopping is on, and its final evaluation).
+resume, run_epoch (with config.evals_per_epoch - 1 evaluations inside it), end_epoch (the
+last evaluation, checkpoint) and results (the state to test, the best one when early
+stopping is on, and its final evaluation). An evaluation (`evaluate_point`) makes a row of
+metrics, a best checkpoint and an early-stopping check.
 """
 
 from __future__ import annotations
@@ -98,6 +100,11 @@ def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int
         )
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    if config.evals_per_epoch > steps_per_epoch:
+        raise ConfigError(
+            f'evals_per_epoch={config.evals_per_epoch} is more than the {steps_per_epoch} '
+            'steps of an epoch'
+        )
     es = config.early_stopping
     monitor = es.monitor if es.patience > 0 else config.best_metric
     if monitor.startswith('val_') and dataset.val is None:
@@ -105,6 +112,14 @@ def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int
             raise ConfigError(f'early stopping monitors {monitor} but val_fraction is 0')
         monitor = 'train_' + monitor[4:]
     return steps_per_epoch, monitor, 'min' if monitor.endswith('loss') else 'max'
+
+
+def eval_points(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
+    """The steps of an epoch (counted from 1) after which the loop evaluates: evenly
+    spaced, the last at the epoch's end. 702 steps, 2 evaluations: [351, 702]."""
+    return sorted(
+        {round(steps_per_epoch * i / evals_per_epoch) for i in range(1, evals_per_epoch + 1)}
+    )
 
 
 def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> steps.InputSpec:
@@ -251,6 +266,7 @@ class _Loop:
         parallel.check_batch_size(config.batch_size, mesh)
         parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
         self.steps_per_epoch, self.monitor, self.mode = epoch_plan(config, dataset)
+        self.mid_epoch_evals = eval_points(self.steps_per_epoch, config.evals_per_epoch)[:-1]
         shape, spec = model_input_shape(config, dataset), input_spec(config, dataset)
         self.steps = make_steps(
             configs, model, shape, spec, mesh, len(dataset.train), self.steps_per_epoch
@@ -308,9 +324,9 @@ class _Loop:
                 f'Resuming from checkpoint at step {self.resumed_from} (epoch '
                 f'{self.start_epoch + 1}, step {self.start_step} of {self.steps_per_epoch}).'
             )
-        es = self.config.early_stopping
+        es, done = self.config.early_stopping, self.start_epoch * self.steps_per_epoch
         for r in self.runs:
-            r.history = r.report.resume(self.start_epoch)
+            r.history = r.report.resume(done + self.start_step)
             for row in r.history:  # Rebuild early-stopping state from the epochs already run.
                 r.observe(row, self.monitor, self.mode, es)
         self._mask()
@@ -339,6 +355,11 @@ class _Loop:
                 log_point = gstep % max(1, self.config.log_every_steps) == 0 or s == spe - 1
                 if log_point and not self._log_point(gstep, epoch):
                     break
+                if s + 1 in self.mid_epoch_evals:
+                    self.evaluate_point(epoch, s + 1)
+                    if not self.any_active():  # Every variant stopped early.
+                        self._save_latest(gstep, epoch, s + 1)
+                        break
                 hook_stop = any([bool(h(gstep)) for h in self.hooks])
                 self.stop_wanted = self.stop_wanted or self.stop.requested or hook_stop
                 if agreed_stop(self.stop_wanted, log_point):
@@ -392,15 +413,24 @@ class _Loop:
         raise Interrupted(gstep, ', '.join(str(r.workdir) for r in self.runs))
 
     def end_epoch(self, epoch: int) -> None:
-        """Each active variant's evaluation, row, best checkpoint and early stop; then the
-        latest checkpoints."""
-        config, step = self.config, int(self.state.step)
+        """The epoch's last evaluation, then the latest checkpoints."""
+        self.evaluate_point(epoch, self.steps_per_epoch)
+        every = max(1, self.config.checkpoint_every_epochs)
+        if (epoch + 1) % every == 0 or epoch + 1 == self.config.num_epochs:
+            self._save_latest(int(self.state.step), epoch + 1, 0)
+
+    def evaluate_point(self, epoch: int, step_in_epoch: int) -> None:
+        """Each active variant's evaluation after `step_in_epoch` steps of `epoch`: its row
+        (train metrics since the last evaluation), best checkpoint and early-stopping check."""
+        config, step, spe = self.config, int(self.state.step), self.steps_per_epoch
+        # Whole epochs as before with one evaluation per epoch; otherwise 0.5, 1.0, 1.5 ...
+        label = epoch + 1 if config.evals_per_epoch == 1 else round(epoch + step_in_epoch / spe, 4)
         stopping = []
         for k, (r, a) in enumerate(zip(self.runs, _host_acc(self.acc), strict=True)):
             if not r.active:
                 continue
             state_k, count = self.steps.variant(self.state, k), max(a['count'], 1.0)
-            row = {'epoch': epoch + 1, 'step': step, 'train_loss': a['loss'] / count}
+            row = {'epoch': label, 'step': step, 'train_loss': a['loss'] / count}
             row['train_accuracy'] = a['correct'] / count
             for split in ('val', 'test'):
                 if split in self.splits and (split == 'val' or config.eval_test_each_epoch):
@@ -415,13 +445,11 @@ class _Loop:
             if r.stopped_early:
                 stopping.append(r)
         self.acc = jax.device_put(self.steps.zero_metrics(), parallel.replicated(self.mesh))
-        every = max(1, config.checkpoint_every_epochs)
-        if (epoch + 1) % every == 0 or epoch + 1 == config.num_epochs:
-            self._save_latest(step, epoch + 1, 0)
+        unit = 'epochs' if config.evals_per_epoch == 1 else 'evaluations'
         for r in stopping:
             r.report.line(
-                f'Early stopping{r.report.tag} after epoch {epoch + 1}: {self.monitor} has not '
-                f'improved for {r.bad_epochs} epochs (best {r.best_value:.4f} at epoch '
+                f'Early stopping{r.report.tag} after epoch {label}: {self.monitor} has not '
+                f'improved for {r.bad_epochs} {unit} (best {r.best_value:.4f} at epoch '
                 f'{r.best_epoch}).'
             )
         if stopping:

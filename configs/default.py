@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.early_stopping = ml_collections.ConfigDict()
     c.early_stopping.monitor = 'val_loss'  # 'val_loss' | 'val_accuracy'.
-    c.early_stopping.patience = 0  # Epochs without improvement; 0 disables.
+    c.early_stopping.patience = 0  # Evaluations without improvement; 0 disables.
     c.early_stopping.min_delta = 0.0
 
     # --- Records ----------------------------------------------------------------
@@ -105,7 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # Latest N are kept, and the best by best_metric.
     c.best_metric = 'val_accuracy'
     c.steps_per_epoch = config_dict.placeholder(int)  # Cap (quick runs, tests).
-    c.eval_test_each_epoch = False  # Also evaluate the test split after every epoch.
+    c.eval_test_each_epoch = False  # Also evaluate the test split after every evaluation.
+    # Validation evaluations per epoch, evenly spaced, the last at the epoch's end (Lightning's
+    # val_check_interval = 1/N): each makes a row of metrics.jsonl and an early-stopping check.
+    c.evals_per_epoch = 1
     # Trace this many train steps after the first (compiled) one with jax.profiler into
     # <workdir>/tensorboard (TensorBoard's profile plugin opens it). 0: off.
     c.profile_steps = 0
