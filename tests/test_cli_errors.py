@@ -136,6 +136,7 @@ BAD_VALUES = {
     'sanity_loss_tolerance': [0.0],
     'early_stopping.patience': [-1],
     'early_stopping.min_delta': [-0.1],
+    'evals_per_epoch': [0, -1],
     'seed': [-1],
     'log_every_steps': [0],
     'checkpoint_every_epochs': [0],

@@ -23,7 +23,7 @@ TIMEOUT_S = 900  # Per command; two CPU cores shared with other work.
 EXPORT = ['-m', 'cnn_jax.transfer.export']
 
 SKIP = {
-    'python -m pytest -q -m "not slow"': 'the test suite itself',
+    'python -m pytest -q -m "not slow" -n 2 --dist loadfile': 'the test suite itself',
     'python -m benchmarks.gpu_check --out DIR': (
         'run end to end with --tiny by tests/test_gpu_check.py (slow tier)'
     ),
