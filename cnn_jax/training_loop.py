@@ -266,7 +266,7 @@ class _Loop:
         parallel.check_batch_size(config.batch_size, mesh)
         parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
         self.steps_per_epoch, self.monitor, self.mode = epoch_plan(config, dataset)
-        self.mid_epoch_evals = eval_points(self.steps_per_epoch, config.evals_per_epoch)[:-1]
+        self.eval_points = eval_points(self.steps_per_epoch, config.evals_per_epoch)
         shape, spec = model_input_shape(config, dataset), input_spec(config, dataset)
         self.steps = make_steps(
             configs, model, shape, spec, mesh, len(dataset.train), self.steps_per_epoch
@@ -355,7 +355,7 @@ class _Loop:
                 log_point = gstep % max(1, self.config.log_every_steps) == 0 or s == spe - 1
                 if log_point and not self._log_point(gstep, epoch):
                     break
-                if s + 1 in self.mid_epoch_evals:
+                if s + 1 in self.eval_points[:-1]:
                     self.evaluate_point(epoch, s + 1)
                     if not self.any_active():  # Every variant stopped early.
                         self._save_latest(gstep, epoch, s + 1)
@@ -422,9 +422,11 @@ class _Loop:
     def evaluate_point(self, epoch: int, step_in_epoch: int) -> None:
         """Each active variant's evaluation after `step_in_epoch` steps of `epoch`: its row
         (train metrics since the last evaluation), best checkpoint and early-stopping check."""
-        config, step, spe = self.config, int(self.state.step), self.steps_per_epoch
-        # Whole epochs as before with one evaluation per epoch; otherwise 0.5, 1.0, 1.5 ...
-        label = epoch + 1 if config.evals_per_epoch == 1 else round(epoch + step_in_epoch / spe, 4)
+        config, step, n = self.config, int(self.state.step), self.config.evals_per_epoch
+        # Whole epochs with one evaluation per epoch; otherwise evaluation i of n in epoch e
+        # is e + i/n: 0.5, 1.0, 1.5 ... (the row's step says where exactly).
+        i = self.eval_points.index(step_in_epoch) + 1
+        label = epoch + 1 if n == 1 else round(epoch + i / n, 4)
         stopping = []
         for k, (r, a) in enumerate(zip(self.runs, _host_acc(self.acc), strict=True)):
             if not r.active:

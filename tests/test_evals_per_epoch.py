@@ -53,7 +53,7 @@ def test_early_stopping_counts_evaluations_and_can_stop_mid_epoch(tmp_path, caps
     assert out['val_loss'] == pytest.approx(got[best]['val_loss'], rel=1e-5)
     assert out['stopped_early']  # lr 0.3 on 8x8 digits: the loss turns within 8 epochs.
     assert len(got) == best + 2  # One evaluation without improvement, then the stop.
-    assert [r['epoch'] for r in got][-3:] == [0.4, 1.0, 1.4]  # 5-step epochs: at 2 and 5.
+    assert [(r['epoch'], r['step']) for r in got][-3:] == [(0.5, 2), (1.0, 5), (1.5, 7)]
     line = f'Early stopping after epoch {got[-1]["epoch"]}: val_loss has not improved for 1 '
     assert line + 'evaluations' in capsys.readouterr().out
 
