@@ -94,3 +94,64 @@ def assert_close(got, want, *, rel_tol: float, abs_tol: float, where: str = '') 
         assert math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol), (where, got, want)
     else:
         assert got == want, (where, got, want)
+
+
+def stack_and_alone(config, overrides, num_steps=3):
+    """`num_steps` compiled steps of a vectorised stack of `config`'s variants `overrides`,
+    and of the second variant as its own run, on config's dataset resident on every
+    device: (the stack's steps, its final state, the second variant's final state)."""
+    import jax
+    import numpy as np
+
+    from cnn_jax import experiment, parallel, steps, sweep
+    from cnn_jax.data import load_dataset
+    from cnn_jax.data.metadata import model_input_shape
+    from cnn_jax.training_loop import input_spec
+
+    dataset = load_dataset(config)
+    mesh, n = parallel.make_mesh(), len(dataset.train)
+    spec, shape = input_spec(config, dataset), model_input_shape(config, dataset)
+    model = experiment.build_model(config, dataset.num_classes)
+    images = parallel.put_replicated(dataset.train.images, mesh)
+    labels = parallel.put_replicated(dataset.train.labels, mesh)
+    configs = sweep.variant_configs(config, overrides)
+    ends = []
+    for made in (
+        sweep.stacked_steps(configs, model, shape, spec, mesh, n, 10),
+        steps.plain_steps([configs[1]], model, shape, spec, mesh, n, 10),
+    ):
+        state = jax.device_put(made.state, parallel.replicated(mesh))
+        acc, perm = made.zero_metrics(), made.permutation(0)
+        for s in range(num_steps):
+            state, acc = made.train(state, acc, images, labels, perm, np.int32(s), made.rng, None)
+        ends.append((made, state))
+    (stack, stacked), (_, alone) = ends
+    return stack, stacked, alone
+
+
+# Summary keys that differ between two runs of one config: timings, where it resumed.
+VOLATILE = {'wall_time_s', 'compile_s', 'train_steps_per_s', 'train_images_per_s'}
+VOLATILE |= {'resumed_from_step'}
+
+
+def assert_resumed_run_ends_like(straight, make_config, workdir, monkeypatch, at_step=6):
+    """tasks.run (launch.py's path) of make_config() in `workdir`, stopped after `at_step`
+    and run again, ends with the summary `straight` (an uninterrupted run's) has."""
+    import functools
+
+    from cnn_jax import experiment, tasks, training_loop
+    from cnn_jax.errors import Interrupted
+
+    hook = functools.partial(training_loop.train_and_evaluate, hooks=[lambda step: step == at_step])
+    with monkeypatch.context() as m:
+        m.setattr(experiment, 'train_and_evaluate', hook)
+        with pytest.raises(Interrupted, match=f'interrupted at step {at_step};'):
+            tasks.run(make_config(), workdir)
+    out = tasks.run(make_config(), workdir)
+    assert out['resumed_from_step'] == at_step
+    assert_close(
+        {k: v for k, v in out.items() if k not in VOLATILE},
+        {k: v for k, v in straight.items() if k not in VOLATILE},
+        rel_tol=1e-6,
+        abs_tol=1e-6,
+    )

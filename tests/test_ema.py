@@ -9,12 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import ema, experiment, parallel, steps, sweep, tasks, training_loop
-from cnn_jax.data import load_dataset
-from cnn_jax.data.metadata import model_input_shape
-from cnn_jax.errors import Interrupted
+from cnn_jax import ema, steps, tasks
 from cnn_jax.models import create_model
-from cnn_jax.training_loop import input_spec
 from tests import conftest
 from tests.conftest import tiny_config
 
@@ -66,9 +62,6 @@ def test_off_by_default_the_state_keeps_no_average():
 
 # --- End to end: resume, the report ---------------------------------------------------------
 
-VOLATILE = {'wall_time_s', 'compile_s', 'train_steps_per_s', 'train_images_per_s'}
-VOLATILE |= {'resumed_from_step'}
-
 
 def ema_config():
     c = tiny_config(num_epochs=2, steps_per_epoch=4, ema_decay=0.9, ema_warmup=True)
@@ -86,20 +79,7 @@ def test_ema_run_resumed_mid_epoch_ends_where_the_uninterrupted_run_ends(tmp_pat
     summary = json.loads((tmp_path / 'straight' / 'summary.json').read_text())
     assert summary['test_raw_accuracy'] == straight['test_raw_accuracy']
 
-    workdir = tmp_path / 'resumed'
-    hook = functools.partial(training_loop.train_and_evaluate, hooks=[lambda step: step == 6])
-    with monkeypatch.context() as m:
-        m.setattr(experiment, 'train_and_evaluate', hook)
-        with pytest.raises(Interrupted, match='interrupted at step 6;'):
-            tasks.run(ema_config(), workdir)
-    out = tasks.run(ema_config(), workdir)
-    assert out['resumed_from_step'] == 6
-    conftest.assert_close(
-        {k: v for k, v in out.items() if k not in VOLATILE},
-        {k: v for k, v in straight.items() if k not in VOLATILE},
-        rel_tol=1e-6,
-        abs_tol=1e-6,
-    )
+    conftest.assert_resumed_run_ends_like(straight, ema_config, tmp_path / 'resumed', monkeypatch)
 
 
 # --- Vectorised sweeps ----------------------------------------------------------------------
@@ -111,23 +91,9 @@ def test_a_vectorised_sweep_keeps_each_variants_average_and_accumulates():
     config = tiny_config(optimizer='momentum', learning_rate=0.05, batch_size=16)
     config.ema_decay, config.ema_warmup, config.grad_accum_steps = 0.9, True, 2
     config.model_options.dropout_rate = 0.2
-    dataset = load_dataset(config)
-    mesh, n = parallel.make_mesh(), len(dataset.train)
-    spec, shape = input_spec(config, dataset), model_input_shape(config, dataset)
-    model = experiment.build_model(config, dataset.num_classes)
-    images = parallel.put_replicated(dataset.train.images, mesh)
-    labels = parallel.put_replicated(dataset.train.labels, mesh)
-    configs = sweep.variant_configs(config, [{'learning_rate': 0.1}, {'learning_rate': 0.01}])
-    made = sweep.stacked_steps(configs, model, shape, spec, mesh, n, 10)
-    state = jax.device_put(made.state, parallel.replicated(mesh))
-    acc, perm = made.zero_metrics(), made.permutation(0)
-    for s in range(3):
-        state, acc = made.train(state, acc, images, labels, perm, np.int32(s), made.rng, None)
+    overrides = [{'learning_rate': 0.1}, {'learning_rate': 0.01}]
+    made, state, one = conftest.stack_and_alone(config, overrides)
     k = 1  # Not the first: its learning rate is the stack's own, not the base config's.
-    alone = steps.plain_steps([configs[k]], model, shape, spec, mesh, n, 10)
-    one, acc1, perm1 = alone.state, alone.zero_metrics(), alone.permutation(0)
-    for s in range(3):
-        one, acc1 = alone.train(one, acc1, images, labels, perm1, np.int32(s), alone.rng, None)
     got = jax.device_get(made.variant(state, k))
     want, got = jax.tree.leaves((one.params, one.ema)), jax.tree.leaves((got.params, got.ema))
     for a, b in zip(got, want, strict=True):

@@ -2,7 +2,6 @@
 the mixed batch and its soft targets follow the drawn lambda, the losses take soft
 targets, mixing off is today's step, and a launch with mixing trains."""
 
-import functools
 import json
 import pathlib
 import subprocess
@@ -14,15 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import experiment, losses, parallel, steps, sweep, tasks, training_loop
-from cnn_jax.data import augment, load_dataset
-from cnn_jax.data.metadata import model_input_shape
-from cnn_jax.errors import Interrupted
+from cnn_jax import losses, steps, tasks
+from cnn_jax.data import augment
 from cnn_jax.models import create_model
-from cnn_jax.training_loop import input_spec
 from tests import conftest
 from tests.conftest import tiny_config
-from tests.test_ema import VOLATILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N, H, W, C, CLASSES = 8, 10, 12, 3, 5
@@ -183,22 +178,9 @@ def test_a_vectorised_sweep_mixes_as_each_variants_own_run():
     the weights of its own compiled run (3 steps); mixing needs no refusal in sweeps."""
     config = tiny_config(optimizer='momentum', learning_rate=0.05, batch_size=16)
     config.augment.mixup_alpha, config.augment.cutmix_alpha = 0.4, 1.0
-    dataset = load_dataset(config)
-    mesh, n = parallel.make_mesh(), len(dataset.train)
-    spec, shape = input_spec(config, dataset), model_input_shape(config, dataset)
-    model = experiment.build_model(config, dataset.num_classes)
-    images = parallel.put_replicated(dataset.train.images, mesh)
-    labels = parallel.put_replicated(dataset.train.labels, mesh)
-    configs = sweep.variant_configs(config, [{'label_smoothing': 0.0}, {'label_smoothing': 0.2}])
-    runs = [sweep.stacked_steps(configs, model, shape, spec, mesh, n, 10)]
-    runs.append(steps.plain_steps([configs[1]], model, shape, spec, mesh, n, 10))
-    ends = []
-    for made in runs:
-        state, acc, perm = made.state, made.zero_metrics(), made.permutation(0)
-        for s in range(3):
-            state, acc = made.train(state, acc, images, labels, perm, np.int32(s), made.rng, None)
-        ends.append(jax.device_get(state.params))
-    stacked, alone = jax.tree.map(lambda x: x[1], ends[0]), ends[1]
+    overrides = [{'label_smoothing': 0.0}, {'label_smoothing': 0.2}]
+    _, stacked, alone = conftest.stack_and_alone(config, overrides)
+    stacked, alone = jax.tree.map(lambda x: x[1], stacked.params), alone.params
     for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(alone), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -214,16 +196,4 @@ def test_a_mixed_run_resumed_mid_epoch_ends_where_the_uninterrupted_run_ends(tmp
         return c
 
     straight = tasks.run(mixed(), tmp_path / 'straight')
-    hook = functools.partial(training_loop.train_and_evaluate, hooks=[lambda step: step == 6])
-    with monkeypatch.context() as m:
-        m.setattr(experiment, 'train_and_evaluate', hook)
-        with pytest.raises(Interrupted, match='interrupted at step 6;'):
-            tasks.run(mixed(), tmp_path / 'resumed')
-    out = tasks.run(mixed(), tmp_path / 'resumed')
-    assert out['resumed_from_step'] == 6
-    conftest.assert_close(
-        {k: v for k, v in out.items() if k not in VOLATILE},
-        {k: v for k, v in straight.items() if k not in VOLATILE},
-        rel_tol=1e-6,
-        abs_tol=1e-6,
-    )
+    conftest.assert_resumed_run_ends_like(straight, mixed, tmp_path / 'resumed', monkeypatch)

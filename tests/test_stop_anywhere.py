@@ -22,8 +22,7 @@ from tests.conftest import tiny_config
 
 EPOCHS, STEPS = 3, 4
 # Time, and where the run resumed from, differ between runs by design.
-VOLATILE = {'wall_time_s', 'compile_s', 'train_steps_per_s', 'train_images_per_s'}
-VOLATILE |= {'resumed_from_step'}
+VOLATILE = conftest.VOLATILE
 
 
 def config():

@@ -21,8 +21,7 @@ from tests.conftest import tiny_config
 EPOCHS, STEPS = 3, 4
 LRS = (0.2, 0.05, 0.01)
 # Timing, and where a run resumed from, differ by design; `vectorized` marks the group.
-VOLATILE = {'wall_time_s', 'compile_s', 'train_steps_per_s', 'train_images_per_s'}
-VOLATILE |= {'resumed_from_step', 'vectorized'}
+VOLATILE = conftest.VOLATILE | {'vectorized'}
 
 
 def _rows(workdir):
