@@ -3,10 +3,10 @@
 `train_and_evaluate` trains one run, `train_variants` K variants in step (cnn_jax.sweep).
 The loop resumes from the workdir's latest checkpoint, stops cleanly on Ctrl-C/SIGTERM
 (saving first) and detects divergence. Its phases are `_Loop`'s methods: open (__init__),
-resume, run_epoch (with config.evals_per_epoch - 1 evaluations inside it), end_epoch (the
-last evaluation, checkpoint) and results (the state to test, the best one when early
-stopping is on, and its final evaluation). An evaluation (`evaluate_point`) makes a row of
-metrics, a best checkpoint and an early-stopping check.
+resume, run_epoch (config.evals_per_epoch - 1 evaluations inside), end_epoch (the last
+one, checkpoint) and results (the state to test, the best one when early stopping is on,
+and its final evaluation). An evaluation (`evaluate_point`) makes a row of metrics, a best
+checkpoint and an early-stopping check.
 """
 
 from __future__ import annotations
@@ -117,9 +117,8 @@ def epoch_plan(config: ml_collections.ConfigDict, dataset: Dataset) -> tuple[int
 def eval_points(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
     """The steps of an epoch (counted from 1) after which the loop evaluates: evenly
     spaced, the last at the epoch's end. 702 steps, 2 evaluations: [351, 702]."""
-    return sorted(
-        {round(steps_per_epoch * i / evals_per_epoch) for i in range(1, evals_per_epoch + 1)}
-    )
+    n = evals_per_epoch
+    return sorted({round(steps_per_epoch * i / n) for i in range(1, n + 1)})
 
 
 def input_spec(config: ml_collections.ConfigDict, dataset: Dataset) -> steps.InputSpec:
@@ -478,11 +477,11 @@ class _Loop:
             if self.config.early_stopping.patience > 0 and r.status == 'completed':
                 best = r.ckpt.restore_best(state)
                 state = state if best is None else best
-            r.ckpt.close()
-            r.report.close()
             evals = {split: self._evaluate(state, split, split == 'test') for split in self.splits}
             if state.ema is not None:  # The report gives the raw weights' accuracy too.
                 evals['test_raw'] = self._evaluate(ema.raw_weights(state), 'test')
+            r.ckpt.close()
+            r.report.close()
             results.append(
                 TrainResult(
                     state=state,

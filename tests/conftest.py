@@ -12,11 +12,14 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope='session')
 def suite_cache(request, tmp_path_factory):
-    """One folder for the suite's caches, in .pytest_cache: the fast and the slow tier of one
-    .ci/run share it, so CIFAR-10's archive is decoded once and a program compiled once.
-    Under -p no:cacheprovider, a temporary folder per session."""
+    """One folder for the suite's caches, in .pytest_cache: one .ci/run's fast tier reuses it
+    from run to run, and its slow tier too, so CIFAR-10's archive is decoded once and a
+    program compiled once. Each pytest-xdist worker has its own: with one folder, loading
+    the other worker's compiled programs aborted a worker in 2 of 4 runs of two test files
+    (0 of 3 with a folder each). Under -p no:cacheprovider, a temporary folder per session."""
     cache = getattr(request.config, 'cache', None)
-    return cache.mkdir('cnn_jax_test_cache') if cache else tmp_path_factory.mktemp('cache')
+    name = 'cnn_jax_test_cache' + os.environ.get('PYTEST_XDIST_WORKER', '')
+    return cache.mkdir(name) if cache else tmp_path_factory.mktemp('cache')
 
 
 @pytest.fixture(scope='session', autouse=True)
