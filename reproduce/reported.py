@@ -287,8 +287,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
             '7.5 with the best validation loss at epoch 6.0: test 0.715 (val 0.711), 1.1 '
             'points above once per epoch and still 4 short. Which normalisation the '
             "report's notebook used, the experiment's text does not say, so it is not "
-            "tested (cnn_jax normalises with the training split's statistics). "
-            + JPEG_COST
+            "tested (cnn_jax normalises with the training split's statistics). " + JPEG_COST
         ),
         targets=(
             Target(
