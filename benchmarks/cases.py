@@ -183,7 +183,10 @@ CASES: dict[str, Case] = {
 
 
 def device_info(dtype: str = 'float32') -> dict[str, Any]:
-    """The device, library versions, XLA_FLAGS and load the figures were taken with."""
+    """The device, library versions, XLA_FLAGS, whether oneDNN ran the CPU's float32
+    convolutions, and the load the figures were taken with."""
+    from cnn_jax.models import onednn_conv
+
     dev = jax.devices()[0]
     peak = peak_tflops(dev.device_kind, dtype) if dev.platform != 'cpu' else None
     return {
@@ -196,6 +199,7 @@ def device_info(dtype: str = 'float32') -> dict[str, Any]:
         'torch': torch.__version__ if torch else None,
         'torch_threads': torch.get_num_threads() if torch else None,
         'xla_flags': os.environ.get('XLA_FLAGS', ''),
+        'onednn_convolutions': onednn_conv.onednn_conv_wins(dev.platform, 'float32'),
         'peak_tflops': peak,
         'load_average': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
     }

@@ -28,6 +28,7 @@ from cnn_jax.xla_cpu import use_recommended_flags
 
 # Op kinds by HLO instruction name (XLA names fusions after their root or their kind).
 _JAX_KINDS: tuple[tuple[str, str], ...] = (
+    ('custom-call', 'oneDNN convolutions (custom calls)'),
     ('transpose', 'transposes and layout copies'),
     ('copy', 'transposes and layout copies'),
     ('convolution', 'convolution dispatch'),
@@ -134,10 +135,15 @@ def _cpu_ms(fn: Callable[[], Any], reps: int) -> float:
     return (time.process_time() - start) / reps * 1e3
 
 
-def jax_conv_calls(shape: tuple[int, ...], batch: int) -> dict[str, Callable[[], Any]]:
-    """Jitted forward, weight-gradient and input-gradient calls of one lax convolution."""
+def jax_conv_calls(
+    shape: tuple[int, ...], batch: int, onednn: bool = False
+) -> dict[str, Callable[[], Any]]:
+    """Jitted forward, weight-gradient and input-gradient calls of one lax convolution (or,
+    if `onednn`, of layers' oneDNN convolution)."""
     import jax
     from jax import lax
+
+    from cnn_jax.models import onednn_conv
 
     _, size, cin, cout, k, s = shape
     key = jax.random.key(0)
@@ -146,6 +152,8 @@ def jax_conv_calls(shape: tuple[int, ...], batch: int) -> dict[str, Callable[[],
     pad = ((k // 2, k // 2),) * 2
 
     def conv(x, w):
+        if onednn:
+            return onednn_conv.onednn_conv(x, w, (s, s), pad)
         return lax.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=_NHWC)
 
     dy = jax.random.normal(key, conv(x, w).shape)
@@ -183,23 +191,30 @@ def torch_conv_calls(shape: tuple[int, ...], batch: int) -> dict[str, Callable[[
 
 
 def layer_rows(batch: int, reps: int, with_torch: bool) -> list[str]:
-    """Markdown rows: per convolution of ResNet-20, CPU ms of each part, JAX and torch."""
-    rows = [
-        '| conv (count) | jax fwd | jax dW | jax dx | torch fwd | torch fwd+bwd |',
-        '|---|---|---|---|---|---|',
-    ]
+    """Markdown rows: per convolution of ResNet-20, CPU ms of each part, JAX (XLA's lax,
+    and oneDNN's where the wheels are installed) and torch."""
+    from cnn_jax.models import onednn_conv
+
+    onednn = onednn_conv.available()
+    columns = _LAYER_COLUMNS[:3] + (_ONEDNN_COLUMNS if onednn else ()) + _LAYER_COLUMNS[3:]
+    titles = [c.replace('jax', 'XLA').replace('weight grad', 'dW') for c in columns]
+    titles = [t.replace('input grad', 'dx').replace('forward', 'fwd') for t in titles]
+    rows = ['| conv (count) | ' + ' | '.join(titles) + ' |', '|---' * (len(columns) + 1) + '|']
     sums = collections.Counter()
     for shape in RESNET20_CONVS:
         count, size, cin, cout, k, s = shape
         ms = {f'jax {k_}': _cpu_ms(f, reps) for k_, f in jax_conv_calls(shape, batch).items()}
+        if onednn:
+            calls = jax_conv_calls(shape, batch, onednn=True)
+            ms |= {f'onednn {k_}': _cpu_ms(f, reps) for k_, f in calls.items()}
         if with_torch:
             calls = torch_conv_calls(shape, batch)
             ms |= {f'torch {k_}': _cpu_ms(f, reps) for k_, f in calls.items()}
         for name, value in ms.items():
             sums[name] += count * value
-        cells = ' | '.join(f'{ms.get(c, float("nan")):.1f}' for c in _LAYER_COLUMNS)
+        cells = ' | '.join(f'{ms.get(c, float("nan")):.1f}' for c in columns)
         rows.append(f'| {cin}->{cout} {k}x{k}/{s} at {size}x{size} (x{count}) | {cells} |')
-    cells = ' | '.join(f'{sums.get(c, float("nan")):.0f}' for c in _LAYER_COLUMNS)
+    cells = ' | '.join(f'{sums.get(c, float("nan")):.0f}' for c in columns)
     rows.append(f'| sum over the network | {cells} |')
     return rows
 
@@ -212,15 +227,23 @@ _LAYER_COLUMNS = (
     'torch forward',
     'torch forward + backward',
 )
+_ONEDNN_COLUMNS = ('onednn forward', 'onednn weight grad', 'onednn input grad')
 
 
 def step_cpu_ms(model: str, reps: int, rounds: int, with_torch: bool) -> dict[str, float]:
-    """CPU ms per train step of cnn_jax's synthetic step and torch eager, interleaved."""
+    """CPU ms per train step of cnn_jax's synthetic step and torch eager, interleaved; with
+    the oneDNN wheels installed, cnn_jax's step with XLA's convolutions too."""
+    from unittest import mock
+
     from benchmarks.cases import CASES
     from benchmarks.train_step import jax_runners, torch_runners
+    from cnn_jax.models import layers, onednn_conv
 
     runners, _ = jax_runners(CASES[model])
     runs = {'cnn_jax': runners['jax_synthetic']}
+    if onednn_conv.available():
+        with mock.patch.object(layers, 'onednn_conv_wins', lambda *_: False):
+            runs['cnn_jax, XLA convolutions'] = jax_runners(CASES[model])[0]['jax_synthetic']
     if with_torch:
         runs['torch eager'] = torch_runners(CASES[model], compile_model=False)[0]['torch_eager']
     totals = collections.Counter()

@@ -23,6 +23,7 @@ from cnn_jax.data import Dataset, load_dataset
 from cnn_jax.data.metadata import model_input_shape
 from cnn_jax.errors import ConfigError
 from cnn_jax.models import build_model
+from cnn_jax.models.onednn_conv import onednn_conv_wins
 from cnn_jax.records import Reporter
 from cnn_jax.training_loop import TrainResult, input_spec, train_and_evaluate
 
@@ -108,12 +109,13 @@ def prepare(
     model = build_model(config, dataset.num_classes)
     shape = model_input_shape(config, dataset)
     layer_table = summary.layer_table(model, shape)  # Raises if a count breaks its formula.
-    mesh = parallel.make_mesh()
+    mesh, platform = parallel.make_mesh(), jax.devices()[0].platform
+    onednn = '; convolutions by oneDNN' if onednn_conv_wins(platform, config.dtype) else ''
     Reporter().line(
         f'{config.model} on {dataset.name}: {len(dataset.train)} train / '
         f'{len(dataset.val) if dataset.val else 0} val / {len(dataset.test)} test examples, '
         f'{dataset.num_classes} classes, input {shape}{variants}; {mesh.devices.size} '
-        f'{jax.devices()[0].platform} device(s).'
+        f'{platform} device(s){onednn}.'
     )
     return dataset, model, layer_table, mesh
 
@@ -169,6 +171,7 @@ def summary_fields(
         'num_devices': result.num_devices,
         'platform': device.platform,
         'device_kind': device.device_kind,
+        'onednn_convolutions': onednn_conv_wins(device.platform, config.dtype),
         'num_train_examples': len(dataset.train),
         'resumed_from_step': result.resumed_from_step,
         'class_names': dataset.class_names,

@@ -183,7 +183,8 @@ def write_report(
         f'{s["epochs_run"]} epochs, best epoch {s.get("best_epoch")}'
         f'{" (stopped early)" if s.get("stopped_early") else ""}; '
         f'{s["wall_time_s"]:.1f} s wall time, {s["train_steps_per_s"]:.1f} steps/s on '
-        f'{s["num_devices"]} device(s) ({s.get("platform", "?")}).',
+        f'{s["num_devices"]} device(s) ({s.get("platform", "?")}'
+        f'{", convolutions by oneDNN" if s.get("onednn_convolutions") else ""}).',
         '',
         '![curves](curves.png)',
         '',

@@ -42,12 +42,13 @@ def _compilation_cache(suite_cache):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under CI=true a test that skips for want of torch fails: CI installs
-    requirements-test.txt, so the PyTorch-reference tests must run there."""
+    """Under CI=true a test that skips for want of torch or of the oneDNN wheels fails: CI
+    installs requirements-test.txt, so the PyTorch-reference and oneDNN tests must run there."""
     outcome = yield
     report = outcome.get_result()
     why = str(call.excinfo.value) if call.excinfo is not None else ''
-    if report.skipped and "could not import 'torch'" in why and os.environ.get('CI') == 'true':
+    wanted = "could not import 'torch'" in why or 'oneDNN wheels not installed' in why
+    if report.skipped and wanted and os.environ.get('CI') == 'true':
         report.outcome = 'failed'
         report.longrepr = f'CI=true, so requirements-test.txt is installed, yet: {why}'
 

@@ -1,14 +1,19 @@
-"""The CPU formulations (ReLU as a mask product, `tap_conv`, `canonical_conv`) compute what
-the lax path does.
+"""The CPU formulations (ReLU as a mask product, `tap_conv`, `canonical_conv`, oneDNN's
+`onednn_conv`) compute what the lax path does.
 
 Each is chosen on CPU only, by its selection function (`relu_for`, `tap_conv_wins`,
-`canonical_conv_wins`); here
-the CPU choice is compared with the other platforms' one, forced through that function:
-per layer (values and gradients, float32 and bfloat16) and per model (3 train steps).
+`canonical_conv_wins`, `onednn_conv_wins`); here the CPU choice is compared with the other
+platforms' one, forced through that function: per layer (values and gradients, float32 and
+bfloat16) and per model (3 train steps). The XLA formulations' tests turn oneDNN off.
 """
 
 import functools
 import itertools
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -17,8 +22,20 @@ import numpy as np
 import pytest
 
 from cnn_jax import optim, parallel, steps
-from cnn_jax.models import create_model, layers
+from cnn_jax.models import create_model, layers, onednn_conv
 from configs import default
+
+
+@pytest.fixture
+def no_onednn(monkeypatch):
+    """XLA's own formulations, whether or not the oneDNN wheels are installed."""
+    monkeypatch.setattr(layers, 'onednn_conv_wins', lambda *_: False)
+
+
+@pytest.fixture
+def onednn():
+    if not onednn_conv.available():
+        pytest.skip('oneDNN wheels not installed (pip install -r requirements-onednn.txt)')
 
 
 def test_cpu_relu_equals_nn_relu_with_gradients():
@@ -122,7 +139,7 @@ def _check_sweep(cases, dtype, rtol, name='tap_conv'):
         _assert_close(got, want, rtol)
 
 
-def test_tap_conv_equals_lax_values_and_gradients(monkeypatch):
+def test_tap_conv_equals_lax_values_and_gradients(monkeypatch, no_onednn):
     """Kernels 1-7, strides 1 and 2, SAME/VALID/explicit, odd sizes, batch 1: forward and
     gradients w.r.t. kernel, bias and input at 1e-5 (float32) and at bf16's 1e-2."""
     monkeypatch.setattr(layers, 'tap_conv_wins', lambda *_: True)  # 1x1 and 3x3 too.
@@ -130,7 +147,7 @@ def test_tap_conv_equals_lax_values_and_gradients(monkeypatch):
     _check_sweep(_sweep_cases(1, 4), jnp.bfloat16, 1e-2)
 
 
-def test_canonical_conv_equals_lax_values_and_gradients(monkeypatch):
+def test_canonical_conv_equals_lax_values_and_gradients(monkeypatch, no_onednn):
     """The other layers on CPU, the same sweep with up to 8 input channels: the gradients
     through canonical layouts are lax's at 1e-5 (float32) and at bf16's 1e-2."""
     monkeypatch.setattr(layers, 'tap_conv_wins', lambda *_: False)
@@ -155,7 +172,7 @@ def test_tap_conv_formulation_at_wide_channels(kernel):
     _assert_close(tap(x, w), lax_conv(x, w), 1e-5)
 
 
-def test_not_chosen_layers_run_lax_unchanged(monkeypatch):
+def test_not_chosen_layers_run_lax_unchanged(monkeypatch, no_onednn):
     """Many channels, big kernels: canonical_conv on CPU. Dilation: lax. A non-CPU
     platform: lax for every kernel."""
     x = jnp.ones((1, 9, 9, 3), jnp.float32)
@@ -196,13 +213,17 @@ def test_tap_conv_non_finite_kernels_and_vmap_take_lax():
     _assert_close(got, want, 1e-6)
 
 
-def _force_platform(monkeypatch, platform):
-    """Every selection function makes `platform`'s choice, whatever the backend."""
+def _force_platform(monkeypatch, platform, onednn):
+    """Every selection function makes `platform`'s choice, whatever the backend; oneDNN's
+    convolution is among the CPU's choices only if `onednn`."""
     relu_for, tap_conv_wins = layers.relu_for, layers.tap_conv_wins
     canonical = layers.canonical_conv_wins(platform)
     monkeypatch.setattr(layers, 'relu_for', lambda _: relu_for(platform))
     monkeypatch.setattr(layers, 'tap_conv_wins', lambda _, kernel: tap_conv_wins(platform, kernel))
     monkeypatch.setattr(layers, 'canonical_conv_wins', lambda _: canonical)
+    # Forced on 8 devices too (where the selection keeps XLA's): the values still agree.
+    wins = onednn and platform == 'cpu' and onednn_conv.available()
+    monkeypatch.setattr(layers, 'onednn_conv_wins', lambda _, d: wins and d == jnp.float32)
 
 
 def _numpy_variables(model, shape):
@@ -222,10 +243,11 @@ def _numpy_variables(model, shape):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _check_model(model_name, shape, batch_size, monkeypatch, taps):
+def _check_model(model_name, shape, batch_size, monkeypatch, taps, onednn=False):
     """3 momentum-SGD steps with the CPU paths, on 1 device and on 8, against the lax path
     (the other platforms' choice) on 1 device: losses, parameters and BN statistics. `taps`:
-    whether the model has a layer that tap_conv_wins picks."""
+    whether the model has a layer that tap_conv_wins picks; `onednn`: whether the CPU's
+    other convolutions are oneDNN's (else canonical_conv)."""
     if jax.device_count() < 8:
         pytest.skip('needs 8 (virtual) devices')
     config = default.get_config()
@@ -250,14 +272,15 @@ def _check_model(model_name, shape, batch_size, monkeypatch, taps):
         args = [jax.device_put(state, parallel.replicated(mesh))]
         args += [jax.device_put(batch, parallel.data_sharding(mesh)), jax.random.key(1)]
         with monkeypatch.context() as patch:
-            _force_platform(patch, platform)
+            _force_platform(patch, platform, onednn)
             # A new function object: jit's trace cache would return the last platform's trace.
             traced = jax.jit(functools.partial(steps.train_step)).trace(*args)
         # Each CPU formulation runs where, and only where, the CPU choice was made.
         text = str(traced.jaxpr)
         assert ('name=relu' in text or 'let relu =' in text) == (platform != 'cpu')  # nn.relu
-        assert ('name=tap_conv' in text) == (platform == 'cpu' and taps)
-        assert ('name=canonical_conv' in text) == (platform == 'cpu')
+        assert ('name=tap_conv' in text) == (platform == 'cpu' and taps and not onednn)
+        assert ('name=canonical_conv' in text) == (platform == 'cpu' and not onednn)
+        assert ('name=onednn_conv' in text) == (platform == 'cpu' and onednn)
         step, losses = traced.lower().compile(), []
         for _ in range(3):
             args[0], metrics = step(*args)
@@ -279,3 +302,80 @@ def test_simplenn_train_steps_cpu_paths_equal_lax(monkeypatch):
 @pytest.mark.slow
 def test_resnet20_train_steps_cpu_paths_equal_lax(monkeypatch):
     _check_model('resnet20', (16, 16, 3), 8, monkeypatch, taps=False)
+
+
+def test_simplenn_train_steps_onednn_equal_lax(monkeypatch, onednn):
+    _check_model('simplenn', (32, 32, 3), 16, monkeypatch, taps=True, onednn=True)
+
+
+# Wide layers beyond the sweep's 1024 taps x outputs: (kernel, stride, padding, input shape).
+WIDE = [
+    ((3, 3, 64, 512), 1, 'SAME', (1, 5, 5, 64)),
+    ((1, 1, 512, 3), 2, 'VALID', (2, 7, 7, 512)),
+    ((7, 7, 3, 64), 2, ((3, 2), (3, 2)), (1, 15, 15, 3)),
+    ((5, 5, 32, 48), 2, 'SAME', (3, 9, 11, 32)),
+]
+
+
+def test_onednn_conv_equals_lax_values_and_gradients(onednn, monkeypatch):
+    """The sweep (kernels 1-7, strides 1 and 2, SAME/VALID/explicit, odd sizes, batch 1)
+    with up to 8 input channels, and layers of 3 to 512 channels: forward and gradients
+    w.r.t. kernel, bias and input at 1e-5 in float32. (Chosen whatever the device count.)"""
+    monkeypatch.setattr(layers, 'onednn_conv_wins', lambda _, dtype: dtype == jnp.float32)
+    _check_sweep(_sweep_cases(4, 8, max_cin=8) + WIDE, jnp.float32, 1e-5, 'onednn_conv')
+
+
+def test_onednn_conv_chosen_for_float32_on_one_cpu_device_only(onednn, monkeypatch):
+    """float32 on a one-device CPU run only (with 8 devices XLA would gather the batch
+    onto each); bfloat16 layers keep canonical_conv; CNN_JAX_ONEDNN=0 (a new process)
+    keeps XLA's convolutions."""
+    monkeypatch.setattr(jax, 'device_count', lambda: 8)
+    assert not onednn_conv.onednn_conv_wins('cpu', jnp.float32)
+    monkeypatch.setattr(jax, 'device_count', lambda: 1)
+    assert onednn_conv.onednn_conv_wins('cpu', jnp.float32)
+    for platform, dtype in [('cpu', jnp.bfloat16), ('cpu', jnp.float16), ('gpu', jnp.float32)]:
+        assert not onednn_conv.onednn_conv_wins(platform, dtype), (platform, dtype)
+    assert not onednn_conv.onednn_conv_wins('tpu', jnp.float32)
+    ours, _ = _conv_pair((3, 3, 8, 8), 1, 'SAME', jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(ours.init)(jax.random.key(0), jnp.ones((1, 9, 9, 8))))
+    assert 'name=canonical_conv' in jaxpr and 'name=onednn_conv' not in jaxpr
+    probe = 'from cnn_jax.models import onednn_conv as o; print(o.available())'
+    for switch, want in (('0', 'False'), ('1', 'True')):
+        env = {**os.environ, 'CNN_JAX_ONEDNN': switch}
+        out = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == want, out.stderr
+
+
+def test_onednn_conv_vmapped_equals_lax(onednn):
+    """A sweep's variants (vmapped kernels) run one oneDNN call each: lax's values and
+    gradients."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 9, 9, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)  # 3 variants' kernels.
+    pads = ((1, 0), (2, 1))
+
+    def loss(conv, w):
+        return jnp.sum(conv(x, w, (2, 1), pads) ** 2)
+
+    got = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, onednn_conv.onednn_conv))))
+    want = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, layers._lax))))
+    _assert_close(got(w), want(w), 1e-5)
+
+
+def test_a_one_device_cpu_run_trains_through_onednn_as_through_xla(onednn, tmp_path):
+    """The user's command on one CPU device: oneDNN runs its convolutions (the run says so
+    in its first line and in summary.json) and ends where CNN_JAX_ONEDNN=0's run ends."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    summaries = {}
+    for switch in ('1', '0'):
+        workdir = tmp_path / f'onednn{switch}'
+        env = {**os.environ, 'CNN_JAX_ONEDNN': switch, 'XLA_FLAGS': ''}  # One CPU device.
+        cmd = [sys.executable, 'launch.py', '--config=configs/quickstart.py']
+        cmd += ['--config.num_epochs=2', f'--workdir={workdir}']
+        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert ('1 cpu device(s); convolutions by oneDNN.' in out.stdout) == (switch == '1')
+        summaries[switch] = json.loads((workdir / 'summary.json').read_text())
+    assert summaries['1']['onednn_convolutions'] and not summaries['0']['onednn_convolutions']
+    for key in ('test_loss', 'val_loss', 'train_loss'):
+        assert summaries['1'][key] == pytest.approx(summaries['0'][key], rel=1e-4), key

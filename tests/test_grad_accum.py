@@ -10,7 +10,7 @@ import pytest
 
 from cnn_jax import parallel, steps, tasks
 from cnn_jax.errors import ConfigError
-from cnn_jax.models import create_model
+from cnn_jax.models import create_model, layers
 from tests.conftest import tiny_config
 
 SHAPE, CLASSES, STEPS = (8, 8, 1), 4, 3
@@ -164,11 +164,13 @@ def test_the_compiled_step_holds_one_micro_batchs_activations():
 
 
 @pytest.mark.parametrize('model_name', ['small_cnn', 'resnet20'])
-def test_every_convolution_in_the_accumulated_step_is_eigens_form(model_name):
+def test_every_convolution_in_the_accumulated_step_is_eigens_form(model_name, monkeypatch):
     """XLA:CPU runs a convolution through Eigen only as NHWC x HWIO -> NHWC, and rewrites
     other forms into it only outside loops. Inside the micro-batches' loop every one of the
     compiled step's convolutions (forward, both gradients; ResNet's strides too) must be in
-    that form: lax's own gradient forms ran there as naive loops, 20-35x slower."""
+    that form: lax's own gradient forms ran there as naive loops, 20-35x slower. (With the
+    oneDNN wheels installed, oneDNN runs them instead; here XLA's path is checked.)"""
+    monkeypatch.setattr(layers, 'onednn_conv_wins', lambda *_: False)
     c = tiny_config(batch_size=8, grad_accum_steps=2, model=model_name)
     c.model_options.features = (8, 8)  # Two convs: the second's input gradient too.
     options = c.model_options.to_dict() if model_name == 'small_cnn' else {}

@@ -18,6 +18,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from cnn_jax.errors import ConfigError
+from cnn_jax.models.onednn_conv import onednn_conv, onednn_conv_wins
 
 Padding = str | int | Sequence[tuple[int, int]]
 
@@ -223,9 +224,12 @@ class FastConv:
     For nn.Conv's `conv_general_dilated_cls`: parameters and results are nn.Conv's.
     - On maps of at most 2x2 pixels, a matrix product: XLA:CPU runs a 3x3 convolution
       over a 2x2 map with 512 channels (ResNet-18's last stage at 64x64 input, VGG's last
-      block at 32x32) in 1.1 s at batch 64, 40x its time on a 3x3 map.
-    - Where `tap_conv_wins` (first layers on CPU), `tap_conv`.
-    - Otherwise on CPU, `canonical_conv`; elsewhere lax.
+      block at 32x32) in 1.1 s at batch 64, 40x its time on a 3x3 map (and oneDNN's
+      ResNet-18 step is slower than with the product).
+    - On CPU, oneDNN's convolution where `onednn_conv_wins` (float32, the optional oneDNN
+      wheels installed): SimpleNN's first layer too, where it beats `tap_conv`.
+    - Else where `tap_conv_wins` (first layers on CPU), `tap_conv`.
+    - Otherwise on CPU `canonical_conv`; elsewhere lax.
     NHWC without dilation or groups only; anything else goes to lax unchanged.
     """
 
@@ -249,13 +253,17 @@ class FastConv:
         strides, (kh, kw, _, cout) = tuple(window_strides), rhs.shape
         if plain and isinstance(padding, str):
             padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), strides, padding)
-        if plain and tap_conv_wins(jax.default_backend(), rhs.shape):
-            return tap_conv(lhs, rhs, strides, tuple(map(tuple, padding)))
         if plain and max(lhs.shape[1:3]) <= 2 and strides == (1, 1):
             cols = jnp.concatenate([p for _, _, p in _shifted(lhs, kh, kw, strides, padding)], -1)
             return jnp.dot(cols, rhs.reshape(-1, cout), precision=precision)
-        if plain and canonical_conv_wins(jax.default_backend()):
-            return canonical_conv(lhs, rhs, strides, tuple(map(tuple, padding)))
+        pads, platform = (tuple(map(tuple, padding)) if plain else ()), jax.default_backend()
+        onednn = plain and min(min(pads)) >= 0 and lhs.dtype == rhs.dtype
+        if onednn and onednn_conv_wins(platform, lhs.dtype):
+            return onednn_conv(lhs, rhs, strides, pads)
+        if plain and tap_conv_wins(platform, rhs.shape):
+            return tap_conv(lhs, rhs, strides, pads)
+        if plain and canonical_conv_wins(platform):
+            return canonical_conv(lhs, rhs, strides, pads)
         args = (lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, *args, precision=precision, **kwargs

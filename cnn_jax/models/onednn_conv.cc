@@ -1,0 +1,164 @@
+// oneDNN's 2-D convolution and its two gradients as XLA FFI handlers, for XLA:CPU.
+//
+// Layouts are JAX's: input and output NHWC, kernel HWIO, float32. Activations stay NHWC
+// (oneDNN's channels-last kernels, as PyTorch's channels_last uses); the kernel is
+// reordered into the primitive's blocked layout per call (a few KB). Built by
+// cnn_jax/models/onednn_conv.py against the `onednn-devel` wheel's headers.
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Tag = memory::format_tag;
+constexpr auto kF32 = memory::data_type::f32;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One stream per XLA thread: XLA may run independent convolutions concurrently.
+dnnl::stream& Stream() {
+  thread_local dnnl::stream stream(Engine());
+  return stream;
+}
+
+enum Kind { kForward = 0, kInputGrad = 1, kWeightGrad = 2 };
+
+// oneDNN's logical dims (N C H W; O I H W) and the window, from JAX's shapes.
+struct Geometry {
+  memory::dims src, wei, dst, strides, dilates, pad_lo, pad_hi;
+
+  std::string Key(Kind kind) const {
+    std::string key = std::to_string(kind);
+    for (const memory::dims* v : {&src, &wei, &dst, &strides, &dilates, &pad_lo, &pad_hi}) {
+      for (auto d : *v) key += "," + std::to_string(d);
+      key += ";";
+    }
+    return key;
+  }
+  memory::desc Src() const { return memory::desc(src, kF32, Tag::nhwc); }
+  memory::desc Dst() const { return memory::desc(dst, kF32, Tag::nhwc); }
+  memory::desc Hwio() const { return memory::desc(wei, kF32, Tag::hwio); }
+  memory::desc AnyWei() const { return memory::desc(wei, kF32, Tag::any); }
+};
+
+Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                      ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                      int64_t pl, int64_t pr) {
+  return Geometry{{x[0], x[3], x[1], x[2]}, {w[3], w[2], w[0], w[1]}, {y[0], y[3], y[1], y[2]},
+                  {sh, sw}, {0, 0}, {pt, pl}, {pb, pr}};
+}
+
+struct Primitive {
+  dnnl::primitive prim;
+  memory::desc wei;  // the layout the primitive wants its (diff) weights in
+};
+
+// Primitive creation costs milliseconds (kernel JIT); each geometry is built once.
+std::shared_ptr<Primitive> Get(const Geometry& g, Kind kind) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::shared_ptr<Primitive>> cache;
+  const std::string key = g.Key(kind);
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  const auto algo = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc fwd(
+      Engine(), dnnl::prop_kind::forward_training, algo, g.Src(), g.AnyWei(), g.Dst(), g.strides,
+      g.dilates, g.pad_lo, g.pad_hi);
+  auto p = std::make_shared<Primitive>();
+  if (kind == kForward) {
+    *p = {dnnl::convolution_forward(fwd), fwd.weights_desc()};
+  } else if (kind == kInputGrad) {
+    dnnl::convolution_backward_data::primitive_desc pd(Engine(), algo, g.Src(), g.AnyWei(), g.Dst(),
+                                                       g.strides, g.dilates, g.pad_lo, g.pad_hi,
+                                                       fwd);
+    *p = {dnnl::convolution_backward_data(pd), pd.weights_desc()};
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), algo, g.Src(), g.AnyWei(),
+                                                          g.Dst(), g.strides, g.dilates, g.pad_lo,
+                                                          g.pad_hi, fwd);
+    *p = {dnnl::convolution_backward_weights(pd), pd.diff_weights_desc()};
+  }
+  cache.emplace(key, p);
+  return p;
+}
+
+memory Wrap(const memory::desc& md, void* data) { return memory(md, Engine(), data); }
+
+// The HWIO kernel in the primitive's layout (a copy only where the layouts differ).
+memory Weights(const Primitive& p, const Geometry& g, void* hwio, dnnl::stream& s) {
+  memory plain = Wrap(g.Hwio(), hwio);
+  if (p.wei == g.Hwio()) return plain;
+  memory blocked(p.wei, Engine());
+  dnnl::reorder(plain, blocked).execute(s, plain, blocked);
+  return blocked;
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                   int64_t pl, int64_t pr) {
+  const Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb,
+                                  pl, pr);
+  auto p = Get(g, kForward);
+  auto& s = Stream();
+  p->prim.execute(s, {{DNNL_ARG_SRC, Wrap(g.Src(), x.typed_data())},
+                      {DNNL_ARG_WEIGHTS, Weights(*p, g, w.typed_data(), s)},
+                      {DNNL_ARG_DST, Wrap(g.Dst(), y->typed_data())}});
+  s.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
+                     int64_t pb, int64_t pl, int64_t pr) {
+  const Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt,
+                                  pb, pl, pr);
+  auto p = Get(g, kInputGrad);
+  auto& s = Stream();
+  p->prim.execute(s, {{DNNL_ARG_DIFF_DST, Wrap(g.Dst(), dy.typed_data())},
+                      {DNNL_ARG_WEIGHTS, Weights(*p, g, w.typed_data(), s)},
+                      {DNNL_ARG_DIFF_SRC, Wrap(g.Src(), dx->typed_data())}});
+  s.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pb, int64_t pl, int64_t pr) {
+  const Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt,
+                                  pb, pl, pr);
+  auto p = Get(g, kWeightGrad);
+  auto& s = Stream();
+  memory hwio = Wrap(g.Hwio(), dw->typed_data());
+  memory out = p->wei == g.Hwio() ? hwio : memory(p->wei, Engine());
+  p->prim.execute(s, {{DNNL_ARG_SRC, Wrap(g.Src(), x.typed_data())},
+                      {DNNL_ARG_DIFF_DST, Wrap(g.Dst(), dy.typed_data())},
+                      {DNNL_ARG_DIFF_WEIGHTS, out}});
+  if (out != hwio) dnnl::reorder(out, hwio).execute(s, out, hwio);
+  s.wait();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Every handler: two float32 operands, one result, the strides and the four paddings.
+#define CNN_JAX_CONV_BINDING                                                       \
+  ffi::Ffi::Bind()                                                                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                \
+      .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pb") \
+      .Attr<int64_t>("pl").Attr<int64_t>("pr")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnJaxOnednnConv, Forward, CNN_JAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnJaxOnednnConvInputGrad, InputGrad, CNN_JAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnJaxOnednnConvWeightGrad, WeightGrad, CNN_JAX_CONV_BINDING);
