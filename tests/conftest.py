@@ -16,8 +16,8 @@ def suite_cache(request, tmp_path_factory):
     from run to run, and its slow tier too, so CIFAR-10's archive is decoded once and a
     program compiled once. Each pytest-xdist worker has its own: with one folder, loading
     the other worker's compiled programs aborted a worker in 2 of 4 runs of two test files
-    (0 of 3 with a folder each). Worker gw<i> of the slow tier reuses gw<i>'s folder of the
-    fast tier, which ran before it (a one-process run uses gw0's). Under
+    (0 of 3 with a folder each). The first worker's is the one-process slow tier's, which
+    so reuses half the fast tier's programs (none cost it 46 s of compiling). Under
     -p no:cacheprovider, a temporary folder per session."""
     cache = getattr(request.config, 'cache', None)
     worker = os.environ.get('PYTEST_XDIST_WORKER', '')
