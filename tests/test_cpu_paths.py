@@ -189,16 +189,22 @@ def test_not_chosen_layers_run_lax_unchanged(monkeypatch, no_onednn):
         assert 'custom_vjp' not in jaxpr, kernel
 
 
-def test_tap_conv_non_finite_kernels_and_vmap_take_lax():
-    """NaN propagates as in lax; vmapped (a sweep's variants), lax's values and gradients."""
+def _variants_loss(shape, strides, pads):
+    """(x, 3 variants' 3x3 kernels, loss(conv, w)): a sum of squares of conv(x, w)."""
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 7, 7, 3)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)  # 3 variants' kernels.
-    pads = ((1, 1), (1, 1))
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, shape[-1], 4)), jnp.float32)
 
     def loss(conv, w):
-        return jnp.sum(conv(x, w, (1, 1), pads) ** 2)
+        return jnp.sum(conv(x, w, strides, pads) ** 2)
 
+    return x, w, loss
+
+
+def test_tap_conv_non_finite_kernels_and_vmap_take_lax():
+    """NaN propagates as in lax; vmapped (a sweep's variants), lax's values and gradients."""
+    x, w, loss = _variants_loss((2, 7, 7, 3), (1, 1), ((1, 1), (1, 1)))
+    pads = ((1, 1), (1, 1))
     nan = w[0].at[0, 0, 0, 1].set(jnp.nan)
     np.testing.assert_array_equal(
         jnp.isnan(layers.tap_conv(x, nan, (1, 1), pads)),
@@ -349,14 +355,7 @@ def test_onednn_conv_chosen_for_float32_on_one_cpu_device_only(onednn, monkeypat
 def test_onednn_conv_vmapped_equals_lax(onednn):
     """A sweep's variants (vmapped kernels) run one oneDNN call each: lax's values and
     gradients."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 9, 9, 3)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)  # 3 variants' kernels.
-    pads = ((1, 0), (2, 1))
-
-    def loss(conv, w):
-        return jnp.sum(conv(x, w, (2, 1), pads) ** 2)
-
+    _, w, loss = _variants_loss((2, 9, 9, 3), (2, 1), ((1, 0), (2, 1)))
     got = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, onednn_conv.onednn_conv))))
     want = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, layers._lax))))
     _assert_close(got(w), want(w), 1e-5)
