@@ -12,6 +12,7 @@ half-written step) gives way to the one before it, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -163,5 +164,35 @@ def _restore(manager: ocp.CheckpointManager, step: int, template: Any, **items: 
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         return np.asarray(x)
 
-    state = ocp.args.StandardRestore(jax.tree.map(leaf, template))
+    target = jax.tree.map(leaf, template)
+    try:
+        return _restore_as(manager, step, target, **items)
+    except ValueError as e:
+        absent = _none_fields(target)
+        if not absent or 'tree structures do not match' not in str(e):
+            raise
+    # Saved before a field was added whose value here is None (TrainState.ema, issue 21): the
+    # same tree without it, by field name, as Orbax stores a dataclass.
+    fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+    kept = {k: v for k, v in fields.items() if k not in absent and _is_data(target, k)}
+    restored = _restore_as(manager, step, kept, **items)
+    return {**restored, 'state': template.replace(**restored['state'])}
+
+
+def _restore_as(manager: ocp.CheckpointManager, step: int, target: Any, **items: Any) -> dict:
+    state = ocp.args.StandardRestore(target)
     return manager.restore(step, args=ocp.args.Composite(state=state, **items))
+
+
+def _is_data(obj: Any, name: str) -> bool:
+    """Whether a flax.struct field is a pytree node (saved), not static (apply_fn, tx)."""
+    field = next(f for f in dataclasses.fields(obj) if f.name == name)
+    return field.metadata.get('pytree_node', True)
+
+
+def _none_fields(target: Any) -> set[str]:
+    """The data fields of a flax.struct dataclass that are None (empty), if it is one."""
+    if not dataclasses.is_dataclass(target):
+        return set()
+    names = (f.name for f in dataclasses.fields(target))
+    return {n for n in names if getattr(target, n) is None and _is_data(target, n)}

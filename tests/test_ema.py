@@ -2,14 +2,16 @@
 
 import functools
 import json
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.training import train_state
 
-from cnn_jax import ema, steps, tasks
+from cnn_jax import checkpoints, ema, steps, tasks
 from cnn_jax.models import create_model
 from tests import conftest
 from tests.conftest import tiny_config
@@ -100,3 +102,31 @@ def test_a_vectorised_sweep_keeps_each_variants_average_and_accumulates():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     leaves = jax.tree.leaves(jax.device_get(state.ema['params']))
     assert not np.allclose(leaves[0][0], leaves[0][1])  # The variants' averages differ.
+
+
+class _StateBeforeEma(train_state.TrainState):
+    """steps.TrainState as it was before the levers (3426b3b): no `ema` field."""
+
+    batch_stats: Any = None
+
+
+def test_a_checkpoint_saved_before_the_ema_field_resumes(tmp_path):
+    """A run checkpointed by a commit before EMA existed resumes here (E8's run did): its
+    values come back, and `ema` stays None."""
+    params = {'w': jnp.arange(3.0), 'b': jnp.ones(2)}
+    tx = optax.sgd(0.1, momentum=0.9)
+    old = _StateBeforeEma.create(
+        apply_fn=None, params=params, tx=tx, batch_stats={'m': jnp.ones(2)}
+    )
+    old = old.replace(step=7, opt_state=jax.tree.map(lambda x: x + 0.5, old.opt_state))
+    saver = checkpoints.Checkpoints(tmp_path)
+    saver.save_latest(7, old, {'epoch': 1})
+    saver.close()
+    zeros = jax.tree.map(jnp.zeros_like, (params, {'m': jnp.ones(2)}))
+    template = steps.TrainState.create(apply_fn=None, params=zeros[0], tx=tx, batch_stats=zeros[1])
+    state, loop = checkpoints.Checkpoints(tmp_path).restore_latest(template)
+    assert loop == {'epoch': 1} and int(state.step) == 7 and state.ema is None
+    jax.tree.map(
+        np.testing.assert_array_equal, (state.params, state.opt_state), (params, old.opt_state)
+    )
+    np.testing.assert_array_equal(state.batch_stats['m'], np.ones(2))
