@@ -74,9 +74,9 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(prefix)))
     except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, 'stderr', '') or str(e)
+        detail = (getattr(e, 'stderr', '') or str(e)).strip().splitlines() or ['']
         logging.warning('oneDNN is installed but its convolution did not build (%s); '
-                        'convolutions stay on XLA', detail.strip().splitlines()[-1:])  # fmt: skip
+                        'convolutions stay on XLA', detail[-1])  # fmt: skip
         return False
     # The wheel's oneDNN runs on the CPU through SYCL's OpenCL device, which the OpenCL
     # loader finds only when told where the wheel put it.
