@@ -107,4 +107,5 @@ def main(argv: list[str]) -> int:
 
 if __name__ == '__main__':
     flags.mark_flag_as_required('config')
+    xla_cpu.keep_freed_memory()  # Before JAX loads: its buffers reused, not mapped afresh.
     sys.exit(app.run(main, flags_parser=parse_flags))

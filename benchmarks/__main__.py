@@ -2,6 +2,10 @@
 
 import sys
 
-from benchmarks.cli import main
+from cnn_jax import xla_cpu
+
+xla_cpu.keep_freed_memory()  # As launch.py does, before JAX loads (CNN_JAX_MALLOC=0: not).
+
+from benchmarks.cli import main  # noqa: E402  (JAX loads here)
 
 sys.exit(main())

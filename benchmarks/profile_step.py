@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cnn_jax.xla_cpu import use_recommended_flags
+from cnn_jax.xla_cpu import keep_freed_memory, use_recommended_flags
 
 # Op kinds by HLO instruction name (XLA names fusions after their root or their kind).
 _JAX_KINDS: tuple[tuple[str, str], ...] = (
@@ -380,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         'with and without tap_conv (--model, comma-separated)',
     )
     args = parser.parse_args(argv)
+    keep_freed_memory()  # JAX has not loaded yet (imported lazily below).
     use_recommended_flags()
     # torch's OpenMP workers spin while idle, which process time would count as work.
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
