@@ -100,7 +100,7 @@ def keep_freed_memory() -> bool:
     every step faults once per 4 KB page it writes, and the kernel zeroes each page, before
     the first useful store. Three BatchNorm + ReLU layers forward and backward at batch
     128 x 32 x 32 x 16, 30 calls: 1.04 million page faults and 40 ms a call by default,
-    0.12 million and 20 ms kept (results/benchmark/malloc_cpu.md). The cost: the process
+    0.12 million and 20 ms kept (results/benchmark/memory_batchnorm_cpu.md). The cost: the process
     holds on to its peak memory. Call it before JAX loads; after, it removed half of
     those faults. Returns whether it changed anything: not with CNN_JAX_MALLOC=0, nor
     where a MALLOC_* or glibc.malloc tunable is set (the user's own), nor without glibc.

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import optim, parallel, steps
-from cnn_jax.models import create_model, layers, onednn_conv
+from cnn_jax.models import batch_norm, create_model, layers, onednn_conv
 from configs import default
 
 
@@ -227,6 +227,8 @@ def _force_platform(monkeypatch, platform, onednn):
     monkeypatch.setattr(layers, 'relu_for', lambda _: relu_for(platform))
     monkeypatch.setattr(layers, 'tap_conv_wins', lambda _, kernel: tap_conv_wins(platform, kernel))
     monkeypatch.setattr(layers, 'canonical_conv_wins', lambda _: canonical)
+    cpu_bn = batch_norm.cpu_batch_norm_wins
+    monkeypatch.setattr(batch_norm, 'cpu_batch_norm_wins', lambda _, d: cpu_bn(platform, d))
     # Forced on 8 devices too (where the selection keeps XLA's): the values still agree.
     wins = onednn and platform == 'cpu' and onednn_conv.available()
     monkeypatch.setattr(layers, 'onednn_conv_wins', lambda _, d: wins and d == jnp.float32)
@@ -249,11 +251,12 @@ def _numpy_variables(model, shape):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _check_model(model_name, shape, batch_size, monkeypatch, taps, onednn=False):
+def _check_model(model_name, shape, batch_size, monkeypatch, taps, onednn=False, bn=False):
     """3 momentum-SGD steps with the CPU paths, on 1 device and on 8, against the lax path
     (the other platforms' choice) on 1 device: losses, parameters and BN statistics. `taps`:
     whether the model has a layer that tap_conv_wins picks; `onednn`: whether the CPU's
-    other convolutions are oneDNN's (else canonical_conv)."""
+    other convolutions are oneDNN's (else canonical_conv); `bn`: whether it has BatchNorm
+    (cnn_jax's on the CPU)."""
     if jax.device_count() < 8:
         pytest.skip('needs 8 (virtual) devices')
     config = default.get_config()
@@ -287,6 +290,7 @@ def _check_model(model_name, shape, batch_size, monkeypatch, taps, onednn=False)
         assert ('name=tap_conv' in text) == (platform == 'cpu' and taps and not onednn)
         assert ('name=canonical_conv' in text) == (platform == 'cpu' and not onednn)
         assert ('name=onednn_conv' in text) == (platform == 'cpu' and onednn)
+        assert ('name=_normalize_bwd' in text) == (platform == 'cpu' and bn)
         step, losses = traced.lower().compile(), []
         for _ in range(3):
             args[0], metrics = step(*args)
@@ -307,7 +311,7 @@ def test_simplenn_train_steps_cpu_paths_equal_lax(monkeypatch):
 
 @pytest.mark.slow
 def test_resnet20_train_steps_cpu_paths_equal_lax(monkeypatch):
-    _check_model('resnet20', (16, 16, 3), 8, monkeypatch, taps=False)
+    _check_model('resnet20', (16, 16, 3), 8, monkeypatch, taps=False, bn=True)
 
 
 def test_simplenn_train_steps_onednn_equal_lax(monkeypatch, onednn):

@@ -18,6 +18,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from cnn_jax.errors import ConfigError
+from cnn_jax.models.batch_norm import batch_norm
 from cnn_jax.models.onednn_conv import onednn_conv, onednn_conv_wins
 
 Padding = str | int | Sequence[tuple[int, int]]
@@ -300,13 +301,6 @@ def _pad(padding: Padding) -> str | Sequence[tuple[int, int]]:
     if isinstance(padding, int):
         return ((padding, padding), (padding, padding))
     return padding
-
-
-def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
-    )
 
 
 def dropout(x: jax.Array, rate: float, *, train: bool, spatial: bool = False) -> jax.Array:

@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnn_jax.models.batch_norm import batch_norm
 from cnn_jax.models.layers import FastConv
 
 
@@ -35,7 +36,7 @@ class SmallCNN(nn.Module):
                 conv_general_dilated_cls=FastConv,
             )(x)
             if self.use_bn:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+                x = batch_norm(train, self.dtype)(x)
             x = nn.relu(x)
             if x.shape[1] >= 4:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
