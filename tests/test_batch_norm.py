@@ -119,6 +119,7 @@ def test_chosen_for_float32_on_cpu_only():
     assert bn_lib.cpu_batch_norm_wins('cpu', jnp.float32)
     assert bn_lib.cpu_batch_norm_wins('cpu', None)  # flax's default dtype: float32 here.
     assert not bn_lib.cpu_batch_norm_wins('cpu', jnp.bfloat16)
+    assert not bn_lib.cpu_batch_norm_wins('cpu', jnp.dtype('bfloat16'))
     assert not bn_lib.cpu_batch_norm_wins('gpu', jnp.float32)
     assert not bn_lib.cpu_batch_norm_wins('tpu', jnp.float32)
     chosen = type(bn_lib.batch_norm(True, jnp.float32))

@@ -34,7 +34,7 @@ def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm
 
 def cpu_batch_norm_wins(platform: str, dtype: Any) -> bool:
     """Whether `BatchNorm` replaces nn.BatchNorm: float32 on XLA:CPU."""
-    return platform == 'cpu' and jnp.dtype(dtype or jnp.float32) == jnp.float32
+    return platform == 'cpu' and jnp.dtype(jnp.float32 if dtype is None else dtype) == jnp.float32
 
 
 def channel_sum(x: jax.Array) -> jax.Array:
