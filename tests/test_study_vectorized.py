@@ -14,6 +14,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cnn_jax import study
@@ -31,6 +32,13 @@ TOL = 1e-5
 # 5e-5 to 4e-4 apart; accuracies equal. The SGD studies agree to 1e-5 (the learning-rate
 # sweep: exactly).
 LOSS_TOL = {'cifar_cnn6_best': 5e-3}
+# So there a prediction near a tie can move too. With cnn_jax's CPU BatchNorm (d729b48),
+# seed 0's vectorised run predicts one test image of class 3 as class 5 where its separate
+# run says 4 (both wrong: accuracies equal), while its losses are closer than before
+# (at most 3e-4 apart, against 9e-4 with nn.BatchNorm). Those studies may move one
+# prediction per evaluated split, no more.
+MOVED_PREDICTIONS = {'cifar_cnn6_best': 1}
+SPLIT_SIZES = {'train_accuracy': 256, 'val_accuracy': 128, 'test_accuracy': 128}  # TINY's
 TINY = [
     f'--config.dataset=folder:{DATA}',
     '--config.num_epochs=1',
@@ -114,8 +122,11 @@ def test_vectorised_study_gives_the_separate_runs_numbers(name, tmp_path):
         assert 'vectorized' in a and 'vectorized' not in b, variant
         for key in ('train_loss', 'val_loss', 'test_loss'):
             assert abs(a[key] - b[key]) <= LOSS_TOL.get(name, TOL), (variant, key, a, b)
-        for key in ('train_accuracy', 'val_accuracy', 'test_accuracy', 'confusion_matrix'):
-            assert a[key] == b[key], (variant, key)
+        moved = MOVED_PREDICTIONS.get(name, 0)
+        for key, examples in SPLIT_SIZES.items():
+            assert abs(a[key] - b[key]) <= moved / examples + 1e-9, (variant, key)
+        cells = np.abs(np.subtract(a['confusion_matrix'], b['confusion_matrix']))
+        assert cells.sum() <= 2 * moved, (variant, a['confusion_matrix'], b['confusion_matrix'])
     assert [r['variant'] for r in vec['variants']] == [r['variant'] for r in sep['variants']]
 
 
