@@ -271,14 +271,14 @@ def first_conv_ms(shape: tuple[int, ...], reps: int, rounds: int) -> dict[str, f
     import jax.numpy as jnp
     from jax import lax
 
-    from cnn_jax.models import layers
+    from cnn_jax.models import layers, pooling
 
     _, batch, size, cin, cout, k, p = shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.1, jnp.float32)
     pads = ((p, p), (p, p))
-    relu, pool = layers.relu_for('cpu'), layers.MaxPool()
+    relu, pool = layers.relu_for('cpu'), pooling.MaxPool()
     forms = {
         'lax': lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC),
         'tap_conv': lambda x, w: layers.tap_conv(x, w, (1, 1), pads),
@@ -313,6 +313,53 @@ def first_conv_rows(reps: int, rounds: int) -> list[str]:
             f'{ms["tap_conv"]:.1f} | {ms["tap_conv"] / ms["lax"]:.2f} | {chosen} |'
         )
     return rows
+
+
+def max_pool_ms(reps: int, rounds: int) -> dict[str, float]:
+    """CPU ms of ResNet-18's stem pool at 64x64 input (bias + ReLU + 3x3/2 max-pool, pad 1,
+    on 64x32x32x64), forward and input gradient, per formulation, interleaved: lax's
+    reduce_window, `_strided_max` (other platforms) and `window_max` (CPU); torch's too."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnn_jax.models import layers, pooling
+
+    try:  # torch is optional: without it the JAX forms run alone.
+        import torch
+    except ImportError:
+        torch = None
+    rng = np.random.default_rng(0)
+    x, bias = rng.normal(size=(64, 32, 32, 64)), rng.normal(size=64) * 0.5
+    g = rng.normal(size=(64, 16, 16, 64))
+    window, strides, pads = (3, 3), (2, 2), ((1, 1), (1, 1))
+    forms = {
+        'reduce_window': lambda v: jax.lax.reduce_window(
+            v, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
+        ),
+        '_strided_max': lambda v: pooling._strided_max(v, window, strides, pads),
+        'window_max': lambda v: pooling.window_max(v, window, strides, pads),
+    }
+    relu = layers.relu_for('cpu')
+    xj, bj, gj = (jnp.asarray(a, jnp.float32) for a in (x, bias, g))
+    calls = {}
+    for form, pool in forms.items():
+        step = jax.jit(jax.grad(lambda v, pool=pool: jnp.vdot(pool(relu(v + bj)), gj)))
+        calls[form] = functools.partial(lambda step: jax.block_until_ready(step(xj)), step)
+    if torch is not None:
+        tx = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float32, requires_grad=True)
+        tb, tg = (torch.tensor(a, dtype=torch.float32) for a in (bias[:, None, None], g))
+
+        def torch_call() -> None:
+            y = torch.nn.functional.max_pool2d(torch.relu(tx + tb), 3, 2, 1)
+            y.backward(tg.permute(0, 3, 1, 2))
+            tx.grad = None
+
+        calls['torch'] = torch_call
+    totals = collections.Counter()
+    for _ in range(rounds):
+        for form, call in calls.items():
+            totals[form] += _cpu_ms(call, reps) / rounds
+    return dict(totals)
 
 
 def step_ab_cpu_ms(model: str, reps: int, rounds: int) -> dict[str, float]:
@@ -379,11 +426,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help='CPU time of the first convolutions, lax against tap_conv, and of whole steps '
         'with and without tap_conv (--model, comma-separated)',
     )
+    parser.add_argument(
+        '--max-pool',
+        action='store_true',
+        help="CPU time of ResNet-18's stem max-pool per formulation (and torch's)",
+    )
     args = parser.parse_args(argv)
     keep_freed_memory()  # JAX has not loaded yet (imported lazily below).
     use_recommended_flags()
     # torch's OpenMP workers spin while idle, which process time would count as work.
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    if args.max_pool:
+        print('| stem max-pool, forward + input gradient | CPU ms |')
+        print('|---|---|')
+        for form, value in max_pool_ms(max(args.steps, 10), 3).items():
+            print(f'| {form} | {value:.1f} |')
+        return 0
     if args.first_convs:
         print('\n'.join(first_conv_rows(args.steps, 3)))
         print()

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 
 from cnn_jax import arithmetic
-from cnn_jax.models import layers
+from cnn_jax.models import layers, pooling
 from cnn_jax.models.input_size import check_input_size, trace_init
 
 
@@ -146,18 +146,18 @@ def _describe(
             return f'BatchNorm{max(spatial, 1)}d', None
         formula = arithmetic.batchnorm_params(channels, module.use_scale, module.use_bias)
         return f'BatchNorm{max(spatial, 1)}d', formula
-    if isinstance(module, layers.MaxPool | layers.AvgPool):
+    if isinstance(module, pooling.MaxPool | pooling.AvgPool):
         window, n = tuple(module.window), len(module.window)
         strides, padding = tuple(module.strides or window), _padding(module.padding, n)
         _check_spatial(name, in_shape, out_shape, window, strides, padding, (1,) * n)
-        kind = 'MaxPool' if isinstance(module, layers.MaxPool) else 'AvgPool'
+        kind = 'MaxPool' if isinstance(module, pooling.MaxPool) else 'AvgPool'
         return f'{kind}{len(window)}d', arithmetic.LayerParams(0)
     if isinstance(module, nn.Dropout):
         kind = 'Dropout2d' if tuple(module.broadcast_dims) == (1, 2) else 'Dropout'
         return kind, arithmetic.LayerParams(0)
     if isinstance(module, layers.Activation):
         return layers.ACTIVATIONS[module.fn][1], arithmetic.LayerParams(0)
-    if isinstance(module, layers.Flatten | layers.GlobalAvgPool):
+    if isinstance(module, layers.Flatten | pooling.GlobalAvgPool):
         return type(module).__name__, arithmetic.LayerParams(0)
     return type(module).__name__, None
 

@@ -1,8 +1,9 @@
 """The CPU formulations (ReLU as a mask product, `tap_conv`, `canonical_conv`, oneDNN's
-`onednn_conv`) compute what the lax path does.
+`onednn_conv`; BatchNorm's and max pooling's, tested per layer in test_batch_norm.py and
+test_pooling.py) compute what the lax path does.
 
 Each is chosen on CPU only, by its selection function (`relu_for`, `tap_conv_wins`,
-`canonical_conv_wins`, `onednn_conv_wins`); here the CPU choice is compared with the other
+`canonical_conv_wins`, `onednn_conv_wins`, `cpu_batch_norm_wins`, `window_max_wins`); here the CPU choice is compared with the other
 platforms' one, forced through that function: per layer (values and gradients, float32 and
 bfloat16) and per model (3 train steps). The XLA formulations' tests turn oneDNN off.
 """
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import optim, parallel, steps
-from cnn_jax.models import batch_norm, create_model, layers, onednn_conv
+from cnn_jax.models import batch_norm, create_model, layers, onednn_conv, pooling
 from configs import default
 
 
@@ -229,6 +230,8 @@ def _force_platform(monkeypatch, platform, onednn):
     monkeypatch.setattr(layers, 'canonical_conv_wins', lambda _: canonical)
     cpu_bn = batch_norm.cpu_batch_norm_wins
     monkeypatch.setattr(batch_norm, 'cpu_batch_norm_wins', lambda _, d: cpu_bn(platform, d))
+    window_max = pooling.window_max_wins(platform)
+    monkeypatch.setattr(pooling, 'window_max_wins', lambda _: window_max)
     # Forced on 8 devices too (where the selection keeps XLA's): the values still agree.
     wins = onednn and platform == 'cpu' and onednn_conv.available()
     monkeypatch.setattr(layers, 'onednn_conv_wins', lambda _, d: wins and d == jnp.float32)
@@ -251,12 +254,14 @@ def _numpy_variables(model, shape):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _check_model(model_name, shape, batch_size, monkeypatch, taps, onednn=False, bn=False):
+def _check_model(
+    model_name, shape, batch_size, monkeypatch, taps, onednn=False, bn=False, pools=False
+):
     """3 momentum-SGD steps with the CPU paths, on 1 device and on 8, against the lax path
     (the other platforms' choice) on 1 device: losses, parameters and BN statistics. `taps`:
     whether the model has a layer that tap_conv_wins picks; `onednn`: whether the CPU's
     other convolutions are oneDNN's (else canonical_conv); `bn`: whether it has BatchNorm
-    (cnn_jax's on the CPU)."""
+    (cnn_jax's on the CPU); `pools`: whether it has overlapping max pools (window_max)."""
     if jax.device_count() < 8:
         pytest.skip('needs 8 (virtual) devices')
     config = default.get_config()
@@ -291,6 +296,7 @@ def _check_model(model_name, shape, batch_size, monkeypatch, taps, onednn=False,
         assert ('name=canonical_conv' in text) == (platform == 'cpu' and not onednn)
         assert ('name=onednn_conv' in text) == (platform == 'cpu' and onednn)
         assert ('name=_normalize_bwd' in text) == (platform == 'cpu' and bn)
+        assert ('name=_window_max_bwd' in text) == (platform == 'cpu' and pools)
         step, losses = traced.lower().compile(), []
         for _ in range(3):
             args[0], metrics = step(*args)
@@ -312,6 +318,10 @@ def test_simplenn_train_steps_cpu_paths_equal_lax(monkeypatch):
 @pytest.mark.slow
 def test_resnet20_train_steps_cpu_paths_equal_lax(monkeypatch):
     _check_model('resnet20', (16, 16, 3), 8, monkeypatch, taps=False, bn=True)
+
+
+def test_mnist_cnn_train_steps_cpu_paths_equal_lax(monkeypatch):
+    _check_model('mnist_cnn', (28, 28, 1), 16, monkeypatch, taps=True, pools=True)
 
 
 def test_simplenn_train_steps_onednn_equal_lax(monkeypatch, onednn):

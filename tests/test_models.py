@@ -19,7 +19,7 @@ import pytest
 
 from cnn_jax import summary
 from cnn_jax.errors import ConfigError
-from cnn_jax.models import MODELS, create_model, layers
+from cnn_jax.models import MODELS, create_model, layers, pooling
 
 
 class Case(NamedTuple):
@@ -383,7 +383,7 @@ def test_resnet_padding_is_torchs():
             padding=torch_pad,
         )
         close(ours, theirs)
-    pool = layers.MaxPool((3, 3), (2, 2), 1).apply({}, x)
+    pool = pooling.MaxPool((3, 3), (2, 2), 1).apply({}, x)
     close(pool, torch.nn.functional.max_pool2d(to_torch(x, (0, 3, 1, 2)), 3, 2, 1))
 
 
@@ -559,7 +559,7 @@ def test_batch_norm_uses_torch_momentum_and_epsilon():
 )
 def test_max_pool_fast_paths_equal_reduce_window_with_gradient(shape, window, strides, padding):
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)  # No ties.
-    pool = layers.MaxPool(window, strides, padding)
+    pool = pooling.MaxPool(window, strides, padding)
     pads = ((padding, padding),) * 2 if isinstance(padding, int) else padding
 
     def ours(v):

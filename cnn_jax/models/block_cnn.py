@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.errors import ConfigError
-from cnn_jax.models.layers import Activation, FastConv, Flatten, MaxPool, dropout, normalize
+from cnn_jax.models.layers import Activation, FastConv, Flatten, dropout, normalize
+from cnn_jax.models.pooling import MaxPool
 
 
 class BlockCNN(nn.Module):

@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.models.layers import Activation, FastConv, Flatten, MaxPool, normalize
+from cnn_jax.models.layers import Activation, FastConv, Flatten, normalize
+from cnn_jax.models.pooling import MaxPool
 
 
 class CifarCNN6(nn.Module):

@@ -1,4 +1,5 @@
-"""Pieces shared by every model: activation by name, the norm option, pooling modules.
+"""Pieces shared by every model: activation by name, the norm option, dropout, flatten and
+the convolution formulations `FastConv` picks per platform (pooling: cnn_jax.models.pooling).
 
 Parameter-free operations (activations, pooling, flatten) are small modules rather than
 bare functions so that `cnn_jax.summary.layer_table` sees them as rows, the way
@@ -20,8 +21,6 @@ from jax.custom_batching import custom_vmap
 from cnn_jax.errors import ConfigError
 from cnn_jax.models.batch_norm import batch_norm
 from cnn_jax.models.onednn_conv import onednn_conv, onednn_conv_wins
-
-Padding = str | int | Sequence[tuple[int, int]]
 
 
 def relu_for(platform: str) -> Callable[[jax.Array], jax.Array]:
@@ -71,61 +70,6 @@ class Activation(nn.Module):
             known = ', '.join(ACTIVATIONS)
             raise ConfigError(f'unknown activation {self.fn!r}; known activations: {known}')
         return ACTIVATIONS[self.fn][0](x)
-
-
-class MaxPool(nn.Module):
-    """Max pooling; padded positions hold -inf (as torch.nn.MaxPool2d)."""
-
-    window: tuple[int, int] = (2, 2)
-    strides: tuple[int, int] | None = None  # None: the window (non-overlapping).
-    padding: Padding = 'VALID'
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        strides = tuple(self.strides or self.window)
-        if tuple(self.window) == strides and self.padding == 'VALID' and x.ndim == 4:
-            return _tiled_max(x, *self.window)
-        pads = ((0, 0), (0, 0)) if self.padding == 'VALID' else _pad(self.padding)
-        if x.ndim == 4 and not isinstance(pads, str):
-            return _strided_max(x, tuple(self.window), strides, pads)
-        return nn.max_pool(x, self.window, strides, pads)
-
-
-def _tiled_max(x: jax.Array, wh: int, ww: int) -> jax.Array:
-    """Non-overlapping max pooling as a reshape and a max: the same values as reduce_window.
-
-    XLA's CPU backend turns reduce_window's gradient (select_and_scatter) into a slow loop;
-    a plain reduction trains faster there (2 CPU cores, python -m benchmarks, same run:
-    cifar_cnn3 210 -> 310 img/s, VGG-16 at 64 px 6.9 -> 8.6, SimpleNN 3,015 -> 3,339). Ties
-    share the gradient where select_and_scatter gives it to one position; after ReLU, ties
-    are zeros, whose gradient ReLU stops anyway.
-    """
-    n, h, w, c = x.shape
-    x = x[:, : h // wh * wh, : w // ww * ww]  # VALID drops the remainder rows and columns.
-    return x.reshape(n, h // wh, wh, w // ww, ww, c).max(axis=(2, 4))
-
-
-def _strided_max(
-    x: jax.Array,
-    window: tuple[int, int],
-    strides: tuple[int, int],
-    pads: Sequence[tuple[int, int]],
-) -> jax.Array:
-    """Overlapping max pooling as an elementwise maximum of the window's strided slices.
-
-    Same values as reduce_window; its gradient is elementwise selects instead of XLA:CPU's
-    slow select_and_scatter: ResNet's 3x3 stride-2 pool on a 32x32x64 map at batch 64,
-    forward + backward 160 -> 28 ms. Ties share the gradient (zeros after ReLU, whose
-    gradient ReLU stops anyway); -inf padding never wins a window that holds input.
-    """
-    x = jnp.pad(x, ((0, 0), *map(tuple, pads), (0, 0)), constant_values=-jnp.inf)
-    (wh, ww), (sh, sw) = window, strides
-    oh, ow = (x.shape[1] - wh) // sh + 1, (x.shape[2] - ww) // sw + 1
-    out = None
-    for i in range(wh):
-        for j in range(ww):
-            part = x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
-            out = part if out is None else jnp.maximum(out, part)
-    return out
 
 
 def tap_conv_wins(platform: str, kernel_shape: Sequence[int]) -> bool:
@@ -271,36 +215,11 @@ class FastConv:
         )
 
 
-class AvgPool(nn.Module):
-    """Average pooling; padded zeros count in the mean (torch's count_include_pad)."""
-
-    window: tuple[int, int] = (2, 2)
-    strides: tuple[int, int] | None = None
-    padding: Padding = 'VALID'
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.avg_pool(x, self.window, self.strides or self.window, _pad(self.padding))
-
-
-class GlobalAvgPool(nn.Module):
-    """Mean over the spatial axes: (N, H, W, C) -> (N, C)."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.mean(x, axis=(1, 2))
-
-
 class Flatten(nn.Module):
     """(N, ...) -> (N, prod(...)), in NHWC order."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x.reshape((x.shape[0], -1))
-
-
-def _pad(padding: Padding) -> str | Sequence[tuple[int, int]]:
-    # nn.max_pool takes 'SAME'/'VALID' or explicit pairs only; an int is torch's padding.
-    if isinstance(padding, int):
-        return ((padding, padding), (padding, padding))
-    return padding
 
 
 def dropout(x: jax.Array, rate: float, *, train: bool, spatial: bool = False) -> jax.Array:

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from cnn_jax.errors import ConfigError
 from cnn_jax.models.batch_norm import batch_norm
-from cnn_jax.models.layers import Activation, FastConv, GlobalAvgPool, MaxPool
+from cnn_jax.models.layers import Activation, FastConv
+from cnn_jax.models.pooling import GlobalAvgPool, MaxPool
 
 # torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')

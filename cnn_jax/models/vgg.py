@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.models.layers import Activation, FastConv, Flatten, MaxPool, dropout, normalize
+from cnn_jax.models.layers import Activation, FastConv, Flatten, dropout, normalize
+from cnn_jax.models.pooling import MaxPool
 
 # torchvision's initialisation: without BN, VGG trains from scratch only if the signal keeps
 # its scale through 13+ ReLU layers (flax's lecun_normal default halves it at each one).
