@@ -4,10 +4,13 @@
 train step (benchmarks.train_step.jax_runners) with jax.profiler and the same step in torch
 eager with torch.profiler, and prints a markdown table of the time per op kind.
 
-XLA:CPU hands convolutions to Eigen asynchronously, so the trace's convolution events are
-only their dispatch; their cost is what remains of the executable's wall time after every
-synchronous thunk (fusions, copies, dots, reductions), the row 'convolutions (rest)'.
-Wall-clock figures: on a loaded machine read them as shares of the step, not as speeds.
+cnn_jax's table splits the executable's wall time: XLA:CPU runs independent thunks on two
+threads at once and splits large fusions across them, so each instant is shared evenly
+among the ops running then, and instants of an execution where no op runs are the row
+'no op running' (the thunk executor's own work and its waits; without oneDNN, also
+Eigen's asynchronous convolutions, whose trace events are only their dispatch). torch's
+rows are its ops' self CPU time on the calling thread. Wall-clock figures: on a loaded
+machine read them as shares of the step, not as speeds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from cnn_jax.xla_cpu import keep_freed_memory, use_recommended_flags
 # Op kinds by HLO instruction name (XLA names fusions after their root or their kind).
 _JAX_KINDS: tuple[tuple[str, str], ...] = (
     ('custom-call', 'oneDNN convolutions (custom calls)'),
+    ('ffi_call', 'oneDNN convolutions (custom calls)'),
     ('transpose', 'transposes and layout copies'),
     ('copy', 'transposes and layout copies'),
     ('convolution', 'convolution dispatch'),
@@ -73,23 +77,54 @@ def jax_profile(model: str, steps: int) -> dict[str, float]:
     run(2)
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
+        start = time.perf_counter_ns()
         run(steps)
+        wall = time.perf_counter_ns() - start
         jax.profiler.stop_trace()
         path = sorted(glob.glob(os.path.join(tmp, '**', '*.xplane.pb'), recursive=True))[-1]
         data = jax.profiler.ProfileData.from_file(path)
-    totals: dict[str, float] = collections.defaultdict(float)
-    execute = 0.0
+    ops, executions = [], []
     for plane in data.planes:
         for line in plane.lines:
             for event in line.events:
-                stats = dict(event.stats)
                 if event.name.startswith('ThunkExecutor::Execute'):
-                    execute += event.duration_ns
-                elif 'hlo_op' in stats and not event.name.startswith('end:'):
+                    executions.append((event.start_ns, event.end_ns))
+                elif 'hlo_op' in dict(event.stats) and not event.name.startswith('end:'):
                     kind = _kind(event.name, _JAX_KINDS, 'elementwise loop fusions')
-                    totals[kind] += event.duration_ns
-    totals['convolutions (rest)'] = execute - sum(totals.values())
+                    ops.append((event.start_ns, event.end_ns, kind))
+    totals = wall_by_kind(ops, executions)
+    totals[OUTSIDE] = max(0.0, wall - sum(totals.values()))
     return {k: v / 1e6 / steps for k, v in totals.items()}
+
+
+NO_OP = 'no op running (executor, waits)'
+OUTSIDE = 'outside the executable (Python, dispatch)'
+
+
+def wall_by_kind(
+    ops: Sequence[tuple[float, float, str]], executions: Sequence[tuple[float, float]]
+) -> dict[str, float]:
+    """Wall time per kind of `ops` ((start, end, kind)): each instant is shared evenly among
+    the ops running then; instants inside `executions` ((start, end), nesting allowed)
+    with no op running go to NO_OP."""
+    points = [(start, 1, kind) for start, _, kind in ops] + [(end, -1, k) for _, end, k in ops]
+    points += [(start, 1, None) for start, _ in executions]
+    points += [(end, -1, None) for _, end in executions]
+    points.sort(key=lambda p: p[0])
+    running: collections.Counter = collections.Counter()
+    totals: dict[str, float] = collections.defaultdict(float)
+    previous = None
+    for time_ns, change, kind in points:
+        if previous is not None and time_ns > previous:
+            span, busy = time_ns - previous, sum(n for k, n in running.items() if k)
+            for k, n in running.items():
+                if k and n:
+                    totals[k] += span * n / busy
+            if not busy and running[None] > 0:
+                totals[NO_OP] += span
+        running[kind] += change
+        previous = time_ns
+    return dict(totals)
 
 
 def torch_profile(model: str, steps: int) -> dict[str, float]:

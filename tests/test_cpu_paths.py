@@ -3,9 +3,10 @@
 test_pooling.py) compute what the lax path does.
 
 Each is chosen on CPU only, by its selection function (`relu_for`, `tap_conv_wins`,
-`canonical_conv_wins`, `onednn_conv_wins`, `cpu_batch_norm_wins`, `window_max_wins`); here the CPU choice is compared with the other
-platforms' one, forced through that function: per layer (values and gradients, float32 and
-bfloat16) and per model (3 train steps). The XLA formulations' tests turn oneDNN off.
+`canonical_conv_wins`, `onednn_conv_wins`, `cpu_batch_norm_wins`, `window_max_wins`);
+here the CPU choice is compared with the other platforms' one, forced through that
+function: per layer (values and gradients, float32 and bfloat16) and per model (3 train
+steps). The XLA formulations' tests turn oneDNN off.
 """
 
 import functools
