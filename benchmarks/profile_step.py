@@ -447,7 +447,7 @@ def table(title: str, ms: dict[str, float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-    parser.add_argument('--model', default='resnet20')
+    parser.add_argument('--model', default='resnet20', help='comma-separated benchmark cases')
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--no-torch', action='store_true')
     parser.add_argument(
@@ -496,10 +496,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, value in steps.items():
             print(f'| {name} | {value:.0f} |')
         return 0
-    print(table(f'cnn_jax, {args.model}', jax_profile(args.model, args.steps)))
-    if not args.no_torch:
+    for model in args.model.split(','):
+        print(table(f'cnn_jax, {model}', jax_profile(model, args.steps)))
+        if not args.no_torch:
+            print()
+            print(table(f'torch eager, {model}', torch_profile(model, args.steps)))
         print()
-        print(table(f'torch eager, {args.model}', torch_profile(args.model, args.steps)))
     return 0
 
 

@@ -1,8 +1,14 @@
-"""benchmarks.profile_step: op-kind classification and its table (no timing asserted)."""
+"""benchmarks.profile_step and benchmarks.conv_layers: op-kind classification, wall split
+and tables (no timing asserted)."""
+
+import collections
 
 import pytest
 
-from benchmarks import profile_step
+from benchmarks import conv_layers, profile_step
+from benchmarks.cases import CASES
+from cnn_jax import summary
+from cnn_jax.models import create_model
 
 
 def test_hlo_ops_fall_into_their_kinds():
@@ -49,3 +55,30 @@ def test_trace_profile_of_a_small_model_accounts_for_the_step():
     assert ms[profile_step.OUTSIDE] >= 0
     # oneDNN's calls, or on 8 test devices XLA's convolutions (their dispatch).
     assert sum(v for k, v in ms.items() if 'convolution' in k) > 0
+
+
+@pytest.mark.parametrize('model', sorted(conv_layers.CONVS))
+def test_conv_table_lists_the_models_convolutions(model):
+    """Each entry's (map size, in, out, count) is the model's, at the benchmark's input."""
+    case = CASES[model]
+    rows, _ = summary.layer_rows(create_model(model, case.num_classes), case.input_shape)
+    convs = [r for r in rows if r.kind == 'Conv2d']
+    ours = collections.Counter()
+    for count, size, cin, cout, *_ in conv_layers.CONVS[model]:
+        ours[size, cin, cout] += count
+    assert ours == collections.Counter(
+        (r.input_shape[1], r.input_shape[-1], r.output_shape[-1]) for r in convs
+    )
+
+
+@pytest.mark.slow
+def test_conv_table_command_times_each_convolution(capsys):
+    pytest.importorskip('torch')
+    assert conv_layers.main(['--model', 'resnet20', '--reps', '1', '--rounds', '1']) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 2 + len(conv_layers.CONVS['resnet20']) + 1
+    cells = [[float(c) for c in row.split('|')[2:4]] for row in rows[2:]]
+    counts = [conv[0] for conv in conv_layers.CONVS['resnet20']]
+    for column in (0, 1):
+        weighted = sum(n * c[column] for n, c in zip(counts, cells[:-1], strict=True))
+        assert cells[-1][column] == pytest.approx(weighted, abs=1)  # The sum row, rounded.
