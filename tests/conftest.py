@@ -3,8 +3,25 @@
 import math
 import os
 
+from cnn_jax.xla_cpu import jaxlib_knows  # noqa: E402 (imports no jax)
+
+# XLA:CPU ends the process when a collective's last participant is 40 s late
+# ("Termination timeout for `all reduce` ... Exiting to ensure a consistent program
+# state"). That was the fast tier's rare worker abort in sessions 8-11: 8 virtual devices
+# on 2 shared cores, with other training running beside the tests. 120 s gives the slow
+# participant room, and the warning after 10 s shows when a collective lagged.
+_COLLECTIVE_TIMEOUTS = (
+    '--xla_cpu_collective_call_terminate_timeout_seconds=120',
+    '--xla_cpu_collective_call_warn_stuck_timeout_seconds=10',
+)
 # Must happen before jax is imported anywhere.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault(
+    'XLA_FLAGS',
+    ' '.join(
+        ['--xla_force_host_platform_device_count=8']
+        + [f for f in _COLLECTIVE_TIMEOUTS if jaxlib_knows(f)]
+    ),
+)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import pytest  # noqa: E402

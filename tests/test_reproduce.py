@@ -134,3 +134,54 @@ def test_torch_recipe_trains_a_study_variant_and_tests_each_epoch(tmp_path):
     assert result['test_accuracy'] > 0.8  # Digits learnt by the E4 CNN's torch twin.
     with pytest.raises(SystemExit, match='is a study'):
         torch_recipe.main(['--config=ablations/cifar_cnn6_optimizers.py', '--out', str(out)])
+
+
+@pytest.mark.slow
+def test_torch_recipe_steps_its_learning_rate_and_resumes_as_if_never_stopped(tmp_path):
+    """E8's twin: a step schedule, and a run stopped after epoch 2 that resumes from its
+    checkpoint to epoch 4 matches one run of 4 epochs exactly."""
+    pytest.importorskip('torch')
+    config = load_config('resnet20.py')
+    config.dataset, config.num_epochs, config.step_epochs = 'digits', 4, (2, 3)
+    whole = torch_recipe.train_recipe(config, log=lambda _: None)
+    lrs = [row['learning_rate'] for row in whole['history']]
+    np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.001], rtol=1e-6)
+    checkpoint, seen = tmp_path / 'twin.pt', []
+    config.num_epochs = 2
+    torch_recipe.train_recipe(config, log=lambda _: None, checkpoint=checkpoint)
+    config.num_epochs = 4
+    resumed = torch_recipe.train_recipe(
+        config,
+        log=lambda _: None,
+        checkpoint=checkpoint,
+        on_epoch=lambda rows: seen.append(len(rows)),
+    )
+    assert seen == [3, 4]  # Epochs 3 and 4 only, after the two.
+    drop = ('seconds',)
+    strip = [{k: v for k, v in row.items() if k not in drop} for row in resumed['history']]
+    assert strip == [{k: v for k, v in row.items() if k not in drop} for row in whole['history']]
+    assert resumed['test_accuracy'] == whole['test_accuracy']
+
+
+def test_twin_curves_plots_both_runs_epoch_by_epoch(tmp_path, capsys):
+    from matplotlib import image
+
+    from reproduce import twin_curves
+
+    workdir, twin, out = tmp_path / 'run', tmp_path / 'twin.json', tmp_path / 'curves.png'
+    workdir.mkdir()
+    rows = [{'epoch': e, 'val_accuracy': 0.5 + e / 10, 'learning_rate': 0.1} for e in (1, 2, 3)]
+    (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    history = [{'epoch': 1, 'val_accuracy': 0.4, 'learning_rate': 0.1}, {'epoch': 2}]
+    twin.write_text(json.dumps({'status': 'running', 'history': history}))
+    assert twin_curves.read_curves(rows)['val_accuracy'] == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert twin_curves.read_curves(history) == {
+        'val_accuracy': [(1, 0.4)],
+        'learning_rate': [(1, 0.1)],
+    }
+    args = ['--workdir', str(workdir), '--torch', str(twin), '--out', str(out)]
+    assert twin_curves.main(args) == 0
+    assert image.imread(out).shape[:2] == (400, 1100)  # Two panels, 11 x 4 in at 100 dpi.
+    args[3] = str(tmp_path / 'missing.json')
+    assert twin_curves.main(args) == 2
+    assert 'missing.json: no such file' in capsys.readouterr().err
