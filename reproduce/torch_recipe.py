@@ -61,8 +61,6 @@ def _scheduler(config, opt, steps_per_epoch: int):
     """Per-step learning rate as cnn_jax.optim.build_schedule's 'constant' and 'step'."""
     import torch
 
-    if config.loss != 'cross_entropy' or config.schedule not in ('constant', 'step'):
-        raise SystemExit('torch_recipe: only cross-entropy with a constant or step schedule')
     milestones = []
     if config.schedule == 'step':
         milestones = [int(e * steps_per_epoch) for e in config.step_epochs]
@@ -94,6 +92,8 @@ class _Recipe:
 
         from benchmarks.torch_models import twin
 
+        if config.loss != 'cross_entropy' or config.schedule not in ('constant', 'step'):
+            raise SystemExit('torch_recipe: only cross-entropy with a constant or step schedule')
         torch.manual_seed(seed)
         self.config, self.checkpoint = config, checkpoint
         self.data = load_dataset(config)
