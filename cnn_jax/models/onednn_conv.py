@@ -6,8 +6,10 @@ time for forward plus both gradients (results/benchmark/onednn_cpu.md). When the
 `onednn` and `onednn-devel` wheels are installed (`pip install -r requirements-onednn.txt`)
 and a C++ compiler is on PATH, `onednn_conv.cc` is compiled once into cnn_jax's cache
 folder (`~/.cache/cnn_jax`), and `layers.FastConv` sends float32 convolutions of one-device
-CPU runs here. Without them, or with CNN_JAX_ONEDNN=0 in the environment, nothing changes. The
-results equal lax's up to float32 rounding (tests/test_cpu_paths.py).
+CPU runs here. The OpenMP build (`onednn-cpu-gomp` with `onednn-devel-cpu-gomp`) works
+too (results/benchmark/torch_gap_cpu.md compares the two). Without them, or with
+CNN_JAX_ONEDNN=0 in the environment, nothing changes. The results equal lax's up to
+float32 rounding (tests/test_cpu_paths.py).
 """
 
 from __future__ import annotations
@@ -45,8 +47,16 @@ def wheel_prefix() -> pathlib.Path | None:
 
 
 def _build(prefix: pathlib.Path) -> pathlib.Path:
-    """The compiled shim, built on first use; keyed by its source, JAX's and oneDNN's."""
-    parts = (_SOURCE.read_bytes(), jax.__version__.encode(), str(prefix).encode())
+    """The compiled shim, built on first use; keyed by its source, JAX's and oneDNN's
+    (the headers name oneDNN's version and threading runtime)."""
+    headers = prefix / 'include' / 'oneapi' / 'dnnl'
+    parts = (
+        _SOURCE.read_bytes(),
+        jax.__version__.encode(),
+        str(prefix).encode(),
+        (headers / 'dnnl_version.h').read_bytes(),
+        (headers / 'dnnl_config.h').read_bytes(),
+    )
     digest = hashlib.sha256(b'\0'.join(parts)).hexdigest()[:16]
     target = default_cache_dir() / f'onednn_conv-{digest}.so'
     if target.exists():
@@ -78,8 +88,8 @@ def available() -> bool:
         logging.warning('oneDNN is installed but its convolution did not build (%s); '
                         'convolutions stay on XLA', detail[-1])  # fmt: skip
         return False
-    # The wheel's oneDNN runs on the CPU through SYCL's OpenCL device, which the OpenCL
-    # loader finds only when told where the wheel put it.
+    # The `onednn` wheel's oneDNN runs on the CPU through SYCL's OpenCL device, which the
+    # OpenCL loader finds only when told where the wheel put it.
     opencl = prefix / 'lib' / 'libintelocl.so'
     if opencl.exists():
         os.environ.setdefault('OCL_ICD_FILENAMES', str(opencl))
