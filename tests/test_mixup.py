@@ -2,6 +2,7 @@
 the mixed batch and its soft targets follow the drawn lambda, the losses take soft
 targets, mixing off is today's step, and a launch with mixing trains."""
 
+import functools
 import json
 import pathlib
 import subprocess
@@ -117,9 +118,12 @@ def test_soft_target_losses_with_label_smoothing_are_timms():
     np.testing.assert_allclose(l1, np.mean(np.abs(probs - soft), -1), rtol=1e-5)
 
 
-def test_mixing_off_is_todays_step_bit_for_bit():
+def test_mixing_off_is_todays_step():
     """Alphas 0 (the default): no key drawn, integer labels, the step of the pipeline
-    before mixing existed (augment, scale, normalise, train_step), bit for bit."""
+    before mixing existed (augment, scale, normalise, train_step). Equal to float32
+    rounding: the two are separately compiled programs, which XLA:CPU may fuse and so
+    round differently (1 ulp on 2 of 16 values on one machine); another key's crops and
+    flips would move the parameters by far more."""
     c = tiny_config()
     model = create_model('small_cnn', CLASSES, **c.model_options.to_dict())
     state = steps.create_train_state(c, model, (8, 8, 1), jax.random.key(0), 4)
@@ -145,7 +149,10 @@ def test_mixing_off_is_todays_step_bit_for_bit():
         return steps.train_step(state, batch, jax.random.fold_in(rng, 0))[0]
 
     want = today(state, images, labels, key)
-    jax.tree.map(np.testing.assert_array_equal, got.params, want.params)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9)
+    jax.tree.map(close, got.params, want.params)
+    other = today(state, images, labels, jax.random.key(4))
+    assert not np.allclose(other.params['Dense_0']['kernel'], want.params['Dense_0']['kernel'])
 
 
 def test_a_launch_with_mixup_and_cutmix_trains_to_finite_metrics(tmp_path):
