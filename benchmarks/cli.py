@@ -76,7 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--windows', type=int, default=5, help='timed windows per path')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per path first')
     p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-    p.add_argument('--torch', default='eager+compile', choices=('eager+compile', 'eager', 'none'))
+    p.add_argument(
+        '--torch',
+        default='eager+compile',
+        choices=('eager+compile', 'eager', 'eager-process', 'none'),
+        help='eager-process: torch eager in a process of its own (benchmarks.torch_process)',
+    )
     p.add_argument(
         '--settle',
         type=float,

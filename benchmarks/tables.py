@@ -57,7 +57,12 @@ def describe(result: dict[str, Any]) -> str:
         f'start {d["load_average"]}.',
         '',
         'ratio = jax img/s through the real input pipeline (gather + augment + normalise on '
-        'the device) / torch img/s on a pre-made batch, median of per-window ratios.',
+        'the device) / torch img/s on a pre-made batch, median of per-window ratios.'
+        + (
+            ' torch ran in a process of its own (--torch eager-process).'
+            if s.get('torch') == 'eager-process'
+            else ''
+        ),
         '',
         format_table(result['results']),
     ]

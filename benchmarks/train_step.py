@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import torch_process
 from benchmarks.cases import CASES, Case, device_info, peak_tflops
 from benchmarks.tables import format_table
 from benchmarks.timing import Runner, interleaved, log, median, rounded, significant
@@ -266,7 +267,10 @@ def measure_case(
 ) -> dict[str, Any]:
     """Every figure of one table row for `case` (see the module docstring)."""
     runners, info = jax_runners(case, dtype)
-    if torch_mode != 'none':
+    if torch_mode == 'eager-process' and torch is not None:
+        runners['torch_eager'], t_info = torch_process.eager_runner(case, dtype)
+        info.update(t_info)
+    elif torch_mode != 'none':
         t_runners, t_info = torch_runners(case, dtype, compile_model='compile' in torch_mode)
         runners.update(t_runners)
         info.update(t_info)

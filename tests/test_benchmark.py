@@ -1,6 +1,8 @@
 """The benchmarks package (python -m benchmarks) runs end to end on a tiny model."""
 
 import json
+import multiprocessing
+import os
 
 import jax
 import numpy as np
@@ -114,3 +116,27 @@ def test_torch_twin_of_e4s_cnn_has_its_parameters_and_layers(norm):
     assert ({'Dropout2d', 'Dropout'} <= kinds) == (norm == 'dropout')
     with torch.no_grad():
         assert tuple(net.eval()(torch.zeros(2, 3, 32, 32)).shape) == (2, 10)
+
+
+def test_quick_benchmark_with_torch_in_its_own_process(tmp_path):
+    """--torch eager-process: torch's windows run in a spawned process, which the runner
+    starts and ends, and the table says so."""
+    pytest.importorskip('torch')
+    from benchmarks import torch_process
+
+    run, info = torch_process.eager_runner(cases.CASES['tiny'])
+    children = multiprocessing.active_children()
+    assert len(children) == 1 and children[0].pid != os.getpid()
+    assert info['torch_device'] in ('cpu', 'cuda')
+    run(2)
+    del run  # Ends the process.
+    assert not multiprocessing.active_children()
+
+    out = tmp_path / 'bench.json'
+    args = ['--quick', '--xla-flags=', '--torch', 'eager-process', '--json', str(out)]
+    assert cli.main(args) == 0
+    result = json.loads(out.read_text())
+    (row,) = result['results']
+    assert result['settings']['torch'] == 'eager-process'
+    assert row['torch_eager_ips'] > 0 and row['ratio_vs_torch_eager'] > 0
+    assert 'torch ran in a process of its own' in out.with_suffix('.md').read_text()
