@@ -2,6 +2,7 @@
 and tables (no timing asserted)."""
 
 import collections
+import os
 
 import pytest
 
@@ -82,3 +83,49 @@ def test_conv_table_command_times_each_convolution(capsys):
     for column in (0, 1):
         weighted = sum(n * c[column] for n, c in zip(counts, cells[:-1], strict=True))
         assert cells[-1][column] == pytest.approx(weighted, abs=1)  # The sum row, rounded.
+
+
+def test_onednn_verbose_sums_each_primitive_per_step():
+    """Exact sums from oneDNN 3.13's and 3.2's line formats, only between the markers."""
+    from benchmarks import onednn_verbose as ov
+
+    shape = 'mb2_ic3oc4_ih8oh8kh3sh1dh0ph1_iw8ow8kw3sw1dw0pw1'
+    new = 'onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx2,forward_training,'
+    old = 'onednn_verbose,exec,cpu,convolution,jit:avx2,backward_weights,'
+    lines = [
+        f'{new}src,,alg,{shape},9.0',  # before the measured steps
+        ov._BEGIN,
+        f'{new}src,,alg,{shape},1.5',
+        f'{new}src,,alg,{shape},2.5',
+        f'{old}src,attr,alg,{shape},3.0',
+        'onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,src dst,,,4x3x3x3,0.5',
+        'onednn_verbose,v1,primitive,exec,cpu,gemm_api,,undef,src wei dst,,,8x4:4x2,0.25',
+        ov._END,
+        f'{old}src,attr,alg,{shape},7.0',
+    ]
+    got = ov.per_step_ms(lines, steps=2)
+    assert got == {
+        ('convolution forward_training', shape): [2.0, 1.0],
+        ('convolution backward_weights', shape): [1.5, 0.5],
+        ('reorder', ''): [0.25, 0.5],
+        ('gemm (XLA)', '8x4:4x2'): [0.125, 0.5],
+    }
+
+
+@pytest.mark.slow
+def test_onednn_verbose_command_tables_both_sides(capsys, monkeypatch):
+    """python -m benchmarks.onednn_verbose: the same convolution timed in both steps (its
+    children on one device, as a user's are: oneDNN serves one-device runs)."""
+    from benchmarks import onednn_verbose
+    from cnn_jax.models import onednn_conv
+
+    if not onednn_conv.available():
+        pytest.skip('oneDNN wheels not installed (pip install -r requirements-onednn.txt)')
+    pytest.importorskip('torch')
+    flags = os.environ.get('XLA_FLAGS', '').replace('--xla_force_host_platform_device_count=8', '')
+    monkeypatch.setenv('XLA_FLAGS', flags)
+    assert onednn_verbose.main(['--model', 'tiny', '--steps', '2']) == 0
+    rows = capsys.readouterr().out.splitlines()
+    (forward,) = [r for r in rows if r.startswith('| convolution forward_training')]
+    jax_cell, torch_cell = forward.split('|')[3:5]
+    assert jax_cell.strip().endswith('(1)') and torch_cell.strip().endswith('(1)')

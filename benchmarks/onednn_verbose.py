@@ -1,0 +1,103 @@
+"""oneDNN's own time per primitive inside a train step, cnn_jax's against torch's.
+
+    python -m benchmarks.onednn_verbose --model resnet18 --steps 5
+
+Runs each side's synthetic train step (`train_step.jax_runners`, `torch_runners`) in a
+child process under ONEDNN_VERBOSE=profile_exec, in which oneDNN prints the wall time of
+every primitive it executes, and prints a Markdown table of ms per step by primitive and
+problem shape. Both sides run oneDNN's kernels (cnn_jax through `cnn_jax.models.onednn_conv`
+where installed), so a row compares the same kernel at the same shape in its two contexts.
+The "gemm" rows are XLA's own matrix products, whose Eigen kernels call oneDNN's sgemm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+_BEGIN, _END = 'ONEDNN_VERBOSE_BEGIN', 'ONEDNN_VERBOSE_END'
+
+
+def _child(model: str, side: str, steps: int) -> None:
+    from benchmarks import train_step
+    from benchmarks.cases import CASES
+    from cnn_jax.xla_cpu import keep_freed_memory, use_recommended_flags
+
+    use_recommended_flags()
+    keep_freed_memory()
+    case = CASES[model]
+    if side == 'jax':
+        run = train_step.jax_runners(case)[0]['jax_synthetic']
+    else:
+        run = train_step.torch_runners(case, compile_model=False)[0]['torch_eager']
+    run(3)
+    print(_BEGIN, flush=True)
+    run(steps)
+    print(_END, flush=True)
+
+
+def per_step_ms(lines: Sequence[str], steps: int) -> dict[tuple[str, str], list[float]]:
+    """(primitive, shape) -> [ms per step, calls per step] from the lines between markers."""
+    totals: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    inside = False
+    for line in lines:
+        inside = (inside or line == _BEGIN) and line != _END
+        fields = line.split(',')
+        if not (inside and line.startswith('onednn_verbose') and 'exec' in fields):
+            continue
+        i = fields.index('exec')
+        kind = fields[i + 2]
+        if kind == 'convolution':
+            key = (f'convolution {fields[i + 4]}', fields[-2])
+        elif kind == 'gemm_api':
+            key = ('gemm (XLA)', fields[-2])
+        else:
+            key = (kind, '')
+        totals[key][0] += float(fields[-1]) / steps
+        totals[key][1] += 1 / steps
+    return totals
+
+
+def table(jax_ms: dict, torch_ms: dict, top: int) -> str:
+    """Markdown rows, largest first, with each side's total."""
+    keys = sorted(set(jax_ms) | set(torch_ms), key=lambda k: -jax_ms.get(k, [0])[0])
+    rows = ['| primitive | shape | cnn_jax ms/step (calls) | torch ms/step (calls) |']
+    rows.append('|---|---|---|---|')
+    for key in keys[:top]:
+        cells = [
+            f'{d[key][0]:.1f} ({d[key][1]:.0f})' if key in d else '-' for d in (jax_ms, torch_ms)
+        ]
+        rows.append(f'| {key[0]} | {key[1]} | {cells[0]} | {cells[1]} |')
+    sums = [sum(v[0] for v in d.values()) for d in (jax_ms, torch_ms)]
+    rows.append(f'| all oneDNN | | {sums[0]:.1f} | {sums[1]:.1f} |')
+    return '\n'.join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+    parser.add_argument('--model', default='resnet18')
+    parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--top', type=int, default=25, help='rows shown')
+    parser.add_argument('--side', choices=('jax', 'torch'), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.side:
+        _child(args.model, args.side, args.steps)
+        return 0
+    results = {}
+    for side in ('jax', 'torch'):
+        cmd = [sys.executable, '-m', 'benchmarks.onednn_verbose', '--model', args.model]
+        cmd += ['--steps', str(args.steps), '--side', side]
+        env = {**os.environ, 'ONEDNN_VERBOSE': 'profile_exec'}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        results[side] = per_step_ms(out.splitlines(), args.steps)
+    print(f'# oneDNN primitives in one {args.model} train step (ms per step)\n')
+    print(table(results['jax'], results['torch'], args.top))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
