@@ -118,20 +118,21 @@ def test_torch_twin_of_e4s_cnn_has_its_parameters_and_layers(norm):
         assert tuple(net.eval()(torch.zeros(2, 3, 32, 32)).shape) == (2, 10)
 
 
-def test_quick_benchmark_with_torch_in_its_own_process(tmp_path):
-    """--torch eager-process: torch's windows run in a spawned process, which the runner
-    starts and ends, and the table says so."""
+@pytest.mark.slow  # Spawns a process that imports JAX and torch.
+def test_quick_benchmark_with_torch_in_its_own_process(tmp_path, monkeypatch):
+    """--torch eager-process: torch's windows run in a spawned process, which ends with the
+    benchmark, and the table says so."""
     pytest.importorskip('torch')
     from benchmarks import torch_process
 
-    run, info = torch_process.eager_runner(cases.CASES['tiny'])
-    children = multiprocessing.active_children()
-    assert len(children) == 1 and children[0].pid != os.getpid()
-    assert info['torch_device'] in ('cpu', 'cuda')
-    run(2)
-    del run  # Ends the process.
-    assert not multiprocessing.active_children()
+    started, real = [], torch_process.eager_runner
 
+    def eager_runner(*args):  # The real runner, noting the process it started.
+        run = real(*args)
+        started.extend(multiprocessing.active_children())
+        return run
+
+    monkeypatch.setattr(torch_process, 'eager_runner', eager_runner)
     out = tmp_path / 'bench.json'
     args = ['--quick', '--xla-flags=', '--torch', 'eager-process', '--json', str(out)]
     assert cli.main(args) == 0
@@ -139,4 +140,7 @@ def test_quick_benchmark_with_torch_in_its_own_process(tmp_path):
     (row,) = result['results']
     assert result['settings']['torch'] == 'eager-process'
     assert row['torch_eager_ips'] > 0 and row['ratio_vs_torch_eager'] > 0
+    assert row['torch_device'] in ('cpu', 'cuda')  # Reported from the child.
     assert 'torch ran in a process of its own' in out.with_suffix('.md').read_text()
+    assert len(started) == 1 and started[0].pid != os.getpid()
+    assert not multiprocessing.active_children() and not started[0].is_alive()
