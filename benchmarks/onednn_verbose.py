@@ -34,7 +34,7 @@ def _child(model: str, side: str, steps: int) -> None:
         run = train_step.jax_runners(case)[0]['jax_synthetic']
     else:
         run = train_step.torch_runners(case, compile_model=False)[0]['torch_eager']
-    run(3)
+    run(12)  # cnn_jax's first ~10 steps still fault their buffers in (memory grows).
     print(_BEGIN, flush=True)
     run(steps)
     print(_END, flush=True)
