@@ -5,8 +5,10 @@
 Runs each side's synthetic train step (`train_step.jax_runners`, `torch_runners`) in a
 child process under ONEDNN_VERBOSE=profile_exec, in which oneDNN prints the wall time of
 every primitive it executes, and prints a Markdown table of ms per step by primitive and
-problem shape. Both sides run oneDNN's kernels (cnn_jax through `cnn_jax.models.onednn_conv`
-where installed), so a row compares the same kernel at the same shape in its two contexts.
+problem shape, and the wall time during which at least one primitive ran (calls that
+overlap, as XLA's concurrent thunks do, counted once). Both sides run oneDNN's kernels
+(cnn_jax through `cnn_jax.models.onednn_conv` where installed), so a row compares the same
+kernel at the same shape in its two contexts; two calls that overlap each take longer.
 The "gemm" rows are XLA's own matrix products, whose Eigen kernels call oneDNN's sgemm.
 """
 
@@ -43,12 +45,7 @@ def _child(model: str, side: str, steps: int) -> None:
 def per_step_ms(lines: Sequence[str], steps: int) -> dict[tuple[str, str], list[float]]:
     """(primitive, shape) -> [ms per step, calls per step] from the lines between markers."""
     totals: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-    inside = False
-    for line in lines:
-        inside = (inside or line == _BEGIN) and line != _END
-        fields = line.split(',')
-        if not (inside and line.startswith('onednn_verbose') and 'exec' in fields):
-            continue
+    for fields in _measured(lines):
         i = fields.index('exec')
         kind = fields[i + 2]
         if kind == 'convolution':
@@ -60,6 +57,31 @@ def per_step_ms(lines: Sequence[str], steps: int) -> dict[tuple[str, str], list[
         totals[key][0] += float(fields[-1]) / steps
         totals[key][1] += 1 / steps
     return totals
+
+
+def _measured(lines: Sequence[str]) -> list[list[str]]:
+    """The comma fields of each executed primitive's line between the markers."""
+    inside, rows = False, []
+    for line in lines:
+        inside = (inside or line == _BEGIN) and line != _END
+        fields = line.split(',')
+        if inside and line.startswith('onednn_verbose') and 'exec' in fields:
+            rows.append(fields)
+    return rows
+
+
+def busy_ms(lines: Sequence[str], steps: int) -> float:
+    """Wall ms per step with at least one primitive running, from the lines' start
+    timestamps (ONEDNN_VERBOSE_TIMESTAMP=1: the field before 'primitive' or 'exec')."""
+    spans = []
+    for fields in _measured(lines):
+        start = float(fields[fields.index('exec') - (2 if 'primitive' in fields else 1)])
+        spans.append((start, start + float(fields[-1])))
+    covered, end = 0.0, float('-inf')
+    for start, stop in sorted(spans):
+        covered += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return covered / steps
 
 
 def table(jax_ms: dict, torch_ms: dict, top: int) -> str:
@@ -87,15 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.side:
         _child(args.model, args.side, args.steps)
         return 0
-    results = {}
+    results, busy = {}, {}
     for side in ('jax', 'torch'):
         cmd = [sys.executable, '-m', 'benchmarks.onednn_verbose', '--model', args.model]
         cmd += ['--steps', str(args.steps), '--side', side]
-        env = {**os.environ, 'ONEDNN_VERBOSE': 'profile_exec'}
+        env = {**os.environ, 'ONEDNN_VERBOSE': 'profile_exec', 'ONEDNN_VERBOSE_TIMESTAMP': '1'}
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         results[side] = per_step_ms(out.splitlines(), args.steps)
+        busy[side] = busy_ms(out.splitlines(), args.steps)
     print(f'# oneDNN primitives in one {args.model} train step (ms per step)\n')
     print(table(results['jax'], results['torch'], args.top))
+    print(f'| wall with oneDNN busy (overlaps once) | | {busy["jax"]:.1f} | {busy["torch"]:.1f} |')
     return 0
 
 

@@ -104,6 +104,15 @@ def test_onednn_verbose_sums_each_primitive_per_step():
         f'{old}src,attr,alg,{shape},7.0',
     ]
     got = ov.per_step_ms(lines, steps=2)
+    # Start timestamps (ONEDNN_VERBOSE_TIMESTAMP=1), in both formats: 3.13's after 'v1',
+    # 3.2's before 'exec'. Spans [0, 4) and [2, 5) overlap: 5 ms of wall, 2.5 a step.
+    timed = [
+        ov._BEGIN,
+        f'onednn_verbose,v1,100.0,primitive,exec,cpu,convolution,x,forward_training,a,,b,{shape},4.0',
+        f'onednn_verbose,102.0,exec,cpu,convolution,x,backward_weights,a,,b,{shape},3.0',
+        ov._END,
+    ]
+    assert ov.busy_ms(timed, steps=2) == 2.5
     assert got == {
         ('convolution forward_training', shape): [2.0, 1.0],
         ('convolution backward_weights', shape): [1.5, 0.5],
