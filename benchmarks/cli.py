@@ -6,6 +6,7 @@
     python -m benchmarks --compare-xla-flags --models simplenn,resnet20
     python -m benchmarks --sweep                      # vectorised sweeps, K = 1, 2, 4, 8
     python -m benchmarks --split --models resnet20    # forward vs backward, JAX vs torch
+    python -m benchmarks --torch eager-process        # torch in a process of its own
 
 For each model at its experiment's input shape and batch size it measures:
 - compile_s: tracing + lowering + XLA compilation of the real train step
