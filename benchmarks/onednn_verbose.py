@@ -5,10 +5,12 @@
 Runs each side's synthetic train step (`train_step.jax_runners`, `torch_runners`) in a
 child process under ONEDNN_VERBOSE=profile_exec, in which oneDNN prints the wall time of
 every primitive it executes, and prints a Markdown table of ms per step by primitive and
-problem shape, and the wall time during which at least one primitive ran (calls that
-overlap, as XLA's concurrent thunks do, counted once). Both sides run oneDNN's kernels
-(cnn_jax through `cnn_jax.models.onednn_conv` where installed), so a row compares the same
-kernel at the same shape in its two contexts; two calls that overlap each take longer.
+problem shape (a convolution's row names its kernel, e.g. `jit:avx2`), and the wall time
+during which at least one primitive ran (calls that overlap, as XLA's concurrent thunks
+do, counted once). Both sides run oneDNN's kernels (cnn_jax through
+`cnn_jax.models.onednn_conv` where installed), so a row compares the same kernel at the
+same shape in its two contexts; where the two pick different kernels for a shape, each
+has a row of its own. Two calls that overlap each take longer.
 The "gemm" rows are XLA's own matrix products, whose Eigen kernels call oneDNN's sgemm.
 """
 
@@ -48,8 +50,8 @@ def per_step_ms(lines: Sequence[str], steps: int) -> dict[tuple[str, str], list[
     for fields in _measured(lines):
         i = fields.index('exec')
         kind = fields[i + 2]
-        if kind == 'convolution':
-            key = (f'convolution {fields[i + 4]}', fields[-2])
+        if kind == 'convolution':  # Keyed by its kernel too: a row compares one kernel.
+            key = (f'convolution {fields[i + 4]} ({fields[i + 3]})', fields[-2])
         elif kind == 'gemm_api':
             key = ('gemm (XLA)', fields[-2])
         else:

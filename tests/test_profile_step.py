@@ -114,8 +114,8 @@ def test_onednn_verbose_sums_each_primitive_per_step():
     ]
     assert ov.busy_ms(timed, steps=2) == 2.5
     assert got == {
-        ('convolution forward_training', shape): [2.0, 1.0],
-        ('convolution backward_weights', shape): [1.5, 0.5],
+        ('convolution forward_training (brg_conv_fwd:avx2)', shape): [2.0, 1.0],
+        ('convolution backward_weights (jit:avx2)', shape): [1.5, 0.5],
         ('reorder', ''): [0.25, 0.5],
         ('gemm (XLA)', '8x4:4x2'): [0.125, 0.5],
     }
