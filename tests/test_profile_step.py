@@ -86,7 +86,7 @@ def test_conv_table_command_times_each_convolution(capsys):
 
 
 def test_onednn_verbose_sums_each_primitive_per_step():
-    """Exact sums from oneDNN 3.13's and 3.2's line formats, only between the markers."""
+    """Exact figures from oneDNN 3.13's and 3.2's line formats, only between the markers."""
     from benchmarks import onednn_verbose as ov
 
     shape = 'mb2_ic3oc4_ih8oh8kh3sh1dh0ph1_iw8ow8kw3sw1dw0pw1'
@@ -103,7 +103,7 @@ def test_onednn_verbose_sums_each_primitive_per_step():
         ov._END,
         f'{old}src,attr,alg,{shape},7.0',
     ]
-    got = ov.per_step_ms(lines, steps=2)
+    got = ov.per_step_ms([lines], steps=2)
     # Start timestamps (ONEDNN_VERBOSE_TIMESTAMP=1), in both formats: 3.13's after 'v1',
     # 3.2's before 'exec'. Spans [0, 4) and [2, 5) overlap: 5 ms of wall, 2.5 a step.
     timed = [
@@ -121,6 +121,20 @@ def test_onednn_verbose_sums_each_primitive_per_step():
     }
 
 
+def test_onednn_verbose_takes_the_median_call_over_rounds():
+    """A call the OS delayed (9 ms among 1 ms calls) leaves the row at the median's; the
+    mean over every call keeps it."""
+    from benchmarks import onednn_verbose as ov
+
+    line = 'onednn_verbose,v1,primitive,exec,cpu,convolution,jit:avx2,forward_training,a,,b,s,'
+    rounds = [[ov._BEGIN, f'{line}1.0', f'{line}1.0', ov._END]]
+    rounds.append([ov._BEGIN, f'{line}1.0', f'{line}9.0', ov._END])
+    key = ('convolution forward_training (jit:avx2)', 's')
+    assert ov.per_step_ms(rounds, steps=2) == {key: [1.0, 1.0]}
+    assert ov.per_step_ms(rounds[1:], steps=1) == {key: [10.0, 2.0]}  # median 5.0, 2 calls
+    assert ov.mean_ms(rounds, steps=2) == 3.0  # 12 ms over 2 rounds of 2 steps
+
+
 @pytest.mark.slow
 def test_onednn_verbose_command_tables_both_sides(capsys, monkeypatch):
     """python -m benchmarks.onednn_verbose: the same convolution timed in both steps (its
@@ -133,7 +147,7 @@ def test_onednn_verbose_command_tables_both_sides(capsys, monkeypatch):
     pytest.importorskip('torch')
     flags = os.environ.get('XLA_FLAGS', '').replace('--xla_force_host_platform_device_count=8', '')
     monkeypatch.setenv('XLA_FLAGS', flags)
-    assert onednn_verbose.main(['--model', 'tiny', '--steps', '2']) == 0
+    assert onednn_verbose.main(['--model', 'tiny', '--steps', '2', '--rounds', '2']) == 0
     rows = capsys.readouterr().out.splitlines()
     (forward,) = [r for r in rows if r.startswith('| convolution forward_training')]
     jax_cell, torch_cell = forward.split('|')[3:5]
