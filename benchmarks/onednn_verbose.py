@@ -11,7 +11,7 @@ do, counted once). The children alternate, cnn_jax's then torch's, --rounds time
 row's figure is its median call times the calls a step makes: a machine whose speed
 drifts between two children would otherwise put the drift into the comparison (one pair
 of children put cnn_jax's ResNet-20 kernels 37% behind torch's; alternated, the medians
-are 2-9% apart). Both sides run oneDNN's kernels (cnn_jax through
+are 2-6% apart). Both sides run oneDNN's kernels (cnn_jax through
 `cnn_jax.models.onednn_conv` where installed), so a row compares the same kernel at the
 same shape in its two contexts; where the two pick different kernels for a shape, each
 has a row of its own. Two calls that overlap each take longer. The "every call" row
@@ -134,11 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     outputs: dict[str, list[list[str]]] = {'jax': [], 'torch': []}
     env = {**os.environ, 'ONEDNN_VERBOSE': 'profile_exec', 'ONEDNN_VERBOSE_TIMESTAMP': '1'}
     for _ in range(args.rounds):  # Alternated: the machine's speed drifts between children.
-        for side, lines in outputs.items():
+        for side, rounds in outputs.items():
             cmd = [sys.executable, '-m', 'benchmarks.onednn_verbose', '--model', args.model]
             cmd += ['--steps', str(args.steps), '--side', side]
             run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            lines.append(run.stdout.splitlines())
+            rounds.append(run.stdout.splitlines())
     results = {side: per_step_ms(rounds, args.steps) for side, rounds in outputs.items()}
     busy = {
         side: statistics.median(busy_ms(lines, args.steps) for lines in rounds)
