@@ -330,6 +330,9 @@ def test_simplenn_train_steps_onednn_equal_lax(monkeypatch, onednn):
 
 
 # Wide layers beyond the sweep's 1024 taps x outputs: (kernel, stride, padding, input shape).
+# The first is past onednn_conv.cc's kRelayoutMaxElements (64K), so its kernel and kernel
+# gradient change layout by oneDNN's reorder; the others' and the sweep's, by Relayout
+# (the sweep's odd channel counts with blocks padded past them).
 WIDE = [
     ((3, 3, 64, 512), 1, 'SAME', (1, 5, 5, 64)),
     ((1, 1, 512, 3), 2, 'VALID', (2, 7, 7, 512)),

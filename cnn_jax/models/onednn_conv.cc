@@ -2,14 +2,16 @@
 //
 // Layouts are JAX's: input and output NHWC, kernel HWIO, float32. Activations stay NHWC
 // (oneDNN's channels-last kernels, as PyTorch's channels_last uses); the kernel is
-// reordered into the primitive's blocked layout per call, in a buffer each thread keeps.
+// copied into the primitive's blocked layout per call, in a buffer each thread keeps.
 // Built by cnn_jax/models/onednn_conv.py against the `onednn-devel` wheel's headers.
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -83,11 +85,69 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                   {sh, sw}, {0, 0}, {pt, pl}, {pb, pr}};
 }
 
+// Where each element of a 4-D (O I H W) kernel lies in a blocked layout, as a sum of
+// one offset per dimension: an index's outer part times its stride, plus its place in
+// each inner block on that dimension (oneDNN's blocking: e.g. ABcd8b8a). Small kernels
+// are copied between layouts by these tables on the calling thread (Relayout). A oneDNN
+// reorder goes through the SYCL runtime the `onednn` wheel runs every primitive on: in
+// ResNet-20's step, 0.08 ms a call for a 9-147 KiB kernel against 0.01 in PyTorch
+// (results/benchmark/torch_gap_cpu.md). Past 64K elements the reorder's two threads win
+// (a 128x128x3x3 kernel: 0.06-0.10 ms against Relayout's 0.11; 512x512x3x3: 1.1-1.8
+// against 1.7-3.1), so larger kernels keep it.
+constexpr int64_t kRelayoutMaxElements = 1 << 16;
+
+struct Layout {
+  std::vector<int64_t> offsets[4];  // per logical dimension O, I, H, W
+  size_t bytes = 0;                 // the buffer's size, padding included
+  bool padded = false;              // blocks padded past a dimension: zeros there
+
+  Layout(const memory::desc& md = {}) {  // Not explicit: Primitive's aggregate init uses {}.
+    if (md.get_ndims() != 4) return;
+    const memory::dims dims = md.get_dims(), strides = md.get_strides();
+    const memory::dims blks = md.get_inner_blks(), idxs = md.get_inner_idxs();
+    bytes = md.get_size();
+    int64_t elements = 1;
+    for (int d = 0; d < 4; ++d) {
+      elements *= dims[d];
+      int64_t block = 1;
+      for (size_t j = 0; j < blks.size(); ++j) block *= idxs[j] == d ? blks[j] : 1;
+      for (int64_t p = 0; p < dims[d]; ++p) {
+        int64_t offset = p / block * strides[d], inner = 1, later = 1;
+        for (size_t j = blks.size(); j-- > 0; inner *= blks[j]) {
+          if (idxs[j] != d) continue;
+          offset += p / later % blks[j] * inner;
+          later *= blks[j];
+        }
+        offsets[d].push_back(offset);
+      }
+    }
+    padded = bytes > static_cast<size_t>(elements) * sizeof(float);
+  }
+};
+
+// Copies a kernel from one layout into another (every element of `to` written).
+void Relayout(const Layout& from, const float* src, const Layout& to, float* dst) {
+  if (to.padded) std::memset(dst, 0, to.bytes);
+  const auto &fo = from.offsets[0], &fi = from.offsets[1], &fh = from.offsets[2],
+             &fw = from.offsets[3];
+  const auto &to_o = to.offsets[0], &ti = to.offsets[1], &th = to.offsets[2],
+             &tw = to.offsets[3];
+  for (size_t h = 0; h < fh.size(); ++h)
+    for (size_t w = 0; w < fw.size(); ++w)
+      for (size_t i = 0; i < fi.size(); ++i) {
+        const float* s = src + fh[h] + fw[w] + fi[i];
+        float* d = dst + th[h] + tw[w] + ti[i];
+        for (size_t o = 0; o < fo.size(); ++o) d[to_o[o]] = s[fo[o]];
+      }
+}
+
 struct Primitive {
   dnnl::primitive prim;
   memory::desc wei;      // the layout the primitive wants its (diff) weights in
   memory::desc scratch;  // its scratchpad (user-managed: ThreadBuffer)
-  dnnl::reorder kernel;  // HWIO -> wei (forward, input gradient), wei -> HWIO (weight gradient)
+  dnnl::reorder kernel;  // HWIO -> wei (forward, input gradient), wei -> HWIO (weight
+                         // gradient), for large kernels; small ones by Relayout:
+  Layout hwio, blocked;  // JAX's kernel layout and `wei`
 };
 
 // Primitive creation costs milliseconds (kernel JIT); each geometry is built once.
@@ -117,7 +177,10 @@ std::shared_ptr<Primitive> Get(const Geometry& g, Kind kind) {
                                                           g.pad_hi, fwd, attr);
     *p = {dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(), pd.scratchpad_desc()};
   }
-  if (p->wei != g.Hwio()) {
+  const int64_t elements = g.wei[0] * g.wei[1] * g.wei[2] * g.wei[3];
+  if (p->wei != g.Hwio() && elements <= kRelayoutMaxElements) {
+    p->hwio = Layout(g.Hwio()), p->blocked = Layout(p->wei);
+  } else if (p->wei != g.Hwio()) {
     const bool to_blocked = kind != kWeightGrad;
     const memory::desc& from = to_blocked ? g.Hwio() : p->wei;
     const memory::desc& to = to_blocked ? p->wei : g.Hwio();
@@ -130,11 +193,15 @@ std::shared_ptr<Primitive> Get(const Geometry& g, Kind kind) {
 memory Wrap(const memory::desc& md, void* data) { return memory(md, Engine(), data); }
 
 // The HWIO kernel in the primitive's layout (a copy only where the layouts differ).
-memory Weights(const Primitive& p, const Geometry& g, void* hwio, dnnl::stream& s) {
+memory Weights(const Primitive& p, const Geometry& g, float* hwio, dnnl::stream& s) {
   memory plain = Wrap(g.Hwio(), hwio);
   if (p.wei == g.Hwio()) return plain;
   memory blocked = ThreadBuffer(p.wei, kKernelSlot);
-  p.kernel.execute(s, plain, blocked);
+  if (p.kernel) {
+    p.kernel.execute(s, plain, blocked);
+  } else {
+    Relayout(p.hwio, hwio, p.blocked, static_cast<float*>(blocked.get_data_handle()));
+  }
   return blocked;
 }
 
@@ -181,8 +248,12 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       {DNNL_ARG_DIFF_DST, Wrap(g.Dst(), dy.typed_data())},
                       {DNNL_ARG_DIFF_WEIGHTS, out},
                       {DNNL_ARG_SCRATCHPAD, ThreadBuffer(p->scratch, kScratchSlot)}});
-  if (out != hwio) p->kernel.execute(s, out, hwio);
+  if (p->kernel) p->kernel.execute(s, out, hwio);
   s.wait();
+  if (out != hwio && !p->kernel) {
+    Relayout(p->blocked, static_cast<const float*>(out.get_data_handle()), p->hwio,
+             dw->typed_data());
+  }
   return ffi::Error::Success();
 }
 
