@@ -33,17 +33,12 @@ _BEGIN, _END = 'ONEDNN_VERBOSE_BEGIN', 'ONEDNN_VERBOSE_END'
 
 
 def _child(model: str, side: str, steps: int) -> None:
-    from benchmarks import train_step
-    from benchmarks.cases import CASES
+    from benchmarks.train_step import synthetic_runner
     from cnn_jax.xla_cpu import keep_freed_memory, use_recommended_flags
 
     use_recommended_flags()
     keep_freed_memory()
-    case = CASES[model]
-    if side == 'jax':
-        run = train_step.jax_runners(case)[0]['jax_synthetic']
-    else:
-        run = train_step.torch_runners(case, compile_model=False)[0]['torch_eager']
+    run = synthetic_runner(model, side)
     run(12)  # cnn_jax's first ~10 steps still fault their buffers in (memory grows).
     print(_BEGIN, flush=True)
     run(steps)

@@ -124,6 +124,14 @@ def jax_runners(
     return {'jax_synthetic': run_synthetic, 'jax_pipeline': run_pipeline}, info
 
 
+def synthetic_runner(model: str, side: str) -> Runner:
+    """One side's synthetic train step of CASES[model], for a child process that measures
+    it alone: cnn_jax's ('jax': `jax_synthetic`) or torch eager's ('torch')."""
+    if side == 'jax':
+        return jax_runners(CASES[model])[0]['jax_synthetic']
+    return torch_runners(CASES[model], compile_model=False)[0]['torch_eager']
+
+
 def torch_model(case: Case, dtype: str = 'float32') -> torch.nn.Module:
     """The architecture of `case` in torch.nn (read from the Flax module's fields)."""
     if torch_models is None:
