@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from cnn_jax.data.sources import IDX_FILES, idx_file, read_idx_file
-from reproduce.runner import ROOT
+from reproduce.workdirs import ROOT
 
 DEFAULT_ROOT = pathlib.Path('results/reproduction/jpeg_cost')
 CONFIG = 'configs/mnist_cnn.py'

@@ -7,7 +7,7 @@ import pytest
 
 from cnn_jax import run_record, study
 from cnn_jax.data.sources import IDX_FILES, idx_file, read_idx_file
-from reproduce import jpeg_cost, torch_recipe
+from reproduce import jpeg_cost, table, torch_recipe
 from reproduce import runner as reproduce
 from reproduce.reported import EXPERIMENTS, load_config
 
@@ -80,7 +80,7 @@ def test_a_study_stopped_part_way_shows_the_variants_it_finished(tmp_path):
     done.mkdir(parents=True)
     run = {'status': 'completed', 'test_accuracy': 0.634, 'epochs_run': 20}
     (done / 'summary.json').write_text(json.dumps(run))
-    rows = reproduce.collect_rows(exp, tmp_path, {})
+    rows = table.collect_rows(exp, tmp_path, {})
     config = 'ablations/cifar_cnn6_optimizers.py'
     by_variant = {r['variant']: r for r in rows if r['config'] == config}
     assert by_variant['sgd']['ours']['mean'] == 0.634 and by_variant['sgd']['epochs'] == 20
@@ -91,11 +91,39 @@ def test_a_study_stopped_part_way_shows_the_variants_it_finished(tmp_path):
 
 def test_table_commands_name_dir_not_the_data_path_of_the_machine_that_ran_them():
     command = 'python launch.py --config=configs/x.py --config.dataset=folder:/srv/c10.tar.gz'
-    assert reproduce.portable_command(command).endswith('--config.dataset=folder:DIR')
-    idx = reproduce.portable_command('--config.dataset=idx:../data/fmnist --config.seed=1')
+    assert table.portable_command(command).endswith('--config.dataset=folder:DIR')
+    idx = table.portable_command('--config.dataset=idx:../data/fmnist --config.seed=1')
     assert idx == '--config.dataset=idx:DIR --config.seed=1'
-    assert reproduce.portable_command('--config.dataset=digits') == '--config.dataset=digits'
-    assert 'DIR: where the data lie' in reproduce.render_markdown([])
+    assert table.portable_command('--config.dataset=digits') == '--config.dataset=digits'
+    assert 'DIR: where the data lie' in table.render_markdown([])
+
+
+def test_a_row_trained_outside_the_repository_shows_its_rows_workdir(tmp_path):
+    """E8 ran from a clone under /root; its files were copied to the row's workdir."""
+    exp = next(e for e in EXPERIMENTS if e.id == 'E8')
+    workdir = tmp_path / 'E8' / 'resnet20'
+    config = load_config('resnet20.py')
+    config.dataset = 'folder:/srv/data/cifar10-jpeg.tar.gz'
+    run_record.record_config(config, workdir)
+    record = run_record.read_record(workdir)
+    record['command'] = [
+        'python',
+        'launch.py',
+        '--config=configs/resnet20.py',
+        '--workdir=/root/e8/runs/E8/resnet20',
+        f'--config.dataset={config.dataset}',
+    ]
+    (workdir / run_record.CONFIG_FILE).write_text(json.dumps(record))
+    (workdir / 'summary.json').write_text('{"status": "completed", "test_accuracy": 0.9}')
+    (row,) = table.collect_rows(exp, tmp_path, {})
+    assert row['command'] == (
+        f'python launch.py --config=configs/resnet20.py --workdir={workdir} '
+        '--config.dataset=folder:DIR'
+    )
+    inside = reproduce.ROOT / 'results' / 'reproduction' / 'E8' / 'resnet20'
+    assert table.recorded_command(record['command'], inside)[3] == (
+        '--workdir=results/reproduction/E8/resnet20'
+    )
 
 
 def test_jpeg_copy_keeps_labels_and_shape_and_moves_pixels_as_jpeg_does(tmp_path):
