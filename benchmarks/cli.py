@@ -55,7 +55,7 @@ def _parse_batch_sizes(text: str) -> dict[str, int]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog='python -m benchmarks',
         description=__doc__,
@@ -136,12 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1.0,
         help='each window runs at least --steps steps and at least this many seconds',
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    flags = RECOMMENDED_CPU_XLA_FLAGS if args.xla_flags is None else tuple(args.xla_flags.split())
-    if not apply_xla_flags(flags):
-        print('benchmark: JAX already started; XLA_FLAGS unchanged', file=sys.stderr)
-    platform_name = jax.devices()[0].platform
+
+def _models(args: argparse.Namespace, platform_name: str) -> tuple[list[str], dict[str, int]]:
+    """The models to time and their batch-size overrides; --quick shrinks the run too."""
     if args.quick:
         models = args.models.split(',') if args.models else ['tiny']
         args.steps, args.windows, args.warmup, args.window_s = 2, 2, 1, 0.0
@@ -152,17 +151,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         models = list(DEFAULT_MODELS_CPU if platform_name == 'cpu' else DEFAULT_MODELS_ACCELERATOR)
     if args.batch_size.isdigit():
-        batch_sizes = dict.fromkeys(models, int(args.batch_size))
-    else:
-        batch_sizes = _parse_batch_sizes(args.batch_size)
+        return models, dict.fromkeys(models, int(args.batch_size))
+    return models, _parse_batch_sizes(args.batch_size)
 
-    stem = 'benchmark'
+
+def _measure(
+    args: argparse.Namespace, models: list[str], batch_sizes: dict[str, int]
+) -> tuple[dict, str, str]:
+    """(result, its table, the output file's stem) of the measurement the flags chose."""
     if args.compare_xla_flags:
         result = xla_flags.compare_xla_flags(
             models, xla_flags.FLAG_VARIANTS, steps=args.steps, windows=args.windows
         )
-        table, stem = tables.format_flag_table(result), 'xla_flags'
-    elif args.split:
+        return result, tables.format_flag_table(result), 'xla_flags'
+    if args.split:
         rows = [
             train_step.forward_backward_split(
                 m, args.steps, args.windows, args.warmup, args.settle, args.window_s
@@ -170,9 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for m in models
         ]
         result = {'device': device_info(), 'results': rows}
-        table = tables.format_table(rows, [(k, k) for k in rows[0]])
-        stem = 'split'
-    elif args.sweep:
+        return result, tables.format_table(rows, [(k, k) for k in rows[0]]), 'split'
+    if args.sweep:
         ks = [int(k) for k in args.sweep_k.split(',')]
         name = models[0] if args.models or args.quick else 'simplenn'
         case = CASES[name]
@@ -191,34 +192,47 @@ def main(argv: Sequence[str] | None = None) -> int:
             group_sizes=[None] + [int(g) for g in args.sweep_groups.split(',') if g],
         )
         result['device'] = device_info(args.dtype)
-        table, stem = vectorized.format_benchmark(result), 'sweep'
-    else:
-        result = train_step.run_benchmark(
-            models,
-            steps=args.steps,
-            windows=args.windows,
-            warmup=args.warmup,
-            dtype=args.dtype,
-            torch_mode=args.torch,
-            batch_sizes=batch_sizes,
-            settle_s=args.settle,
-            window_s=args.window_s,
-        )
-        table = tables.describe(result)
-    print()
-    print(table)
-    json_path = args.json
-    if json_path is None:
-        json_path = str(RESULTS_DIR / f'{stem}_{platform_name}.json')
-    if json_path:
-        path = pathlib.Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + '\n')
-        print(f'wrote {path}')
-    md_path = args.markdown
-    if md_path is None and json_path:
-        md_path = str(pathlib.Path(json_path).with_suffix('.md'))
+        return result, vectorized.format_benchmark(result), 'sweep'
+    result = train_step.run_benchmark(
+        models,
+        steps=args.steps,
+        windows=args.windows,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        torch_mode=args.torch,
+        batch_sizes=batch_sizes,
+        settle_s=args.settle,
+        window_s=args.window_s,
+    )
+    return result, tables.describe(result), 'benchmark'
+
+
+def _write(result: dict, table: str, path: str, md_path: str | None) -> None:
+    """The JSON result at `path` and the table beside it (.md), each unless given as ''."""
+    if path:
+        out = pathlib.Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + '\n')
+        print(f'wrote {out}')
+    if md_path is None and path:
+        md_path = str(pathlib.Path(path).with_suffix('.md'))
     if md_path:
         pathlib.Path(md_path).write_text(table)
         print(f'wrote {md_path}')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    flags = RECOMMENDED_CPU_XLA_FLAGS if args.xla_flags is None else tuple(args.xla_flags.split())
+    if not apply_xla_flags(flags):
+        print('benchmark: JAX already started; XLA_FLAGS unchanged', file=sys.stderr)
+    platform_name = jax.devices()[0].platform
+    models, batch_sizes = _models(args, platform_name)
+    result, table, stem = _measure(args, models, batch_sizes)
+    print()
+    print(table)
+    path = args.json
+    if path is None:
+        path = str(RESULTS_DIR / f'{stem}_{platform_name}.json')
+    _write(result, table, path, args.markdown)
     return 0
