@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -18,6 +20,90 @@ from cnn_jax import parallel, sweep
 from cnn_jax import steps as steps_lib
 from cnn_jax.data.augment import AugmentConfig
 from cnn_jax.models import build_model
+
+STEPS_PER_EPOCH = 8  # Of the synthetic dataset every step reads from.
+
+
+@dataclasses.dataclass
+class _Bench:
+    """The synthetic dataset on the mesh, the input pipeline's spec, and what each timed
+    program compiled in."""
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    images: jax.Array
+    labels: jax.Array
+    spec: steps_lib.InputSpec
+    compile_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def synthetic(cls, config, input_shape, num_classes: int, seed: int) -> _Bench:
+        mesh = parallel.make_mesh()
+        rng = np.random.default_rng(seed)
+        num_train = config.batch_size * STEPS_PER_EPOCH
+        images = rng.integers(0, 256, (num_train, *input_shape), dtype=np.uint8)
+        labels = rng.integers(0, num_classes, (num_train,), dtype=np.int32)
+        channels = input_shape[-1]
+        spec = steps_lib.InputSpec(
+            mean=(0.5,) * channels,
+            std=(0.25,) * channels,
+            augment=AugmentConfig.from_config(config.augment),
+        )
+        put = functools.partial(parallel.put_replicated, mesh=mesh)
+        return cls(config, mesh, put(images), put(labels), spec)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.labels)
+
+    def runner(self, name: str, fn, state, acc, perm, rng) -> Callable[[int], None]:
+        """Runs n steps of the compiled `fn` (lowered and compiled here, timed) from where
+        the last call stopped."""
+        t0 = time.perf_counter()
+        fn = fn.lower(state, acc, self.images, self.labels, perm, np.int32(0), rng).compile()
+        self.compile_s[name] = time.perf_counter() - t0
+        box = {'state': state, 'acc': acc, 's': 0}
+
+        def run(n: int) -> None:
+            st, ac = box['state'], box['acc']
+            for _ in range(n):
+                s = np.int32(box['s'] % STEPS_PER_EPOCH)
+                st, ac = fn(st, ac, self.images, self.labels, perm, s, rng)
+                box['s'] += 1
+            jax.block_until_ready((st, ac))
+            box['state'], box['acc'] = st, ac
+
+        return run
+
+    def separate(self, model, input_shape) -> Callable[[int], None]:
+        """The real single-run step."""
+        config, replicated = self.config, parallel.replicated(self.mesh)
+        init_rng, train_rng, data_rng = jax.random.split(jax.random.key(config.seed), 3)
+        state = steps_lib.create_train_state(config, model, input_shape, init_rng, STEPS_PER_EPOCH)
+        compiled = steps_lib.compile_steps(
+            config, self.mesh, self.spec, self.num_train, STEPS_PER_EPOCH
+        )
+        state = jax.device_put(state, replicated)
+        acc = jax.device_put(steps_lib.zero_metrics(), replicated)
+        perm = compiled.permutation(data_rng, 0)
+        return self.runner('separate', compiled.train, state, acc, perm, train_rng)
+
+    def vectorized(self, model, input_shape, k: int, group: int | None) -> Callable[[int], None]:
+        """k learning rates (halving from the config's) as one vmapped step."""
+        config, replicated = self.config, parallel.replicated(self.mesh)
+        variants = [{'learning_rate': float(config.learning_rate) * 0.5**i} for i in range(k)]
+        configs = sweep.variant_configs(config, variants)
+        rngs = sweep.VariantRngs.from_seeds([c.seed for c in configs])
+        state = sweep.create_stacked_state(configs, model, input_shape, rngs, STEPS_PER_EPOCH)
+        state = jax.device_put(state, replicated)
+        acc = jax.device_put(steps_lib.zero_metrics(k), replicated)
+        perm = sweep.permutations(
+            rngs, 0, self.num_train, STEPS_PER_EPOCH, config.batch_size, self.mesh
+        )
+        fn = sweep.make_vectorized_train(
+            configs, self.mesh, self.spec, state, rngs, group_size=group
+        )
+        return self.runner(_run_name(k, group), fn, state, acc, perm, rngs.train[0])
 
 
 def benchmark_vectorized(
@@ -45,97 +131,43 @@ def benchmark_vectorized(
     pipeline. The windows of all of them are interleaved; speedups are medians of per-round
     ratios.
     """
-    mesh = parallel.make_mesh()
+    bench = _Bench.synthetic(config, input_shape, num_classes, seed)
     model = build_model(config, num_classes)
-    steps_per_epoch = 8
-    num_train = config.batch_size * steps_per_epoch
-    rng = np.random.default_rng(seed)
-    images = parallel.put_replicated(
-        rng.integers(0, 256, (num_train, *input_shape), dtype=np.uint8), mesh
-    )
-    labels = parallel.put_replicated(
-        rng.integers(0, num_classes, (num_train,), dtype=np.int32), mesh
-    )
-    channels = input_shape[-1]
-    spec = steps_lib.InputSpec(
-        mean=(0.5,) * channels,
-        std=(0.25,) * channels,
-        augment=AugmentConfig.from_config(config.augment),
-    )
-    runners, compile_s = {}, {}
-
-    key = jax.random.key(config.seed)
-    init_rng, train_rng, data_rng = jax.random.split(key, 3)
-    single = steps_lib.create_train_state(config, model, input_shape, init_rng, steps_per_epoch)
-    single = jax.device_put(single, parallel.replicated(mesh))
-    sstep = steps_lib.compile_steps(config, mesh, spec, num_train, steps_per_epoch)
-    sperm = sstep.permutation(data_rng, 0)
-    t0 = time.perf_counter()
-    sacc = jax.device_put(steps_lib.zero_metrics(), parallel.replicated(mesh))
-    sfn = sstep.train.lower(single, sacc, images, labels, sperm, np.int32(0), train_rng).compile()
-    compile_s['separate'] = time.perf_counter() - t0
-
-    def make_runner(fn, state, acc, perm, rng):
-        box = {'state': state, 'acc': acc, 's': 0}
-
-        def run(n: int) -> None:
-            st, ac = box['state'], box['acc']
-            for _ in range(n):
-                st, ac = fn(st, ac, images, labels, perm, np.int32(box['s'] % steps_per_epoch), rng)
-                box['s'] += 1
-            jax.block_until_ready((st, ac))
-            box['state'], box['acc'] = st, ac
-
-        return run
-
-    runners['separate'] = make_runner(sfn, single, sacc, sperm, train_rng)
-    base_lr = float(config.learning_rate)
+    runners = {'separate': bench.separate(model, input_shape)}
     measured = [(k, g) for k in ks for g in group_sizes if g is None or g < k]
     for k, g in measured:
-        variants = [{'learning_rate': base_lr * 0.5**i} for i in range(k)]
-        configs = sweep.variant_configs(config, variants)
-        rngs = sweep.VariantRngs.from_seeds([c.seed for c in configs])
-        state = sweep.create_stacked_state(configs, model, input_shape, rngs, steps_per_epoch)
-        state = jax.device_put(state, parallel.replicated(mesh))
-        acc = jax.device_put(steps_lib.zero_metrics(k), parallel.replicated(mesh))
-        perm = sweep.permutations(rngs, 0, num_train, steps_per_epoch, config.batch_size, mesh)
-        vtrain = sweep.make_vectorized_train(configs, mesh, spec, state, rngs, group_size=g)
-        t0 = time.perf_counter()
-        fn = vtrain.lower(state, acc, images, labels, perm, np.int32(0), rngs.train[0]).compile()
-        name = _run_name(k, g)
-        compile_s[name] = time.perf_counter() - t0
-        runners[name] = make_runner(fn, state, acc, perm, rngs.train[0])
+        runners[_run_name(k, g)] = bench.vectorized(model, input_shape, k, g)
 
     times, per_window = interleaved(runners, steps, windows, warmup, settle_s, window_s)
     batch = config.batch_size
     ips = {name: [batch * per_window[name] / t for t in ts] for name, ts in times.items()}
     separate = ips['separate']
-    rows = []
-    for k, g in measured:
-        name = _run_name(k, g)
-        summed = [k * x for x in ips[name]]  # Images/s summed over the k variants.
-        speedups = [a / b for a, b in zip(summed, separate, strict=True)]
-        rows.append(
-            {
-                'k': k,
-                'group_size': g or k,
-                'images_per_s_each_variant': round(float(np.median(ips[name])), 1),
-                'images_per_s_all_variants': round(float(np.median(summed)), 1),
-                'speedup_vs_separate': round(float(np.median(speedups)), 3),
-                'compile_s': round(compile_s[name], 2),
-                'window_images_per_s_all_variants': [round(x, 1) for x in summed],
-            }
-        )
     return {
         'model': config.model,
         'input': list(input_shape),
         'batch': batch,
-        'augment': spec.augment.__dict__,
+        'augment': bench.spec.augment.__dict__,
         'settings': {'steps': steps, 'windows': windows, 'warmup': warmup, 'window_s': window_s},
         'separate_ips': round(float(np.median(separate)), 1),
-        'separate_compile_s': round(compile_s['separate'], 2),
+        'separate_compile_s': round(bench.compile_s['separate'], 2),
         'window_separate_ips': [round(x, 1) for x in separate],
-        'rows': rows,
+        'rows': [_row(k, g, ips, bench.compile_s) for k, g in measured],
+    }
+
+
+def _row(k: int, g: int | None, ips: dict[str, list[float]], compile_s: dict) -> dict[str, Any]:
+    """K=k's images/s, each variant's and summed, and its speedup over separate runs."""
+    name = _run_name(k, g)
+    summed = [k * x for x in ips[name]]  # Images/s summed over the k variants.
+    speedups = [a / b for a, b in zip(summed, ips['separate'], strict=True)]
+    return {
+        'k': k,
+        'group_size': g or k,
+        'images_per_s_each_variant': round(float(np.median(ips[name])), 1),
+        'images_per_s_all_variants': round(float(np.median(summed)), 1),
+        'speedup_vs_separate': round(float(np.median(speedups)), 3),
+        'compile_s': round(compile_s[name], 2),
+        'window_images_per_s_all_variants': [round(x, 1) for x in summed],
     }
 
 
