@@ -12,7 +12,7 @@ from typing import Any
 
 from cnn_jax import run_record
 from cnn_jax.records import format_duration, read_json
-from cnn_jax.study_report import aggregate
+from cnn_jax.study_report import aggregate, run_row
 from reproduce.estimates import estimate_seconds, measured_throughput, probe_key
 from reproduce.reported import EXPERIMENTS, Experiment, schedule
 from reproduce.workdirs import ROOT, TESTS_FILE, TIME_FILE, launch_command, workdir_of
@@ -123,6 +123,7 @@ def collect_rows(exp: Experiment, root: pathlib.Path, data: dict[str, str]) -> l
                     + (' (stopped early)' if summary.get('stopped_early') else ''),
                     'device': _device(summary, record),
                     'extra': {k: summary.get(k) for k in ('train_accuracy', 'val_accuracy', 'f1')},
+                    'best_val': _best_val(workdir, target.metric),
                 }
             )
         else:
@@ -255,6 +256,16 @@ def _fmt_value(x: float | None) -> str:
     return '—' if x is None else f'{x:.3f}'
 
 
+def _best_val(workdir: pathlib.Path, metric: str) -> dict | None:
+    """A test-accuracy row's best validation accuracy and its epoch, from its curves."""
+    if metric != 'test_accuracy':
+        return None
+    run = run_row(workdir, 0, None)
+    if run['best_val_accuracy'] is None:
+        return None
+    return {'accuracy': run['best_val_accuracy'], 'epoch': run['best_epoch']}
+
+
 def _fmt_ours(row: dict) -> str:
     if row.get('ours_text'):
         return row['ours_text']
@@ -263,6 +274,9 @@ def _fmt_ours(row: dict) -> str:
         return '—'
     if agg['n'] > 1:
         return f'{agg["mean"]:.3f} ± {agg["std"]:.3f} (n={agg["n"]})'
+    best = row.get('best_val')
+    if best:
+        return f'{agg["mean"]:.3f} (best val {best["accuracy"]:.3f}, epoch {best["epoch"]})'
     return f'{agg["mean"]:.3f}'
 
 

@@ -126,6 +126,20 @@ def test_a_row_trained_outside_the_repository_shows_its_rows_workdir(tmp_path):
     )
 
 
+def test_a_test_accuracy_row_shows_its_best_validation_epoch(tmp_path):
+    exp = next(e for e in EXPERIMENTS if e.id == 'E8')
+    workdir = tmp_path / 'E8' / 'resnet20'
+    workdir.mkdir(parents=True)
+    curve = [0.5, 0.8, 0.85, 0.8]  # Epoch 3 is the best; the last epoch's test is shown.
+    rows = [{'epoch': i, 'val_accuracy': a} for i, a in enumerate(curve, 1)]
+    (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    summary = {'status': 'completed', 'test_accuracy': 0.79, 'epochs_run': 4}
+    (workdir / 'summary.json').write_text(json.dumps(summary))
+    (row,) = table.collect_rows(exp, tmp_path, {})
+    assert row['best_val'] == {'accuracy': 0.85, 'epoch': 3}
+    assert '| 0.790 (best val 0.850, epoch 3) |' in table.render_markdown([row])
+
+
 def test_jpeg_copy_keeps_labels_and_shape_and_moves_pixels_as_jpeg_does(tmp_path):
     rng = np.random.default_rng(0)
     lossless = tmp_path / 'lossless'
